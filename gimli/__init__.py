@@ -1,0 +1,10 @@
+"""gimli: exact hypergradients through unrolled inner optimization (Algorithm 1 of
+"Generalized Inner Loop Meta-Learning"), with a hand-written reverse sweep."""
+
+from ._functional import FunctionalModel
+from ._meta import MetaParams
+from ._oracle import full_unroll_hypergradient
+from ._solver import GimliSolver, StepResult
+
+__all__ = ["FunctionalModel", "GimliSolver", "MetaParams", "StepResult", "full_unroll_hypergradient"]
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""The inner problem: the user's model, losses, optimizer and meta-parameters, bound.
+
+It turns a list θ (one tensor per optimizer parameter) into a model view and
+evaluates the training and validation losses there; the unroll, the sweep and
+the oracle all go through it, so they evaluate the very same functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._functional import FunctionalModel
+from ._meta import MetaParams
+from .optim import InnerOptimizer, bind
+
+LossFn = Callable[[FunctionalModel, Any, MetaParams], Tensor]
+ValLossFn = Callable[[FunctionalModel, Any], Tensor]
+
+
+@dataclass
+class Problem:
+    module: nn.Module
+    loss_fn: LossFn
+    val_loss_fn: ValLossFn | None
+    meta: MetaParams
+    inner: InnerOptimizer
+    names: list[str]         # model name of each optimizer tensor, in optimizer order
+    frozen: list[str]        # model parameters the optimizer does not train
+
+    @classmethod
+    def build(cls, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+              meta: MetaParams, val_loss_fn: ValLossFn | None) -> Problem:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
+        if not isinstance(meta, MetaParams):
+            raise TypeError(f"meta_params must be a gimli.MetaParams, not {type(meta).__name__}")
+        if meta.inner is not None and meta.inner.torch_optimizer is not optimizer:
+            raise ValueError("meta_params was declared for a different optimizer than the solver's")
+        if meta.init is not None and meta.init is not model:
+            raise ValueError("meta_params' init= is a different module than the solver's model")
+        inner = meta.inner if meta.inner is not None else bind(optimizer)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(inner.params) if id(p) not in name_of]
+        if missing:
+            raise ValueError(f"the optimizer holds {len(missing)} tensor(s) that are not parameters "
+                             f"of the model (first: param #{missing[0]} in its param_groups)")
+        names = [name_of[id(p)] for p in inner.params]
+        frozen = [n for n, _ in model.named_parameters() if n not in set(names)]
+        return cls(model, loss_fn, val_loss_fn, meta, inner, names, frozen)
+
+    # --- the split of Algorithm 1, line 2 -------------------------------------------------
+    def loss_leaves(self) -> list[Tensor]:
+        """φ^loss as a list of leaf tensors: the loss meta-parameters and, when θ₀ is
+        meta-learned, the model parameters the optimizer does not train (they enter
+        every G_j and L^val the way φ^loss does)."""
+        leaves = list(self.meta.loss.parameters())
+        if self.meta.init is not None:
+            params = dict(self.module.named_parameters())
+            leaves += [params[n] for n in self.frozen]
+        return leaves
+
+    def learned_hypers(self) -> frozenset[str]:
+        return frozenset(self.meta.granularity)
+
+    def hypers(self, *, differentiable: bool) -> dict[str, list[Tensor]]:
+        """Every hyperparameter per tensor: meta-learned ones from φ^opt, the rest
+        from the optimizer's param_groups."""
+        hp = self.inner.constant_hypers()
+        for name in self.meta.granularity:
+            hp[name] = self.meta.expand(name) if differentiable else self.meta.hyper_values(name)
+        return hp
+
+    # --- evaluating the losses at θ -----------------------------------------------------
+    def view(self, theta: list[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:
+        params = dict(zip(self.names, theta))
+        model_params = dict(self.module.named_parameters())
+        for n in self.frozen:
+            p = model_params[n]
+            params[n] = p if self.meta.init is not None else p.detach()
+        return FunctionalModel(self.module, params, buffers)
+
+    def buffers(self) -> dict[str, Tensor]:
+        """A private copy of the model's buffers, for one unroll to update."""
+        return {n: b.clone() for n, b in self.module.named_buffers()}
+
+    def train_loss(self, theta: list[Tensor], buffers: dict[str, Tensor], batch: Any) -> Tensor:
+        return _scalar(self.loss_fn(self.view(theta, buffers), batch, self.meta), "loss_fn")
+
+    def val_loss(self, theta: list[Tensor], buffers: dict[str, Tensor], batch: Any) -> Tensor:
+        model = self.view(theta, buffers)
+        if self.val_loss_fn is None:
+            return _scalar(self.loss_fn(model, batch, self.meta), "loss_fn (as the validation loss)")
+        return _scalar(self.val_loss_fn(model, batch), "val_loss_fn")
+
+    def inner_grads(self, loss: Tensor, theta: list[Tensor]) -> list[Tensor | None]:
+        """G_j = ∇_θ ℓ(θ'_j, φ^loss), keeping its graph (Algorithm 1, line 5).
+        A tensor the loss does not read gets ``None`` (and does not step)."""
+        if not loss.requires_grad:
+            raise ValueError("loss_fn returned a loss that does not depend on the model's "
+                             "parameters (it does not require grad)")
+        grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+        if all(g is None for g in grads):
+            raise ValueError("loss_fn returned a loss that does not depend on any parameter "
+                             "the optimizer trains")
+        return list(grads)
+
+
+def _scalar(loss: Any, who: str) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{who} must return a scalar tensor, got {shape}")
+    if not torch.isfinite(loss.detach()).all():
+        raise FloatingPointError(f"{who} returned a non-finite loss ({loss.item()})")
+    return loss.reshape(())

@@ -1,0 +1,139 @@
+"""GimliSolver: Algorithm 1 end to end, the one stateful object."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._meta import MetaParams
+from ._problem import LossFn, Problem, ValLossFn
+from ._sweep import Sweep, sweep
+from ._unroll import unroll
+
+
+class StepResult(NamedTuple):
+    """What :meth:`GimliSolver.step` reports about the meta-step it took."""
+
+    val_loss: float                         # L^val(θ'_J) before the meta-update
+    train_losses: list[float]               # ℓ_j(θ'_j), j = 0 … J−1
+    hypergradient_norms: dict[str, float]   # ‖∇_φ L^val‖ per meta-parameter
+
+
+class GimliSolver:
+    """Exact hypergradients through J steps of the user's own ``torch.optim`` optimizer.
+
+    Args:
+        model: the user's ``nn.Module``; never modified by an unroll.
+        loss_fn: ``loss_fn(model, batch, meta) -> scalar``, step j's training loss ℓ_j;
+            ``model`` is a :class:`FunctionalModel` at θ'_j, ``meta[name]`` reads φ^loss.
+        opt: the inner ``torch.optim`` optimizer (SGD, Adam, AdamW or Adagrad) over the
+            model's parameters; its param groups and current state are the start.
+        meta_params: the :class:`MetaParams` declaring what is meta-learned.
+        val_loss_fn: ``val_loss_fn(model, batch) -> scalar``, L^val; default ``loss_fn``.
+        meta_opt: a ``torch.optim`` optimizer over ``meta_params.parameters()``, used by
+            :meth:`step` (Algorithm 1, line 16).
+        steps: J, the unroll length; default: as many as training batches given.
+        train_data, val_data: iterables of batches, drawn from when :meth:`step` or
+            :meth:`hypergradient` get none (re-iterated when exhausted).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer,
+                 meta_params: MetaParams, *, val_loss_fn: ValLossFn | None = None,
+                 meta_opt: torch.optim.Optimizer | None = None, steps: int | None = None,
+                 train_data: Iterable[Any] | None = None, val_data: Iterable[Any] | None = None):
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if steps is None and train_data is not None:
+            raise ValueError("give steps= when training batches come from train_data")
+        self.problem = Problem.build(model, loss_fn, opt, meta_params, val_loss_fn)
+        self.meta = meta_params
+        self.meta_opt = meta_opt
+        self.steps = steps
+        self._train_data, self._val_data = train_data, val_data
+        self._train_iter: Iterator[Any] | None = None
+        self._val_iter: Iterator[Any] | None = None
+
+    def hypergradient(self, train_batches: Iterable[Any] | None = None,
+                      val_batch: Any = None) -> dict[str, Tensor]:
+        """∇_φ L^val(θ'_J) for every meta-parameter, keyed by its name in
+        ``meta_params.named_parameters()``. Changes nothing of the user's."""
+        return self._compute(*self.batches(train_batches, val_batch))[0]
+
+    def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None) -> StepResult:
+        """One meta-update: the hypergradient, then ``meta_opt.step()`` (line 16), then
+        scalar and per-group hyperparameters written back into the optimizer."""
+        if self.meta_opt is None:
+            raise ValueError("step() needs a meta-optimizer: pass meta_opt= to GimliSolver "
+                             "(hypergradient() needs none)")
+        grads, result = self._compute(*self.batches(train_batches, val_batch))
+        self.meta_opt.zero_grad()
+        for name, p in self.meta.named_parameters():
+            p.grad = grads[name]
+        self.meta_opt.step()                                        # line 16
+        self.meta.write_back()
+        return StepResult(result.val_loss, result.train_losses,
+                          {name: g.norm().item() for name, g in grads.items()})
+
+    def batches(self, train_batches: Iterable[Any] | None, val_batch: Any) -> tuple[list[Any], Any]:
+        """The J training batches and the validation batch a call will use."""
+        if train_batches is None:
+            if self._train_data is None:
+                raise ValueError("no training batches: pass train_batches or give train_data=")
+            self._train_iter, taken = _draw(self._train_data, self._train_iter, self.steps or 0)
+        else:
+            taken = list(itertools.islice(train_batches, self.steps)) if self.steps else list(train_batches)
+        if not taken or (self.steps is not None and len(taken) < self.steps):
+            raise ValueError(f"need {self.steps or 'at least 1'} training batches for the unroll, "
+                             f"got {len(taken)}")
+        if val_batch is None:
+            if self._val_data is None:
+                raise ValueError("no validation batch: pass val_batch or give val_data=")
+            self._val_iter, (val_batch,) = _draw(self._val_data, self._val_iter, 1)
+        return taken, val_batch
+
+    def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], Any]:
+        problem = self.problem
+        tape = unroll(problem, train_batches)                      # lines 3–7
+        result: Sweep = sweep(problem, tape, val_batch)             # lines 8–15
+        grads = self._join(result)
+        return grads, _Result(result.val_loss, tape.train_losses)
+
+    def _join(self, result: Sweep) -> dict[str, Tensor]:
+        """Line 16's join(A^opt, A^loss), plus B₀ for θ₀, keyed by meta-parameter name."""
+        meta, problem = self.meta, self.problem
+        by_tensor: dict[int, Tensor] = {}
+        for name in meta.granularity:                               # per-tensor a_j → φ^opt's shape
+            (g,) = torch.autograd.grad(meta.expand(name), meta.hyper(name),
+                                       grad_outputs=result.A_opt[name])
+            by_tensor[id(meta.hyper(name))] = g
+        for leaf, g in zip(problem.loss_leaves(), result.A_loss):
+            by_tensor[id(leaf)] = g
+        if meta.init is not None:
+            for p, g in zip(problem.inner.params, result.B0):
+                by_tensor[id(p)] = g
+        return {name: by_tensor[id(p)] for name, p in meta.named_parameters()}
+
+
+class _Result(NamedTuple):
+    val_loss: float
+    train_losses: list[float]
+
+
+def _draw(data: Iterable[Any], it: Iterator[Any] | None, k: int) -> tuple[Iterator[Any], list[Any]]:
+    """k items from an iterable, starting it over when it runs out."""
+    it = iter(data) if it is None else it
+    out: list[Any] = []
+    restarted = False
+    while len(out) < k:
+        try:
+            out.append(next(it))
+            restarted = False
+        except StopIteration:
+            if restarted:
+                raise ValueError("train_data/val_data yields no batches") from None
+            it, restarted = iter(data), True
+    return it, out

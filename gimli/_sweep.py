@@ -1,0 +1,72 @@
+"""The reverse sweep, Algorithm 1 lines 8–15, with the optimizer-state adjoint.
+
+Reads top to bottom like the algorithm (DESIGN.md §2; proofs/sweep.md):
+
+    B_J = ∇L^val(θ'_J),  S_J = 0
+    for j = J−1 … 0:
+        (b_j, S_j, o_j, a_j) = VJP of opt_j at (θ'_j, σ_j, G_j) applied to (B_{j+1}, S_{j+1})
+        (h_j, m_j) = ∇_(θ'_j, φ^loss) ⟨o_j, G_j⟩          one double-backward call
+        A^opt += a_j;  A^loss += m_j;  B_j = b_j + h_j
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._problem import Problem
+from ._unroll import Tape
+
+
+class Sweep(NamedTuple):
+    B0: list[Tensor]                            # ∂L^val/∂θ'_0 (θ₀'s hypergradient in MAML)
+    A_opt: dict[str, list[Tensor]]              # per tensor, each hyperparameter's shape there
+    A_loss: list[Tensor]                        # aligned with problem.loss_leaves()
+    val_loss: float
+
+
+def _zeros_like_state(state: Any) -> Any:
+    return type(state)(*([torch.zeros_like(x) if isinstance(x, Tensor) else None for x in field]
+                         for field in state))
+
+
+def _or_zeros(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
+
+
+def sweep(problem: Problem, tape: Tape, val_batch: Any) -> Sweep:
+    inner, leaves, need = problem.inner, problem.loss_leaves(), problem.learned_hypers()
+    n = len(inner.params)
+    # line 8: A^opt ← 0, A^loss ← 0
+    A_opt = {name: [torch.zeros_like(v) for v in tape.hypers[name]] for name in need}
+    A_loss = [torch.zeros_like(x) for x in leaves]
+    # line 9: B_J ← ∇_θ L^val(θ'_J), plus L^val's direct gradient w.r.t. φ^loss; S_J ← 0
+    theta_J = tape.thetas[-1]
+    val = problem.val_loss(theta_J, tape.buffers, val_batch)
+    direct = torch.autograd.grad(val, theta_J + leaves, allow_unused=True)
+    B = _or_zeros(direct[:n], theta_J)
+    A_loss = [a + d for a, d in zip(A_loss, _or_zeros(direct[n:], leaves))]
+    S = _zeros_like_state(tape.states[-1])
+    for j in reversed(range(len(tape.grads))):                  # line 10
+        theta, G = tape.thetas[j], tape.grads[j]
+        # line 11–12: o_j = B_{j+1}·O_j and a_j, with b_j and S_j, from the optimizer's VJP
+        out = inner.vjp([t.detach() for t in theta], tape.states[j],
+                        [None if g is None else g.detach() for g in G], tape.hypers, B, S, need)
+        for name in need:                                       # line 12: A^opt += a_j
+            A_opt[name] = [acc if a is None else acc + a
+                           for acc, a in zip(A_opt[name], out.hypers[name])]
+        # lines 13–14: (h_j, m_j) = ∇_(θ'_j, φ^loss) ⟨o_j, G_j⟩, one double-backward call
+        pairs = [(g, o) for g, o in zip(G, out.grads)
+                 if g is not None and o is not None and g.requires_grad]
+        if pairs:
+            hm = torch.autograd.grad([g for g, _ in pairs], theta + leaves,
+                                     grad_outputs=[o for _, o in pairs], allow_unused=True)
+        else:                                                   # ℓ linear in θ: no curvature
+            hm = (None,) * (n + len(leaves))
+        A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[n:], leaves))]   # line 13
+        B = [b + h for b, h in zip(out.params, _or_zeros(hm[:n], theta))]      # line 14
+        S = out.state
+        tape.grads[j] = []                                      # G_j's graph is spent
+    return Sweep(B, A_opt, A_loss, val.item())
