@@ -92,14 +92,14 @@ def meta_step(solver: gimli.GimliSolver, meta: gimli.MetaParams, meta_opt: torch
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run for CI")
-    parser.add_argument("--iterations", type=int, help="meta-iterations (default 2000; quick 60)")
+    parser.add_argument("--iterations", type=int, help="meta-iterations (default 2000; quick 40)")
     parser.add_argument("--meta-batch", type=int, help="tasks per meta-iteration (default 8; quick 4)")
     parser.add_argument("--steps", type=int, default=1, help="J, inner SGD steps per task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learn-lr", action="store_true",
                         help="also meta-learn one inner learning rate per layer")
     args = parser.parse_args(argv)
-    iterations = args.iterations or (60 if args.quick else 2000)
+    iterations = args.iterations or (40 if args.quick else 2000)
     meta_batch = args.meta_batch or (4 if args.quick else 8)
 
     torch.manual_seed(args.seed)

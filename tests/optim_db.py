@@ -29,7 +29,7 @@ def _off_or(lo: float, hi: float) -> st.SearchStrategy[float]:
 def _sgd(draw: st.DrawFn) -> dict[str, Any]:
     momentum = draw(_off_or(0.1, 0.95))
     nesterov = momentum > 0 and draw(st.booleans())
-    return dict(lr=draw(st.floats(0.01, 0.3)), momentum=momentum,
+    return dict(lr=draw(st.floats(0.01, 0.2)), momentum=momentum,
                 dampening=0.0 if nesterov else draw(_off_or(0.05, 0.5)),
                 weight_decay=draw(_off_or(1e-3, 0.1)), nesterov=nesterov,
                 maximize=draw(st.booleans()))

@@ -22,15 +22,18 @@ from optim_db import IDS, OPTIM_DB, OptimRow
 from strategies import meta_choices, mse, problems
 
 RTOL = 1e-9
+ATOL = 1e-13
 
 
 def assert_hypergradients_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
                                 rtol: float = RTOL) -> None:
     assert got.keys() == ref.keys()
-    scale = max(r.abs().max().item() for r in ref.values())
     for name in ref:
         err = (got[name] - ref[name]).norm().item()
-        assert err <= rtol * ref[name].norm().item() + 1e-14 * scale, \
+        # the floor ATOL: the losses and the terms the hypergradient sums are O(1) here, and
+        # an entry that is a near-total cancellation (Adam is almost invariant to the
+        # loss scale) has no relative accuracy, only a few hundred ulps of O(1)
+        assert err <= rtol * ref[name].norm().item() + ATOL, \
             f"{name}: |sweep − oracle| = {err:.3e}, |oracle| = {ref[name].norm().item():.3e}"
 
 
@@ -64,7 +67,10 @@ def test_global_parity(row: OptimRow, data: st.DataObject) -> None:
     problem, kwargs, _ = data.draw(problems(row))
     choice = data.draw(meta_choices(row, kwargs, problem.opt))
     solver = build(problem, choice, kwargs["maximize"])
-    ref = gimli.full_unroll_hypergradient(solver, problem.train, problem.val)
+    try:
+        ref = gimli.full_unroll_hypergradient(solver, problem.train, problem.val)
+    except FloatingPointError:                  # a diverging unroll: nothing to compare
+        assume(False)
     # autograd's √ backward is NaN at an exactly-zero second moment (a dead ReLU
     # unit); the sweep is right there (test_adam_dead_units.py), the oracle is not
     assume(all(torch.isfinite(r).all() for r in ref.values()))

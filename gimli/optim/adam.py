@@ -17,9 +17,12 @@ The update of ``torch.optim.Adam``/``AdamW`` for one tensor at step t
 s = −1 if maximize else 1; γ = ``lr``, β = ``betas``, ε = ``eps``,
 λ = ``weight_decay``. AdamW is this file with ``decoupled=True``.
 
-Numerical guard (DESIGN.md §3): where an element's u is exactly 0, m' is 0 too
-(every past g_2 of that element was 0), θ' does not depend on u there, and the
-cotangent of u is set to its true value 0 instead of autograd's 0·∞ = NaN.
+Numerical guard (DESIGN.md §3): where an element's u is exactly 0 and the moments
+started at 0 with β₂ < 1, every past g₂ of that element was 0, so m' = 0 too and θ'
+does not depend on u there: the cotangent of u is set to its true value 0 instead
+of autograd's 0·∞ = NaN (proofs/adam.md §4). Where u = 0 but m' ≠ 0 (β₂ = 0, or a
+loaded state with v = 0 and m ≠ 0) θ' is not differentiable in u; the guard's 0 is
+then a convention.
 """
 
 from __future__ import annotations
