@@ -58,7 +58,7 @@ class Problem:
         """φ^loss as a list of leaf tensors: the loss meta-parameters and, when θ₀ is
         meta-learned, the model parameters the optimizer does not train (they enter
         every G_j and L^val the way φ^loss does)."""
-        leaves = list(self.meta.loss.parameters())
+        leaves: list[Tensor] = list(self.meta.loss.parameters())
         if self.meta.init is not None:
             params = dict(self.module.named_parameters())
             leaves += [params[n] for n in self.frozen]

@@ -58,6 +58,7 @@ def sweep(problem: Problem, tape: Tape, val_batch: Any) -> Sweep:
             A_opt[name] = [acc if a is None else acc + a
                            for acc, a in zip(A_opt[name], out.hypers[name])]
         # lines 13–14: (h_j, m_j) = ∇_(θ'_j, φ^loss) ⟨o_j, G_j⟩, one double-backward call
+        hm: tuple[Tensor | None, ...]
         pairs = [(g, o) for g, o in zip(G, out.grads)
                  if g is not None and o is not None and g.requires_grad]
         if pairs:

@@ -100,4 +100,5 @@ def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], h
         }
         for name in need:
             a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
-    return VJP(b_out, State([None] * len(params), s_out), o_out, a_out)
+    steps_bar = [None] * len(params)                            # step counts have no cotangent
+    return VJP(b_out, State(steps_bar, s_out), o_out, a_out)  # type: ignore[arg-type]

@@ -88,6 +88,7 @@ def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], h
         a_mu = a_tau = None
         s_in: Tensor | None = None
         if flags.momentum:
+            assert S is not None                                    # the step kept a buffer
             new_buf = d0 if buf is None else mu * buf + (1 - tau) * d0
             d = d0 + mu * new_buf if flags.nesterov else new_buf
             if flags.nesterov:
