@@ -17,6 +17,13 @@ from optim_db import IDS, OPTIM_DB, OptimRow
 RTOL = 1e-12
 
 
+def assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Equal up to rounding: relative 1e-12, or a few ulps of the tensor's own scale
+    for an entry that is itself a cancellation (a moment near 0)."""
+    scale = theirs.abs().max().item() if theirs.numel() else 0.0
+    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=1e-14 * scale)
+
+
 def _grads(g: torch.Generator, params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
 
@@ -51,14 +58,13 @@ def test_forward_parity(row: OptimRow, data: st.DataObject, pre_steps: int, step
         theta, state = inner.step(theta, state, grads, hp)
 
     for i, p in enumerate(params):
-        torch.testing.assert_close(theta[i], p.detach(), rtol=RTOL, atol=0.0)
+        assert_close(theta[i], p.detach())
         ours = inner.rule.write_state(state, i)
         theirs = opt.state.get(p, {})
         assert set(ours) == set(theirs)
         for key, value in theirs.items():
-            torch.testing.assert_close(torch.as_tensor(ours[key], dtype=torch.float64),
-                                       torch.as_tensor(value, dtype=torch.float64),
-                                       rtol=RTOL, atol=1e-300)
+            assert_close(torch.as_tensor(ours[key], dtype=torch.float64),
+                         torch.as_tensor(value, dtype=torch.float64))
 
 
 def test_implementation_flags_are_accepted() -> None:

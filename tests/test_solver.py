@@ -199,3 +199,13 @@ def test_bad_batches_and_setup() -> None:
         gimli.GimliSolver(p.model, loss_fn, opt, gimli.MetaParams(p.opt, {"lr": "group"}))
     with pytest.raises(KeyError, match="no loss meta-parameter 'l3'"):
         gimli.MetaParams(loss={"l2": torch.zeros(1)})["l3"]
+
+
+def test_default_validation_loss_reads_loss_parameters() -> None:
+    """Without val_loss_fn, L^val is loss_fn itself, which reads φ^loss directly:
+    that direct gradient joins A^loss (DESIGN.md §2, end)."""
+    p = small(torch.optim.SGD, momentum=0.5)
+    meta = gimli.MetaParams(p.opt, {"lr": "group"}, loss={"l2": torch.tensor(0.05, dtype=torch.float64)})
+    solver = gimli.GimliSolver(p.model, loss_fn, p.opt, meta)
+    assert_hypergradients_close(solver.hypergradient(p.train, p.val),
+                                gimli.full_unroll_hypergradient(solver, p.train, p.val))
