@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ._problem import Problem
+
 if TYPE_CHECKING:
     from ._solver import GimliSolver
 
@@ -22,7 +24,11 @@ def full_unroll_hypergradient(solver: GimliSolver, train_batches: Sequence[Any],
                               val_batch: Any) -> dict[str, Tensor]:
     """∇_φ L^val(θ_J(φ)) by autograd through all J steps, keyed like
     :meth:`GimliSolver.hypergradient`. Changes nothing of the user's."""
-    problem = solver.problem
+    with torch.enable_grad():
+        return _full_unroll(solver.problem, train_batches, val_batch)
+
+
+def _full_unroll(problem: Problem, train_batches: Sequence[Any], val_batch: Any) -> dict[str, Tensor]:
     hp = problem.hypers(differentiable=True)
     buffers = problem.buffers()
     if problem.meta.init is not None:

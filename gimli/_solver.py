@@ -61,7 +61,7 @@ class GimliSolver:
                       val_batch: Any = None) -> dict[str, Tensor]:
         """∇_φ L^val(θ'_J) for every meta-parameter, keyed by its name in
         ``meta_params.named_parameters()``. Changes nothing of the user's."""
-        return self._compute(*self.batches(train_batches, val_batch))[0]
+        return self._compute(*self._batches(train_batches, val_batch))[0]
 
     def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None) -> StepResult:
         """One meta-update: the hypergradient, then ``meta_opt.step()`` (line 16), then
@@ -69,7 +69,7 @@ class GimliSolver:
         if self.meta_opt is None:
             raise ValueError("step() needs a meta-optimizer: pass meta_opt= to GimliSolver "
                              "(hypergradient() needs none)")
-        grads, result = self._compute(*self.batches(train_batches, val_batch))
+        grads, result = self._compute(*self._batches(train_batches, val_batch))
         self.meta_opt.zero_grad()
         for name, p in self.meta.named_parameters():
             p.grad = grads[name]
@@ -78,7 +78,7 @@ class GimliSolver:
         return StepResult(result.val_loss, result.train_losses,
                           {name: g.norm().item() for name, g in grads.items()})
 
-    def batches(self, train_batches: Iterable[Any] | None, val_batch: Any) -> tuple[list[Any], Any]:
+    def _batches(self, train_batches: Iterable[Any] | None, val_batch: Any) -> tuple[list[Any], Any]:
         """The J training batches and the validation batch a call will use."""
         if train_batches is None:
             if self._train_data is None:
@@ -97,9 +97,10 @@ class GimliSolver:
 
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], Any]:
         problem = self.problem
-        tape = unroll(problem, train_batches)                      # lines 3–7
-        result: Sweep = sweep(problem, tape, val_batch)             # lines 8–15
-        grads = self._join(result)
+        with torch.enable_grad():                                   # also under torch.no_grad()
+            tape = unroll(problem, train_batches)                   # lines 3–7
+            result: Sweep = sweep(problem, tape, val_batch)         # lines 8–15
+            grads = self._join(result)
         return grads, _Result(result.val_loss, tape.train_losses)
 
     def _join(self, result: Sweep) -> dict[str, Tensor]:

@@ -209,3 +209,12 @@ def test_default_validation_loss_reads_loss_parameters() -> None:
     solver = gimli.GimliSolver(p.model, loss_fn, p.opt, meta)
     assert_hypergradients_close(solver.hypergradient(p.train, p.val),
                                 gimli.full_unroll_hypergradient(solver, p.train, p.val))
+
+
+def test_works_under_no_grad() -> None:
+    p = small()
+    solver, _ = make(p)
+    ref = solver.hypergradient(p.train, p.val)
+    with torch.no_grad():
+        assert_hypergradients_close(solver.hypergradient(p.train, p.val), ref, rtol=0)
+        assert_hypergradients_close(gimli.full_unroll_hypergradient(solver, p.train, p.val), ref)
