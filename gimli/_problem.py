@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,12 @@ from .optim import InnerOptimizer, bind
 
 LossFn = Callable[[FunctionalModel, Any, MetaParams], Tensor]
 ValLossFn = Callable[[FunctionalModel, Any], Tensor]
+
+
+class Split(NamedTuple):
+    phi_opt: dict[str, list[Tensor]]   # every hyperparameter, one value per tensor
+    learned: frozenset[str]            # the hyperparameters that are meta-parameters
+    phi_loss: list[Tensor]             # φ^loss as leaves
 
 
 @dataclass
@@ -54,6 +60,12 @@ class Problem:
         return cls(model, loss_fn, val_loss_fn, meta, inner, names, frozen)
 
     # --- the split of Algorithm 1, line 2 -------------------------------------------------
+    def split(self) -> Split:
+        """φ^opt, φ^loss ← split(φ): the hyperparameter values the unroll and sweep use
+        (detached), which of them are learned, and φ^loss as leaf tensors."""
+        return Split(self.hypers(differentiable=False), frozenset(self.meta.granularity),
+                     self.loss_leaves())
+
     def loss_leaves(self) -> list[Tensor]:
         """φ^loss as a list of leaf tensors: the loss meta-parameters and, when θ₀ is
         meta-learned, the model parameters the optimizer does not train (they enter
@@ -63,9 +75,6 @@ class Problem:
             params = dict(self.module.named_parameters())
             leaves += [params[n] for n in self.frozen]
         return leaves
-
-    def learned_hypers(self) -> frozenset[str]:
-        return frozenset(self.meta.granularity)
 
     def hypers(self, *, differentiable: bool) -> dict[str, list[Tensor]]:
         """Every hyperparameter per tensor: meta-learned ones from φ^opt, the rest

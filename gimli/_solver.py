@@ -98,12 +98,13 @@ class GimliSolver:
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], Any]:
         problem = self.problem
         with torch.enable_grad():                                   # also under torch.no_grad()
-            tape = unroll(problem, train_batches)                   # lines 3–7
-            result: Sweep = sweep(problem, tape, val_batch)         # lines 8–15
-            grads = self._join(result)
+            phi_opt, learned, phi_loss = problem.split()            # line 2
+            tape = unroll(problem, phi_opt, train_batches)          # lines 3–7
+            result: Sweep = sweep(problem, tape, learned, phi_loss, val_batch)   # lines 8–15
+            grads = self._join(result, phi_loss)                    # line 16's join
         return grads, _Result(result.val_loss, tape.train_losses)
 
-    def _join(self, result: Sweep) -> dict[str, Tensor]:
+    def _join(self, result: Sweep, phi_loss: list[Tensor]) -> dict[str, Tensor]:
         """Line 16's join(A^opt, A^loss), plus B₀ for θ₀, keyed by meta-parameter name."""
         meta, problem = self.meta, self.problem
         by_tensor: dict[int, Tensor] = {}
@@ -111,7 +112,7 @@ class GimliSolver:
             (g,) = torch.autograd.grad(meta.expand(name), meta.hyper(name),
                                        grad_outputs=result.A_opt[name])
             by_tensor[id(meta.hyper(name))] = g
-        for leaf, g in zip(problem.loss_leaves(), result.A_loss):
+        for leaf, g in zip(phi_loss, result.A_loss):
             by_tensor[id(leaf)] = g
         if meta.init is not None:
             for p, g in zip(problem.inner.params, result.B0):

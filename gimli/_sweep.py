@@ -36,8 +36,11 @@ def _or_zeros(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tens
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
 
 
-def sweep(problem: Problem, tape: Tape, val_batch: Any) -> Sweep:
-    inner, leaves, need = problem.inner, problem.loss_leaves(), problem.learned_hypers()
+def sweep(problem: Problem, tape: Tape, need: frozenset[str], leaves: list[Tensor],
+          val_batch: Any) -> Sweep:
+    """The hypergradient pieces for the hyperparameters ``need`` (φ^opt) and the
+    leaves of φ^loss, from a recorded tape."""
+    inner = problem.inner
     n = len(inner.params)
     # line 8: A^opt ← 0, A^loss ← 0
     A_opt = {name: [torch.zeros_like(v) for v in tape.hypers[name]] for name in need}

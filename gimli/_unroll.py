@@ -26,9 +26,10 @@ class Tape(NamedTuple):
     train_losses: list[float]
 
 
-def unroll(problem: Problem, train_batches: Sequence[Any]) -> Tape:
+def unroll(problem: Problem, hp: dict[str, list[Tensor]], train_batches: Sequence[Any]) -> Tape:
+    """J steps from copies of the model's weights and the optimizer's state, with
+    hyperparameters ``hp`` (φ^opt's values, one per tensor)."""
     inner = problem.inner
-    hp = problem.hypers(differentiable=False)                   # φ^opt values, detached
     buffers = problem.buffers()
     theta = [p.detach().clone() for p in inner.params]          # line 3: θ'_0 ← θ_t
     state = inner.read_state()                                  # line 3: opt'_0 ← opt_t

@@ -121,3 +121,27 @@ def test_quadratic_sgd_closed_form(steps: int) -> None:
     d_theta0 = Q @ (rho**steps * (Q.T @ resid))
     torch.testing.assert_close(got["hypers.lr"], d_lr, rtol=RTOL, atol=0.0)
     torch.testing.assert_close(got["init.theta"], d_theta0, rtol=RTOL, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls,kwargs", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                        (torch.optim.AdamW, dict(lr=0.02, weight_decay=0.1))])
+def test_loss_network_as_meta_parameter(cls: type, kwargs: dict[str, Any]) -> None:
+    """φ^loss as a whole nn.Module: a network weighting each example's loss, learned
+    together with θ₀; the sweep equals the full autograd unroll."""
+    from strategies import mlp, regression_batches
+    torch.manual_seed(0)
+    model, weigher = mlp([3, 4, 1], "tanh"), mlp([3, 3, 1], "softplus")
+    opt = cls(model.parameters(), **kwargs)
+    meta = gimli.MetaParams(opt, {"lr": "scalar"}, loss={"weigher": weigher}, init=model)
+
+    def loss_fn(m: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
+        x, y = batch
+        w = nn.functional.softplus(meta["weigher"](x))
+        return (w * (m(x) - y) ** 2).mean()
+
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=mse)
+    batches = regression_batches(5, 3, 1, 5)
+    got = solver.hypergradient(batches[:4], batches[4])
+    assert {n for n in got if n.startswith("loss.weigher.")} == \
+        {f"loss.weigher.{n}" for n, _ in weigher.named_parameters()}
+    assert_hypergradients_close(got, gimli.full_unroll_hypergradient(solver, batches[:4], batches[4]))
