@@ -111,8 +111,10 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
     if name not in inner.hyper_names:
         raise ValueError(f"{inner.name} has no differentiable hyperparameter {name!r}; "
                          f"its hyperparameters are {', '.join(inner.hyper_names)}")
-    if per not in GRANULARITIES:
-        raise ValueError(f"granularity of {name!r} must be one of {GRANULARITIES}, not {per!r}")
+    allowed = getattr(inner.rule, "GRANULARITIES", {}).get(name, GRANULARITIES)
+    if per not in allowed:
+        raise ValueError(f"granularity of {name!r} for {inner.name} must be one of {allowed}, "
+                         f"not {per!r}")
     inactive = getattr(inner.rule, "inactive_hypers", None)
     for g, flags in enumerate(inner.flags):
         if inactive is not None and name in inactive(flags):

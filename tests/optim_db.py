@@ -4,20 +4,38 @@ Adding an optimizer = one file in gimli/optim + one row here + one proof.
 Each row gives a hypothesis strategy for the optimizer's constructor keyword
 arguments (flags and hyperparameters, in ranges where an unroll of a few steps
 stays well conditioned in float64) and the hyperparameters gimli can learn.
+A row whose torch class or gimli file is missing is skipped, saying which.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
+from gimli.optim import BUILTIN, SUPPORTED, bind
+
 
 class OptimRow(NamedTuple):
-    cls: type[torch.optim.Optimizer]
+    name: str                                   # the torch.optim class name
     kwargs: st.SearchStrategy[dict[str, Any]]
     learnable: tuple[str, ...]
+    matrices_only: bool = False                 # Muon steps 2-D parameters only
+
+    @property
+    def cls(self) -> type[torch.optim.Optimizer]:
+        cls = getattr(torch.optim, self.name, None)
+        if cls is None:
+            pytest.skip(f"this torch ({torch.__version__}) has no torch.optim.{self.name}")
+        if cls not in SUPPORTED:
+            pytest.skip(f"gimli has no rule for {self.name} yet (gimli/optim/{BUILTIN[self.name]}.py)")
+        return cls
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Parameter shapes for the single-step tests: a matrix and vectors, or matrices."""
+        return [(3, 2), (2, 4), (4, 3)] if self.matrices_only else [(3, 2), (2,), (4,)]
 
 
 def _off_or(lo: float, hi: float) -> st.SearchStrategy[float]:
@@ -35,10 +53,13 @@ def _sgd(draw: st.DrawFn) -> dict[str, Any]:
                 maximize=draw(st.booleans()))
 
 
+def _betas(lo2: float = 0.9) -> st.SearchStrategy[tuple[float, float]]:
+    return st.tuples(st.floats(0.5, 0.95), st.floats(lo2, 0.999))
+
+
 @st.composite
 def _adam(draw: st.DrawFn) -> dict[str, Any]:
-    return dict(lr=draw(st.floats(1e-3, 0.05)),
-                betas=(draw(st.floats(0.5, 0.95)), draw(st.floats(0.9, 0.999))),
+    return dict(lr=draw(st.floats(1e-3, 0.05)), betas=draw(_betas()),
                 eps=draw(st.floats(1e-6, 1e-2)), weight_decay=draw(_off_or(1e-3, 0.1)),
                 amsgrad=draw(st.booleans()), maximize=draw(st.booleans()))
 
@@ -50,18 +71,108 @@ def _adagrad(draw: st.DrawFn) -> dict[str, Any]:
                 initial_accumulator_value=draw(_off_or(0.01, 1.0)), maximize=draw(st.booleans()))
 
 
+@st.composite
+def _rmsprop(draw: st.DrawFn) -> dict[str, Any]:
+    return dict(lr=draw(st.floats(1e-3, 0.05)), alpha=draw(st.floats(0.8, 0.99)),
+                eps=draw(st.floats(1e-6, 1e-2)), weight_decay=draw(_off_or(1e-3, 0.1)),
+                momentum=draw(_off_or(0.1, 0.9)), centered=draw(st.booleans()),
+                maximize=draw(st.booleans()))
+
+
+@st.composite
+def _adadelta(draw: st.DrawFn) -> dict[str, Any]:
+    return dict(lr=draw(st.floats(0.1, 1.0)), rho=draw(st.floats(0.5, 0.95)),
+                eps=draw(st.floats(1e-6, 1e-2)), weight_decay=draw(_off_or(1e-3, 0.1)),
+                maximize=draw(st.booleans()))
+
+
+@st.composite
+def _adamax(draw: st.DrawFn) -> dict[str, Any]:
+    return dict(lr=draw(st.floats(1e-3, 0.05)), betas=draw(_betas()),
+                eps=draw(st.floats(1e-6, 1e-2)), weight_decay=draw(_off_or(1e-3, 0.1)),
+                maximize=draw(st.booleans()))
+
+
+@st.composite
+def _nadam(draw: st.DrawFn) -> dict[str, Any]:
+    return dict(lr=draw(st.floats(1e-3, 0.05)), betas=draw(_betas()),
+                eps=draw(st.floats(1e-6, 1e-2)), weight_decay=draw(_off_or(1e-3, 0.1)),
+                momentum_decay=draw(st.floats(1e-3, 1e-2)),
+                decoupled_weight_decay=draw(st.booleans()), maximize=draw(st.booleans()))
+
+
+@st.composite
+def _radam(draw: st.DrawFn) -> dict[str, Any]:
+    # β₂ down to 0.5 so that both sides of the rectification switch (ρ_t > 5) occur
+    return dict(lr=draw(st.floats(1e-3, 0.05)), betas=draw(_betas(0.5)),
+                eps=draw(st.floats(1e-6, 1e-2)), weight_decay=draw(_off_or(1e-3, 0.1)),
+                decoupled_weight_decay=draw(st.booleans()), maximize=draw(st.booleans()))
+
+
+@st.composite
+def _rprop(draw: st.DrawFn) -> dict[str, Any]:
+    return dict(lr=draw(st.floats(1e-3, 0.05)),
+                etas=(draw(st.floats(0.3, 0.7)), draw(st.floats(1.1, 1.5))),
+                step_sizes=(draw(st.floats(1e-6, 1e-3)), draw(st.floats(0.05, 1.0))),
+                maximize=draw(st.booleans()))
+
+
+@st.composite
+def _asgd(draw: st.DrawFn) -> dict[str, Any]:
+    # t0 small so that averaging starts within the unroll
+    return dict(lr=draw(st.floats(1e-3, 0.05)), lambd=draw(st.floats(1e-4, 1e-2)),
+                alpha=draw(st.floats(0.5, 1.0)), t0=draw(st.floats(0.5, 6.0)),
+                weight_decay=draw(_off_or(1e-3, 0.1)), maximize=draw(st.booleans()))
+
+
+@st.composite
+def _adafactor(draw: st.DrawFn) -> dict[str, Any]:
+    eps1 = draw(st.one_of(st.none(), st.floats(1e-8, 1e-3)))
+    return dict(lr=draw(st.floats(1e-3, 0.05)), beta2_decay=draw(st.floats(-1.0, -0.5)),
+                eps=(eps1, draw(st.floats(1e-4, 1e-2))), d=draw(st.floats(1.0, 2.0)),
+                weight_decay=draw(_off_or(1e-3, 0.1)), maximize=draw(st.booleans()))
+
+
+@st.composite
+def _muon(draw: st.DrawFn) -> dict[str, Any]:
+    a, b, c = 3.4445, -4.775, 2.0315
+    scale = draw(st.floats(0.9, 1.1))
+    return dict(lr=draw(st.floats(1e-3, 0.05)), weight_decay=draw(_off_or(1e-3, 0.1)),
+                momentum=draw(st.floats(0.5, 0.95)), nesterov=draw(st.booleans()),
+                ns_coefficients=(a * scale, b * scale, c * scale), eps=draw(st.floats(1e-7, 1e-3)),
+                ns_steps=draw(st.integers(1, 5)),
+                adjust_lr_fn=draw(st.sampled_from([None, "original", "match_rms_adamw"])))
+
+
 ADAM_HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 OPTIM_DB: list[OptimRow] = [
-    OptimRow(torch.optim.SGD, _sgd(), ("lr", "momentum", "dampening", "weight_decay")),
-    OptimRow(torch.optim.Adam, _adam(), ADAM_HYPERS),
-    OptimRow(torch.optim.AdamW, _adam(), ADAM_HYPERS),
-    OptimRow(torch.optim.Adagrad, _adagrad(), ("lr", "lr_decay", "weight_decay", "eps")),
+    OptimRow("SGD", _sgd(), ("lr", "momentum", "dampening", "weight_decay")),
+    OptimRow("Adam", _adam(), ADAM_HYPERS),
+    OptimRow("AdamW", _adam(), ADAM_HYPERS),
+    OptimRow("Adagrad", _adagrad(), ("lr", "lr_decay", "weight_decay", "eps")),
+    OptimRow("RMSprop", _rmsprop(), ("lr", "alpha", "eps", "weight_decay", "momentum")),
+    OptimRow("Adadelta", _adadelta(), ("lr", "rho", "eps", "weight_decay")),
+    OptimRow("Adamax", _adamax(), ADAM_HYPERS),
+    OptimRow("NAdam", _nadam(), ADAM_HYPERS + ("momentum_decay",)),
+    OptimRow("RAdam", _radam(), ADAM_HYPERS),
+    OptimRow("Rprop", _rprop(), ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")),
+    OptimRow("ASGD", _asgd(), ("lr", "lambd", "alpha", "t0", "weight_decay")),
+    OptimRow("Adafactor", _adafactor(), ("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay")),
+    OptimRow("Muon", _muon(), ("lr", "weight_decay", "momentum", "ns_a", "ns_b", "ns_c", "eps"),
+             matrices_only=True),
 ]
-IDS = [row.cls.__name__ for row in OPTIM_DB]
+IDS = [row.name for row in OPTIM_DB]
 
 
-def learnable_now(row: OptimRow, kwargs: dict[str, Any]) -> tuple[str, ...]:
-    """The row's learnable hyperparameters that have an effect with these flags."""
-    if row.cls is torch.optim.SGD and kwargs["momentum"] == 0:
-        return ("lr", "weight_decay")
-    return row.learnable
+def learnable_now(row: OptimRow, opt: torch.optim.Optimizer) -> tuple[str, ...]:
+    """The row's learnable hyperparameters that have an effect in every param group."""
+    inner = bind(opt)
+    inactive = getattr(inner.rule, "inactive_hypers", None)
+    off = set().union(*(inactive(f) for f in inner.flags)) if inactive else set()
+    return tuple(n for n in row.learnable if n not in off)
+
+
+def granularities(opt: torch.optim.Optimizer, name: str) -> tuple[str, ...]:
+    """The granularities the optimizer's rule allows for hyperparameter ``name``."""
+    return getattr(bind(opt).rule, "GRANULARITIES", {}).get(
+        name, ("scalar", "group", "tensor", "element"))

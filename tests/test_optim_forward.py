@@ -35,9 +35,7 @@ def test_forward_parity(row: OptimRow, data: st.DataObject, pre_steps: int, step
                         seed: int) -> None:
     kwargs = data.draw(row.kwargs)
     g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(3, 2, generator=g, dtype=torch.float64).requires_grad_(),
-              torch.randn(2, generator=g, dtype=torch.float64).requires_grad_(),
-              torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()]
+    params = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in row.shapes()]
     opt = row.cls([{"params": params[:2]}, {"params": params[2:], "lr": kwargs["lr"] / 2}], **kwargs)
 
     def real_step(grads: list[torch.Tensor | None]) -> None:

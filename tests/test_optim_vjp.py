@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gimli.optim import bind
-from optim_db import IDS, OPTIM_DB, OptimRow, learnable_now
+from optim_db import IDS, OPTIM_DB, OptimRow, granularities, learnable_now
 
 RTOL = 1e-10
 
@@ -31,24 +31,25 @@ def _tensors(state: Any) -> list[tuple[int, int]]:
 def test_vjp_matches_autograd(row: OptimRow, data: st.DataObject, pre_steps: int, seed: int) -> None:
     kwargs = data.draw(row.kwargs)
     g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(3, 2, generator=g, dtype=torch.float64).requires_grad_(),
-              torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()]
+    params = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
+              for s in row.shapes()[:2]]
     opt = row.cls([{"params": params[:1]}, {"params": params[1:], "lr": kwargs["lr"] * 0.7}], **kwargs)
     for _ in range(pre_steps):                  # a point with non-trivial optimizer state
         for p in params:
             p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
         opt.step()
     inner = bind(opt)
-    need = frozenset(learnable_now(row, kwargs))
+    need = frozenset(learnable_now(row, opt))
     # inputs of the pure step, as leaves: θ, state tensors, G, and each hyperparameter
-    # per tensor, 0-dim for one tensor and element-shaped for the other
+    # per tensor, 0-dim for one tensor and element-shaped for the other (where allowed)
     theta = [p.detach().clone().requires_grad_() for p in params]
     state = inner.read_state()
     for f, i in _tensors(state):
         state[f][i].requires_grad_()
     grads = [torch.randn(p.shape, generator=g, dtype=p.dtype).requires_grad_() for p in params]
     hp = inner.constant_hypers()
-    hp = {name: [v if i == 0 else v.expand(params[i].shape).clone() for i, v in enumerate(vals)]
+    hp = {name: [v.expand(params[i].shape).clone() if i == 1 and "element" in granularities(opt, name)
+                 else v for i, v in enumerate(vals)]
           for name, vals in hp.items()}
     for vals in hp.values():
         for v in vals:

@@ -218,3 +218,11 @@ def test_works_under_no_grad() -> None:
     with torch.no_grad():
         assert_hypergradients_close(solver.hypergradient(p.train, p.val), ref, rtol=0)
         assert_hypergradients_close(gimli.full_unroll_hypergradient(solver, p.train, p.val), ref)
+
+
+@pytest.mark.parametrize("name,why", [("LBFGS", "closure"), ("SparseAdam", "sparse")])
+def test_refused_optimizers_say_why(name: str, why: str) -> None:
+    model = mlp([2, 1], "tanh")
+    opt = getattr(torch.optim, name)(model.parameters())
+    with pytest.raises(TypeError, match=f"{name}.*{why}"):
+        gimli.MetaParams(opt, ["lr"])

@@ -9,24 +9,48 @@ group over the whole parameter list.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import adagrad, adam, sgd
-from ._core import VJP, Hypers
+from ._core import VJP, Hypers, autograd_vjp
 
-__all__ = ["InnerOptimizer", "SUPPORTED", "bind"]
+__all__ = ["InnerOptimizer", "SUPPORTED", "bind", "register"]
 
-SUPPORTED: dict[type[torch.optim.Optimizer], ModuleType] = {
-    torch.optim.SGD: sgd,
-    torch.optim.Adam: adam,
-    torch.optim.AdamW: adam,
-    torch.optim.Adagrad: adagrad,
+# torch.optim class name → the file here that differentiates it (AdamW is adam.py's flag)
+BUILTIN = {
+    "SGD": "sgd", "Adam": "adam", "AdamW": "adam", "Adagrad": "adagrad", "RMSprop": "rmsprop",
+    "Adadelta": "adadelta", "Adamax": "adamax", "NAdam": "nadam", "RAdam": "radam",
+    "Rprop": "rprop", "ASGD": "asgd", "Adafactor": "adafactor", "Muon": "muon",
 }
+REFUSED = {
+    "LBFGS": "its step() evaluates a closure several times and runs a line search, so one "
+             "update is not a function of one gradient G_j, which Algorithm 1 needs",
+    "SparseAdam": "it updates from sparse gradients only, while the unroll's G_j are dense "
+                  "autograd gradients (use Adam, whose update it approximates)",
+}
+
+
+def _builtin_rules() -> dict[type[torch.optim.Optimizer], Any]:
+    rules: dict[type[torch.optim.Optimizer], Any] = {}
+    for cls_name, file in BUILTIN.items():
+        cls = getattr(torch.optim, cls_name, None)
+        if cls is not None and importlib.util.find_spec(f"{__name__}.{file}") is not None:
+            rules[cls] = importlib.import_module(f"{__name__}.{file}")
+    return rules
+
+
+# optimizer class → its rule (a module or object with the interface of _core.py's docstring)
+SUPPORTED: dict[type[torch.optim.Optimizer], Any] = _builtin_rules()
+
+
+def register(cls: type[torch.optim.Optimizer], rule: Any) -> None:
+    """Make ``cls`` (exact class) differentiable through ``rule``."""
+    SUPPORTED[cls] = rule
 
 # Group entries that only select an implementation: accepted and ignored.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
@@ -42,7 +66,7 @@ class InnerOptimizer:
     """
 
     torch_optimizer: torch.optim.Optimizer
-    rule: ModuleType
+    rule: Any
     params: list[Tensor]
     groups: list[slice]
     flags: list[Any]
@@ -75,7 +99,7 @@ class InnerOptimizer:
         groups = self.torch_optimizer.param_groups
         per_param = [self.rule.read_state(self.torch_optimizer.state.get(p, {}), p, groups[g])
                      for p, g in zip(self.params, self.group_of())]
-        return self.rule.State(*([entry[0] for entry in field] for field in zip(*per_param)))
+        return type(per_param[0])(*([entry[0] for entry in field] for field in zip(*per_param)))
 
     def step(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
              hp: Hypers) -> tuple[list[Tensor], Any]:
@@ -90,7 +114,7 @@ class InnerOptimizer:
                 new_params[i] = out_params[k]
                 for field, values in zip(new_state, out_state):
                     field[i] = values[k]
-        return new_params, self.rule.State(*new_state)
+        return new_params, type(state)(*new_state)
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None], hp: Hypers,
             cot_params: list[Tensor], cot_state: Any, need: frozenset[str]) -> VJP:
@@ -102,15 +126,20 @@ class InnerOptimizer:
         a: dict[str, list[Tensor | None]] = {name: [None] * len(params) for name in need}
         for g, idx in self._active(grads):
             sub = self._take(idx, params, state, grads, hp)
-            out = self.rule.vjp(self.flags[g], *sub, [cot_params[i] for i in idx],
-                                self.rule.State(*([f[i] for i in idx] for f in cot_state)), need)
+            out = self._vjp(self.flags[g], *sub, [cot_params[i] for i in idx],
+                            type(cot_state)(*([f[i] for i in idx] for f in cot_state)), need)
             for k, i in enumerate(idx):
                 b[i], o[i] = out.params[k], out.grads[k]
                 for field, values in zip(s, out.state):
                     field[i] = values[k]
                 for name in need:
                     a[name][i] = out.hypers[name][k]
-        return VJP(b, self.rule.State(*s), o, a)  # type: ignore[arg-type]
+        return VJP(b, type(cot_state)(*s), o, a)  # type: ignore[arg-type]
+
+    def _vjp(self, *args: Any) -> VJP:
+        """The rule's closed-form VJP, or autograd on its single step where it has none."""
+        vjp = getattr(self.rule, "vjp", None)
+        return vjp(*args) if vjp is not None else autograd_vjp(self.rule.step, *args)
 
     def _active(self, grads: list[Tensor | None]) -> list[tuple[int, list[int]]]:
         out = []
@@ -122,17 +151,21 @@ class InnerOptimizer:
 
     def _take(self, idx: list[int], params: list[Tensor], state: Any,
               grads: list[Tensor | None], hp: Hypers) -> tuple[Any, ...]:
-        return ([params[i] for i in idx], self.rule.State(*([f[i] for i in idx] for f in state)),
+        return ([params[i] for i in idx], type(state)(*([f[i] for i in idx] for f in state)),
                 [grads[i] for i in idx], {k: [v[i] for i in idx] for k, v in hp.items()})
 
 
 def bind(optimizer: torch.optim.Optimizer) -> InnerOptimizer:
     """Read a ``torch.optim`` instance: its class, param groups and flags."""
     rule = SUPPORTED.get(type(optimizer))
+    name = type(optimizer).__name__
+    if rule is None and name in REFUSED and type(optimizer) is getattr(torch.optim, name, None):
+        raise TypeError(f"gimli cannot differentiate through {name}: {REFUSED[name]}")
     if rule is None:
         names = ", ".join(sorted({cls.__name__ for cls in SUPPORTED}))
-        raise TypeError(f"gimli cannot differentiate through {type(optimizer).__name__}: "
-                        f"the supported optimizers are {names} (exact classes, not subclasses)")
+        raise TypeError(f"gimli cannot differentiate through {name}: the supported optimizers "
+                        f"are {names} (exact classes, not subclasses); register your own with "
+                        f"gimli.register_optimizer")
     params: list[Tensor] = []
     groups: list[slice] = []
     flags = []

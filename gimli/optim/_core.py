@@ -19,9 +19,18 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 Hypers = dict[str, list[Tensor]]
+
+# Optional attributes of an optimizer module:
+#   GROUP_KEYS: dict[str, tuple[str, int]]  hyperparameter kept inside a param-group tuple
+#       (Adam's "beta1" is group["betas"][0]);
+#   GRANULARITIES: dict[str, tuple[str, ...]]  granularities a hyperparameter allows where
+#       not all four make sense (a Newton–Schulz coefficient acts on a whole matrix);
+#   inactive_hypers(flags) -> frozenset[str]  hyperparameters with no effect under these
+#       flags (its docstring says why, for the error message).
 
 
 class VJP(NamedTuple):
@@ -53,3 +62,46 @@ def group_float(group: dict[str, Any], key: str, index: int | None = None) -> fl
 def step_count(torch_state: dict[str, Any]) -> int:
     """The number of steps ``torch.optim`` has already taken for one tensor."""
     return int(torch_state["step"]) if "step" in torch_state else 0
+
+
+def _tensor_slots(state: Any) -> list[tuple[int, int]]:
+    """(field, index) of every tensor entry of a State."""
+    return [(f, i) for f, field in enumerate(state) for i, x in enumerate(field)
+            if isinstance(x, Tensor) and x.is_floating_point()]
+
+
+def autograd_vjp(step: Any, flags: Any, params: list[Tensor], state: Any, grads: list[Tensor],
+                 hp: Hypers, cot_params: list[Tensor], cot_state: Any, need: frozenset[str]) -> VJP:
+    """The four cotangents of one optimizer ``step`` by autograd on that single step.
+
+    For rules that supply no closed-form ``vjp`` (user-defined and learned
+    optimizers): it stays local to step j, inside the hand-written sweep.
+    """
+    with torch.enable_grad():
+        params = [p.detach().requires_grad_() for p in params]
+        grads = [g.detach().requires_grad_() for g in grads]
+        slots = _tensor_slots(state)
+        state = type(state)(*(list(field) for field in state))
+        for f, i in slots:
+            state[f][i] = state[f][i].detach().requires_grad_()
+        hp = {k: [v.detach().requires_grad_() if k in need else v for v in vs] for k, vs in hp.items()}
+        new_params, new_state = step(flags, params, state, grads, hp)
+        out_slots = [(f, i) for f, i in _tensor_slots(new_state)
+                     if isinstance(cot_state[f][i], Tensor)]
+        outputs = list(new_params) + [new_state[f][i] for f, i in out_slots]
+        cots = list(cot_params) + [cot_state[f][i] for f, i in out_slots]
+        keep = [k for k, out in enumerate(outputs) if out.requires_grad]
+        inputs = params + [state[f][i] for f, i in slots] + grads \
+            + [v for name in sorted(need) for v in hp[name]]
+        raw: tuple[Tensor | None, ...] = (None,) * len(inputs)
+        if keep:
+            raw = torch.autograd.grad([outputs[k] for k in keep], inputs, [cots[k] for k in keep],
+                                      allow_unused=True)
+    found = [torch.zeros_like(x) if g is None else g for g, x in zip(raw, inputs)]
+    n, s = len(params), len(slots)
+    state_bar = type(state)(*([None] * len(field) for field in state))
+    for (f, i), g in zip(slots, found[n:n + s]):
+        state_bar[f][i] = g
+    hyper_bars = iter(found[n + s + n:])
+    return VJP(found[:n], state_bar, found[n + s:n + s + n],
+               {name: [next(hyper_bars) for _ in hp[name]] for name in sorted(need)})
