@@ -5,6 +5,8 @@ from ._functional import FunctionalModel
 from ._meta import MetaParams
 from ._oracle import full_unroll_hypergradient
 from ._solver import GimliSolver, StepResult
+from .optim import LearnedOptimizer, register_optimizer
 
-__all__ = ["FunctionalModel", "GimliSolver", "MetaParams", "StepResult", "full_unroll_hypergradient"]
+__all__ = ["FunctionalModel", "GimliSolver", "LearnedOptimizer", "MetaParams", "StepResult",
+           "full_unroll_hypergradient", "register_optimizer"]
 __version__ = "0.1.0"

@@ -44,11 +44,21 @@ class MetaParams(nn.Module):
         if granularity and optimizer is None:
             raise ValueError("MetaParams: pass the inner optimizer to meta-learn its hyperparameters")
         self.inner: InnerOptimizer | None = None if optimizer is None else bind(optimizer)
-        self.granularity: dict[str, str] = granularity
+        self.granularity: dict[str, str] = {}
         self.hypers = nn.Module()
+        modules = {} if self.inner is None else self.inner.module_hypers()
         for name, per in granularity.items():
             assert self.inner is not None
+            if name in modules:                 # a learned optimizer's network: its own weights
+                if per != "scalar":
+                    raise ValueError(f"{name!r} is a module shared by every tensor: its granularity "
+                                     f"is 'scalar', not {per!r}")
+                self.hypers.add_module(name, modules[name])
+                self.granularity.update({f"{name}.{n}": "scalar"
+                                         for n, _ in modules[name].named_parameters()})
+                continue
             self.hypers.register_parameter(name, nn.Parameter(_initial_value(self.inner, name, per)))
+            self.granularity[name] = per
         self.loss = nn.Module()
         self._loss_entries: dict[str, Tensor | nn.Module] = {}
         for name, value in (loss or {}).items():
@@ -75,7 +85,7 @@ class MetaParams(nn.Module):
 
     def hyper(self, name: str) -> Tensor:
         """The meta-parameter holding hyperparameter ``name``."""
-        return getattr(self.hypers, name)
+        return self.hypers.get_parameter(name)
 
     def expand(self, name: str) -> list[Tensor]:
         """Hyperparameter ``name`` as one tensor per parameter tensor (0-dim or the
@@ -100,7 +110,7 @@ class MetaParams(nn.Module):
         if self.inner is None:
             return
         for name, per in self.granularity.items():
-            if per not in ("scalar", "group"):
+            if per not in ("scalar", "group") or "." in name:     # a module's own weights
                 continue
             value = self.hyper(name).detach()
             for g, group in enumerate(self.inner.torch_optimizer.param_groups):
@@ -122,7 +132,7 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
                              f"({inactive.__doc__}); build the optimizer so that it is used "
                              f"before meta-learning it")
     groups = inner.group_hypers()
-    per_group = [groups[g][name] for g in range(len(groups))]
+    per_group = [float(groups[g][name]) for g in range(len(groups))]
     ref = inner.params[0]
     kw: dict[str, Any] = {"dtype": ref.dtype, "device": ref.device}
     if per == "scalar":

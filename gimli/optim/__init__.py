@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from . import learned
 from ._core import VJP, Hypers, autograd_vjp
+from .custom import CustomRule, InitFn, StepFn, VjpFn
+from .learned import LearnedOptimizer
 
-__all__ = ["InnerOptimizer", "SUPPORTED", "bind", "register"]
+__all__ = ["CustomRule", "InnerOptimizer", "LearnedOptimizer", "SUPPORTED", "bind", "register",
+           "register_optimizer"]
 
 # torch.optim class name → the file here that differentiates it (AdamW is adam.py's flag)
 BUILTIN = {
@@ -46,11 +51,37 @@ def _builtin_rules() -> dict[type[torch.optim.Optimizer], Any]:
 
 # optimizer class → its rule (a module or object with the interface of _core.py's docstring)
 SUPPORTED: dict[type[torch.optim.Optimizer], Any] = _builtin_rules()
+SUPPORTED[LearnedOptimizer] = learned
 
 
 def register(cls: type[torch.optim.Optimizer], rule: Any) -> None:
-    """Make ``cls`` (exact class) differentiable through ``rule``."""
+    """Make ``cls`` (exact class) differentiable through ``rule`` (an object or module
+    with the rule interface of ``_core.py``)."""
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TypeError(f"register a torch.optim.Optimizer subclass, not {cls!r}")
     SUPPORTED[cls] = rule
+
+
+def register_optimizer(cls: type[torch.optim.Optimizer], *, hypers: Sequence[str], init: InitFn,
+                       step: StepFn, vjp: VjpFn | None = None,
+                       group_keys: Mapping[str, tuple[str, int]] | None = None) -> CustomRule:
+    """Make a user-defined ``torch.optim.Optimizer`` subclass differentiable.
+
+    Args:
+        cls: the user's optimizer class; its param groups hold ``hypers`` and its
+            ``state[p]`` the keys that ``init`` returns.
+        hypers: the differentiable hyperparameters (param-group keys).
+        init: ``init(param, group) -> dict`` of state tensors before the first step.
+        step: ``step(param, state, grad, hp) -> (param, state)``, pure, one tensor.
+        vjp: optional closed form ``vjp(param, state, grad, hp, cot_param, cot_state)
+            -> (param_bar, state_bar, grad_bar, hp_bar)``; without it, autograd on
+            the single step gives the cotangents.
+        group_keys: for a hyperparameter kept in a param-group tuple, ``name ->
+            (key, index)`` (as Adam's ``"beta1" -> ("betas", 0)``).
+    """
+    rule = CustomRule(hypers, init, step, vjp, group_keys)
+    register(cls, rule)
+    return rule
 
 # Group entries that only select an implementation: accepted and ignored.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
@@ -62,7 +93,7 @@ class InnerOptimizer:
 
     ``params`` lists the optimizer's tensors in param-group order; group ``g``
     owns ``params[groups[g]]``, with static ``flags[g]`` and numeric
-    hyperparameters ``hypers[g]`` (names as in the optimizer file's HYPERS).
+    hyperparameters (names as in the optimizer file's HYPERS).
     """
 
     torch_optimizer: torch.optim.Optimizer
@@ -77,11 +108,32 @@ class InnerOptimizer:
 
     @property
     def hyper_names(self) -> tuple[str, ...]:
-        return tuple(self.rule.HYPERS)
+        """Every differentiable hyperparameter; a module-valued one (a learned
+        optimizer's network) contributes one name per parameter, ``net.<name>``."""
+        return tuple(self.group_hypers()[0])
 
-    def group_hypers(self) -> list[dict[str, float]]:
-        """The current numeric hyperparameters of each param group."""
-        return [self.rule.read_group(g)[1] for g in self.torch_optimizer.param_groups]
+    def module_hypers(self) -> dict[str, nn.Module]:
+        """The module-valued hyperparameters, shared by every param group."""
+        values = [self.rule.read_group(g)[1] for g in self.torch_optimizer.param_groups]
+        modules = {k: v for k, v in values[0].items() if isinstance(v, nn.Module)}
+        for k, module in modules.items():
+            if any(v[k] is not module for v in values):
+                raise ValueError(f"{self.name}: every param group must share the same {k!r} module")
+        return modules
+
+    def group_hypers(self) -> list[dict[str, float | Tensor]]:
+        """The current hyperparameters of each param group: numbers, or the parameters
+        of a module-valued hyperparameter."""
+        out = []
+        for group in self.torch_optimizer.param_groups:
+            flat: dict[str, float | Tensor] = {}
+            for k, v in self.rule.read_group(group)[1].items():
+                if isinstance(v, nn.Module):
+                    flat.update({f"{k}.{n}": p for n, p in v.named_parameters()})
+                else:
+                    flat[k] = v
+            out.append(flat)
+        return out
 
     def group_of(self) -> list[int]:
         """The index of the param group each tensor belongs to."""
@@ -90,9 +142,8 @@ class InnerOptimizer:
     def constant_hypers(self) -> Hypers:
         """Every hyperparameter as one 0-dim tensor per parameter, from param_groups."""
         values = self.group_hypers()
-        return {name: [torch.tensor(values[g][name], dtype=p.dtype, device=p.device)
-                       for p, g in zip(self.params, self.group_of())]
-                for name in self.hyper_names}
+        return {name: [_as_tensor(values[g][name], p) for p, g in zip(self.params, self.group_of())]
+                for name in values[0]}
 
     def read_state(self) -> Any:
         """A copy of the optimizer's current state, as the optimizer file's ``State``."""
@@ -153,6 +204,12 @@ class InnerOptimizer:
               grads: list[Tensor | None], hp: Hypers) -> tuple[Any, ...]:
         return ([params[i] for i in idx], type(state)(*([f[i] for i in idx] for f in state)),
                 [grads[i] for i in idx], {k: [v[i] for i in idx] for k, v in hp.items()})
+
+
+def _as_tensor(value: float | Tensor, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach()
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
 def bind(optimizer: torch.optim.Optimizer) -> InnerOptimizer:

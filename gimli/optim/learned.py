@@ -1,0 +1,118 @@
+r"""A learned optimizer (the paper's §3.1, "learning the optimizer wholesale").
+
+Each element's update comes from a small network on its gradient and momentum:
+
+.. math::
+    \begin{aligned}
+    m' &= \beta\,m + (1-\beta)\,g                      && (L1) \\
+    u  &= f_\psi(g, m') \quad \text{elementwise}         && (L2) \\
+    \theta' &= \theta - \gamma\,u                        && (L3)
+    \end{aligned}
+
+The network's weights ψ are φ^opt: declare ``MetaParams(opt, {"net": "scalar"})``
+(and ``"lr"``, ``"beta"`` if wanted) and the same solver meta-trains them. The
+rule has no closed-form VJP: the engine takes the four cotangents by autograd on
+the single step, inside the hand-written sweep (proofs/learned.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ._core import Hypers, group_float
+
+HYPERS = ("lr", "beta")     # and the module-valued "net", one hyperparameter per weight
+
+
+class Flags(NamedTuple):
+    net: nn.Module          # the architecture; its weights come in through hp
+
+
+class State(NamedTuple):
+    momentum: list[Tensor]
+
+
+def default_net(hidden: int = 16) -> nn.Module:
+    """A per-element MLP (g, m') ↦ u, initialised near u = g (plain SGD)."""
+    head = nn.Linear(hidden, 1)
+    with torch.no_grad():
+        head.weight.mul_(0.1)
+        head.bias.zero_()
+    return nn.Sequential(_Skip(nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), head)))
+
+
+class _Skip(nn.Module):
+    """u = g + net(g, m'): the network learns a correction to SGD."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features[..., :1] + self.net(features)
+
+
+def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, Any]]:
+    return Flags(group["net"]), {"lr": group_float(group, "lr"), "beta": group_float(group, "beta"),
+                                 "net": group["net"]}
+
+
+def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:
+    m = torch_state.get("momentum")
+    return State([torch.zeros_like(param) if m is None else m.detach().clone()])
+
+
+def write_state(state: State, i: int) -> dict[str, Any]:
+    return {"momentum": state.momentum[i]}
+
+
+def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
+         hp: Hypers) -> tuple[list[Tensor], State]:
+    new_params, new_m = [], []
+    for i, (p, m, g) in enumerate(zip(params, state.momentum, grads)):
+        lr, beta = hp["lr"][i], hp["beta"][i]
+        weights = {k[len("net."):]: v[i] for k, v in hp.items() if k.startswith("net.")}
+        m1 = beta * m + (1 - beta) * g                                          # (L1)
+        u = functional_call(flags.net, weights, (torch.stack([g, m1], -1),))[..., 0]  # (L2)
+        new_params.append(p - lr * u)                                           # (L3)
+        new_m.append(m1)
+    return new_params, State(new_m)
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim`` optimizer whose update is ``net`` (default :func:`default_net`).
+
+    It steps with the very function gimli differentiates, so a meta-trained
+    network is used as it is in the user's own training loop.
+    """
+
+    def __init__(self, params: Iterable[Any], net: nn.Module | None = None, lr: float = 1e-2,
+                 beta: float = 0.9):
+        super().__init__(params, dict(lr=lr, beta=beta, net=default_net() if net is None else net))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            flags, values = read_group(group)
+            state = State([read_state(self.state[p], p, group).momentum[0] for p in params])
+            like = {"dtype": params[0].dtype, "device": params[0].device}
+            hp = {"lr": [torch.tensor(values["lr"], **like)] * len(params),
+                  "beta": [torch.tensor(values["beta"], **like)] * len(params)}
+            hp.update({f"net.{n}": [w.detach()] * len(params) for n, w in flags.net.named_parameters()})
+            new_params, new_state = step(flags, params, state, [p.grad for p in params], hp)
+            for p, new_p, m in zip(params, new_params, new_state.momentum):
+                p.copy_(new_p)
+                self.state[p]["momentum"] = m
+        return loss
