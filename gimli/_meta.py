@@ -133,6 +133,9 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
                              f"before meta-learning it")
     groups = inner.group_hypers()
     per_group = [float(groups[g][name]) for g in range(len(groups))]
+    torch_groups = inner.torch_optimizer.param_groups
+    if name == "lr" and all("initial_lr" in g for g in torch_groups):
+        per_group = [float(g["initial_lr"]) for g in torch_groups]    # an LR scheduler's base lr
     ref = inner.params[0]
     kw: dict[str, Any] = {"dtype": ref.dtype, "device": ref.device}
     if per == "scalar":

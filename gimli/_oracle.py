@@ -36,9 +36,10 @@ def _full_unroll(problem: Problem, train_batches: Sequence[Any], val_batch: Any)
     else:
         theta = [p.detach().clone().requires_grad_() for p in problem.inner.params]
     state = problem.inner.read_state()
-    for batch in train_batches:
+    schedule = problem.schedule(len(train_batches))
+    for j, batch in enumerate(train_batches):
         G = problem.inner_grads(problem.train_loss(theta, buffers, batch), theta)
-        theta, state = problem.inner.step(theta, state, G, hp)
+        theta, state = problem.inner.step(theta, state, G, hp if schedule is None else schedule.at(j, hp))
     val = problem.val_loss(theta, buffers, val_batch)
     named = list(problem.meta.named_parameters())
     grads = torch.autograd.grad(val, [p for _, p in named], allow_unused=True)

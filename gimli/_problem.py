@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ._functional import FunctionalModel
 from ._meta import MetaParams
+from ._schedule import Schedule, base_lrs, build_schedule, check_scheduler
 from .optim import InnerOptimizer, bind
 
 LossFn = Callable[[FunctionalModel, Any, MetaParams], Tensor]
@@ -26,6 +27,7 @@ class Split(NamedTuple):
     phi_opt: dict[str, list[Tensor]]   # every hyperparameter, one value per tensor
     learned: frozenset[str]            # the hyperparameters that are meta-parameters
     phi_loss: list[Tensor]             # φ^loss as leaves
+    schedule: Schedule | None          # per-step hyperparameters of an LR scheduler
 
 
 @dataclass
@@ -37,10 +39,11 @@ class Problem:
     inner: InnerOptimizer
     names: list[str]         # model name of each optimizer tensor, in optimizer order
     frozen: list[str]        # model parameters the optimizer does not train
+    scheduler: Any = None    # a torch.optim.lr_scheduler replayed inside the unroll
 
     @classmethod
     def build(cls, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-              meta: MetaParams, val_loss_fn: ValLossFn | None) -> Problem:
+              meta: MetaParams, val_loss_fn: ValLossFn | None, scheduler: Any = None) -> Problem:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
         if not isinstance(meta, MetaParams):
@@ -57,14 +60,26 @@ class Problem:
                              f"of the model (first: param #{missing[0]} in its param_groups)")
         names = [name_of[id(p)] for p in inner.params]
         frozen = [n for n, _ in model.named_parameters() if n not in set(names)]
-        return cls(model, loss_fn, val_loss_fn, meta, inner, names, frozen)
+        if scheduler is not None:
+            check_scheduler(scheduler, inner)
+        elif "lr" in meta.granularity and any("initial_lr" in g for g in optimizer.param_groups):
+            raise ValueError("the optimizer has an LR scheduler attached and lr is meta-learned: "
+                             "pass the scheduler to GimliSolver(scheduler=...) so the unroll "
+                             "follows it (the learned lr is then its base lr)")
+        return cls(model, loss_fn, val_loss_fn, meta, inner, names, frozen, scheduler)
 
     # --- the split of Algorithm 1, line 2 -------------------------------------------------
-    def split(self) -> Split:
+    def split(self, steps: int) -> Split:
         """φ^opt, φ^loss ← split(φ): the hyperparameter values the unroll and sweep use
-        (detached), which of them are learned, and φ^loss as leaf tensors."""
+        (detached), which of them are learned, φ^loss as leaf tensors, and the
+        schedule of a J-step unroll."""
         return Split(self.hypers(differentiable=False), frozenset(self.meta.granularity),
-                     self.loss_leaves())
+                     self.loss_leaves(), self.schedule(steps))
+
+    def schedule(self, steps: int) -> Schedule | None:
+        if self.scheduler is None:
+            return None
+        return build_schedule(self.scheduler, self.inner, steps, frozenset(self.meta.granularity))
 
     def loss_leaves(self) -> list[Tensor]:
         """φ^loss as a list of leaf tensors: the loss meta-parameters and, when θ₀ is
@@ -80,6 +95,10 @@ class Problem:
         """Every hyperparameter per tensor: meta-learned ones from φ^opt, the rest
         from the optimizer's param_groups."""
         hp = self.inner.constant_hypers()
+        if self.scheduler is not None:      # the un-scheduled lr is the scheduler's base lr
+            bases = base_lrs(self.inner)
+            hp["lr"] = [torch.tensor(bases[g], dtype=p.dtype, device=p.device)
+                        for p, g in zip(self.inner.params, self.inner.group_of())]
         for name in self.meta.granularity:
             hp[name] = self.meta.expand(name) if differentiable else self.meta.hyper_values(name)
         return hp

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ._meta import MetaParams
 from ._problem import LossFn, Problem, ValLossFn
+from ._schedule import Schedule, rebase
 from ._sweep import Sweep, sweep
 from ._unroll import unroll
 
@@ -39,17 +40,21 @@ class GimliSolver:
         steps: J, the unroll length; default: as many as training batches given.
         train_data, val_data: iterables of batches, drawn from when :meth:`step` or
             :meth:`hypergradient` get none (re-iterated when exhausted).
+        scheduler: the optimizer's ``torch.optim.lr_scheduler``, if any: step j of an
+            unroll uses the hyperparameters it would set, and a meta-learned lr is its
+            base lr. An unroll never advances it; :meth:`step` re-bases it.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer,
                  meta_params: MetaParams, *, val_loss_fn: ValLossFn | None = None,
                  meta_opt: torch.optim.Optimizer | None = None, steps: int | None = None,
-                 train_data: Iterable[Any] | None = None, val_data: Iterable[Any] | None = None):
+                 train_data: Iterable[Any] | None = None, val_data: Iterable[Any] | None = None,
+                 scheduler: Any = None):
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if steps is None and train_data is not None:
             raise ValueError("give steps= when training batches come from train_data")
-        self.problem = Problem.build(model, loss_fn, opt, meta_params, val_loss_fn)
+        self.problem = Problem.build(model, loss_fn, opt, meta_params, val_loss_fn, scheduler)
         self.meta = meta_params
         self.meta_opt = meta_opt
         self.steps = steps
@@ -75,6 +80,10 @@ class GimliSolver:
             p.grad = grads[name]
         self.meta_opt.step()                                        # line 16
         self.meta.write_back()
+        if result.schedule is not None and self.meta.granularity.get("lr") in ("scalar", "group"):
+            lr = self.meta.hyper("lr").detach()
+            bases = [float(lr if lr.dim() == 0 else lr[g]) for g in range(len(self.problem.inner.groups))]
+            rebase(self.problem.scheduler, self.problem.inner, bases, result.schedule)
         return StepResult(result.val_loss, result.train_losses,
                           {name: g.norm().item() for name, g in grads.items()})
 
@@ -98,11 +107,11 @@ class GimliSolver:
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], Any]:
         problem = self.problem
         with torch.enable_grad():                                   # also under torch.no_grad()
-            phi_opt, learned, phi_loss = problem.split()            # line 2
-            tape = unroll(problem, phi_opt, train_batches)          # lines 3–7
-            result: Sweep = sweep(problem, tape, learned, phi_loss, val_batch)   # lines 8–15
-            grads = self._join(result, phi_loss)                    # line 16's join
-        return grads, _Result(result.val_loss, tape.train_losses)
+            phi_opt, learned, phi_loss, schedule = problem.split(len(train_batches))  # line 2
+            tape = unroll(problem, phi_opt, schedule, train_batches)               # lines 3–7
+            result: Sweep = sweep(problem, tape, learned, phi_loss, schedule, val_batch)  # 8–15
+            grads = self._join(result, phi_loss)                                   # line 16
+        return grads, _Result(result.val_loss, tape.train_losses, schedule)
 
     def _join(self, result: Sweep, phi_loss: list[Tensor]) -> dict[str, Tensor]:
         """Line 16's join(A^opt, A^loss), plus B₀ for θ₀, keyed by meta-parameter name."""
@@ -123,6 +132,7 @@ class GimliSolver:
 class _Result(NamedTuple):
     val_loss: float
     train_losses: list[float]
+    schedule: Schedule | None
 
 
 def _draw(data: Iterable[Any], it: Iterator[Any] | None, k: int) -> tuple[Iterator[Any], list[Any]]:

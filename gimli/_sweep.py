@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._problem import Problem
+from ._schedule import Schedule
 from ._unroll import Tape
 
 
@@ -37,13 +38,13 @@ def _or_zeros(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tens
 
 
 def sweep(problem: Problem, tape: Tape, need: frozenset[str], leaves: list[Tensor],
-          val_batch: Any) -> Sweep:
+          schedule: Schedule | None, val_batch: Any) -> Sweep:
     """The hypergradient pieces for the hyperparameters ``need`` (φ^opt) and the
     leaves of φ^loss, from a recorded tape."""
     inner = problem.inner
     n = len(inner.params)
     # line 8: A^opt ← 0, A^loss ← 0
-    A_opt = {name: [torch.zeros_like(v) for v in tape.hypers[name]] for name in need}
+    A_opt = {name: [torch.zeros_like(v) for v in tape.hypers[0][name]] for name in need}
     A_loss = [torch.zeros_like(x) for x in leaves]
     # line 9: B_J ← ∇_θ L^val(θ'_J), plus L^val's direct gradient w.r.t. φ^loss; S_J ← 0
     theta_J = tape.thetas[-1]
@@ -56,10 +57,10 @@ def sweep(problem: Problem, tape: Tape, need: frozenset[str], leaves: list[Tenso
         theta, G = tape.thetas[j], tape.grads[j]
         # line 11–12: o_j = B_{j+1}·O_j and a_j, with b_j and S_j, from the optimizer's VJP
         out = inner.vjp([t.detach() for t in theta], tape.states[j],
-                        [None if g is None else g.detach() for g in G], tape.hypers, B, S, need)
+                        [None if g is None else g.detach() for g in G], tape.hypers[j], B, S, need)
         for name in need:                                       # line 12: A^opt += a_j
-            A_opt[name] = [acc if a is None else acc + a
-                           for acc, a in zip(A_opt[name], out.hypers[name])]
+            a_j = out.hypers[name] if schedule is None else schedule.pull_back(j, name, out.hypers[name])
+            A_opt[name] = [acc if a is None else acc + a for acc, a in zip(A_opt[name], a_j)]
         # lines 13–14: (h_j, m_j) = ∇_(θ'_j, φ^loss) ⟨o_j, G_j⟩, one double-backward call
         hm: tuple[Tensor | None, ...]
         pairs = [(g, o) for g, o in zip(G, out.grads)
