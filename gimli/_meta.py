@@ -125,6 +125,10 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
     if per not in allowed:
         raise ValueError(f"granularity of {name!r} for {inner.name} must be one of {allowed}, "
                          f"not {per!r}")
+    unread = getattr(inner.rule, "NO_HYPERGRADIENT", {})
+    if name in unread:
+        raise ValueError(f"{name} cannot be meta-learned with {inner.name}: {unread[name]}, so "
+                         f"the hypergradient of a loss on θ is identically 0")
     inactive = getattr(inner.rule, "inactive_hypers", None)
     for g, flags in enumerate(inner.flags):
         if inactive is not None and name in inactive(flags):

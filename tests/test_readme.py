@@ -16,7 +16,7 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
 def test_readme_has_the_snippets() -> None:
-    assert len(SNIPPETS) >= 4          # (a), (b), (c) and the checker
+    assert len(SNIPPETS) >= 7          # (a), (b), (c), the checker, schedules, custom, learned
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
@@ -31,3 +31,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     test_command = next(c for c in commands if "pytest" in c)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci
+
+
+def test_capability_table_matches_the_code() -> None:
+    from gimli.optim import capability_table
+    begin = README.index("<!-- capability table")
+    begin = README.index("\n", begin) + 1
+    end = README.index("<!-- end of capability table -->")
+    assert README[begin:end].strip() == capability_table()

@@ -237,3 +237,30 @@ def bind(optimizer: torch.optim.Optimizer) -> InnerOptimizer:
     if len({id(p) for p in params}) != len(params):
         raise ValueError("a tensor appears twice in the optimizer's param_groups")
     return InnerOptimizer(optimizer, rule, params, groups, flags)
+
+
+GRANULARITY_LETTERS = {"scalar": "S", "group": "G", "tensor": "T", "element": "E"}
+
+
+def capabilities() -> dict[str, dict[str, tuple[str, ...]]]:
+    """Each built-in optimizer's learnable hyperparameters and their granularities."""
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for cls, rule in SUPPORTED.items():
+        if rule is learned or cls.__name__ in out or not (cls.__name__ in BUILTIN):
+            continue
+        limits = getattr(rule, "GRANULARITIES", {})
+        unread = getattr(rule, "NO_HYPERGRADIENT", {})
+        out[cls.__name__] = {name: tuple(limits.get(name, GRANULARITY_LETTERS))
+                             for name in rule.HYPERS if name not in unread}
+    out["LearnedOptimizer"] = {"net": ("scalar",), "lr": tuple(GRANULARITY_LETTERS),
+                               "beta": tuple(GRANULARITY_LETTERS)}
+    return out
+
+
+def capability_table() -> str:
+    """The README's table of what can be meta-learned, generated from the rules."""
+    lines = ["| optimizer | learnable hyperparameters and granularities |", "|---|---|"]
+    for name, hypers in capabilities().items():
+        cells = [f"`{h}` {''.join(GRANULARITY_LETTERS[g] for g in per)}" for h, per in hypers.items()]
+        lines.append(f"| `{name}` | {' · '.join(cells)} |")
+    return "\n".join(lines)

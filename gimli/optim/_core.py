@@ -30,7 +30,9 @@ Hypers = dict[str, list[Tensor]]
 #   GRANULARITIES: dict[str, tuple[str, ...]]  granularities a hyperparameter allows where
 #       not all four make sense (a Newton–Schulz coefficient acts on a whole matrix);
 #   inactive_hypers(flags) -> frozenset[str]  hyperparameters with no effect under these
-#       flags (its docstring says why, for the error message).
+#       flags (its docstring says why, for the error message);
+#   NO_HYPERGRADIENT: dict[str, str]  hyperparameters that never reach θ, so a loss on θ
+#       has no hypergradient for them (name → why); not offered as meta-parameters.
 
 
 class VJP(NamedTuple):

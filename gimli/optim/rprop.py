@@ -1,0 +1,148 @@
+r"""Rprop (resilient backpropagation) with maximize.
+
+The update of ``torch.optim.Rprop`` for one tensor (proofs/rprop.md, eq. P1–P6):
+
+.. math::
+    \begin{aligned}
+    g_s &= s\,g, \qquad \sigma = \operatorname{sign}(g_s\,p)                          && (P1) \\
+    f &= \eta_+ \ (\sigma > 0), \quad \eta_- \ (\sigma < 0), \quad 1 \ (\sigma = 0)   && (P2) \\
+    \eta &= \gamma \ \text{(first step: no step size yet)} \quad\text{or the stored } \eta && (P3) \\
+    x &= \eta\,f, \qquad \eta' = \operatorname{clamp}(x, \Gamma_{\min}, \Gamma_{\max})  && (P4) \\
+    p' &= \hat g = 0 \ (\sigma < 0) \quad\text{or}\quad g_s \ (\sigma \ge 0)             && (P5) \\
+    \theta' &= \theta - \operatorname{sign}(\hat g)\,\eta'                               && (P6)
+    \end{aligned}
+
+s = −1 if maximize else 1; p = ``prev`` (the last masked gradient, state), η =
+``step_size`` (state), γ = ``lr``, (η₋, η₊) = ``etas``, (Γ_min, Γ_max) =
+``step_sizes``.
+
+``lr`` only sets the step size when ``torch.optim`` creates the state, at a
+tensor's first step. The step size is therefore kept as ``None`` until then and
+created inside :func:`step` from ``hp["lr"]`` (P3): ``lr`` is differentiable for
+an optimizer that has not stepped yet, and has no effect (cotangent 0) on one
+that has.
+
+Piecewise constant in G: σ, f, the mask of P5 and sign(ĝ) are piecewise
+constant in g and p, so the derivative of θ' and η' with respect to G (and of
+everything with respect to p) is 0 almost everywhere, and 0 is also what
+autograd gives for ``sign`` everywhere. Only p' = ĝ, a masked copy of the
+gradient, depends on G (proofs/rprop.md §3). The step size and θ still depend
+differentiably on the etas, on Γ_min/Γ_max where the clamp is active, and on
+lr. The clamp's kinks follow autograd's convention for ``torch.clamp`` with
+tensor bounds (P8).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._core import VJP, Hypers, group_float, reduce_to, step_count
+
+HYPERS = ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")
+GROUP_KEYS = {"etaminus": ("etas", 0), "etaplus": ("etas", 1),      # where param_groups keep them
+              "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)}
+
+
+class Flags(NamedTuple):
+    maximize: bool
+
+
+class State(NamedTuple):
+    step: list[int]
+    prev: list[Tensor]
+    step_size: list[Tensor | None]   # None until the tensor's first step (created from lr, P3)
+
+
+def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
+    hypers = {name: group_float(group, *GROUP_KEYS.get(name, (name, None))) for name in HYPERS}
+    return Flags(bool(group["maximize"])), hypers
+
+
+def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:
+    prev = torch_state.get("prev")
+    size = torch_state.get("step_size")
+    return State([step_count(torch_state)],
+                 [torch.zeros_like(param) if prev is None else prev.detach().clone()],
+                 [None if size is None else size.detach().clone()])
+
+
+def write_state(state: State, i: int) -> dict[str, Any]:
+    size = state.step_size[i]
+    if size is None:                                            # torch has not created it yet
+        return {}
+    return {"step": torch.tensor(float(state.step[i])), "prev": state.prev[i], "step_size": size}
+
+
+class _Forward(NamedTuple):
+    """The intermediates of (P1)–(P6) for one tensor, shared by step and vjp."""
+
+    sigma: Tensor
+    f: Tensor
+    eta: Tensor
+    x: Tensor
+    eta1: Tensor
+    g_hat: Tensor
+    d: Tensor           # sign(ĝ)
+    theta: Tensor
+
+
+def _forward(flags: Flags, p: Tensor, prev: Tensor, size: Tensor | None, g: Tensor, lr: Tensor,
+             eta_minus: Tensor, eta_plus: Tensor, lo: Tensor, hi: Tensor) -> _Forward:
+    g = -g if flags.maximize else g
+    sigma = (g * prev).sign()                                                   # (P1)
+    f = torch.where(sigma > 0, eta_plus, torch.where(sigma < 0, eta_minus, 1.0))  # (P2)
+    eta = lr.expand(p.shape) if size is None else size                         # (P3)
+    x = eta * f                                                                 # (P4)
+    eta1 = torch.clamp(x, min=lo, max=hi)
+    g_hat = torch.where(sigma < 0, 0.0, g)                                      # (P5)
+    d = g_hat.sign()
+    return _Forward(sigma, f, eta, x, eta1, g_hat, d, p - d * eta1)             # (P6)
+
+
+def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
+         hp: Hypers) -> tuple[list[Tensor], State]:
+    new = [_forward(flags, p, prev, size, g, lr, eta_minus, eta_plus, lo, hi)
+           for p, prev, size, g, lr, eta_minus, eta_plus, lo, hi
+           in zip(params, state.prev, state.step_size, grads, *(hp[k] for k in HYPERS))]
+    return [f.theta for f in new], State(
+        [t + 1 for t in state.step], [f.g_hat for f in new], [f.eta1 for f in new])
+
+
+def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
+        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
+    """Closed-form cotangents of :func:`step` (proofs/rprop.md, eq. P7–P10)."""
+    sign = -1.0 if flags.maximize else 1.0
+    S_prev: list[Tensor] = []
+    S_size: list[Tensor | None] = []
+    o_out: list[Tensor] = []
+    a_out: Hypers = {name: [] for name in need}
+    for i, (p, prev, size, g, P, R, E) in enumerate(zip(
+            params, state.prev, state.step_size, grads, cot_params, cot_state.prev,
+            cot_state.step_size)):
+        lr, eta_minus, eta_plus, lo, hi = (hp[k][i] for k in HYPERS)
+        f = _forward(flags, p, prev, size, g, lr, eta_minus, eta_plus, lo, hi)
+        eta1_bar = E - f.d * P                                      # (P7) η̄' = E − sign(ĝ)·P
+        # (P8) clamp with tensor bounds, autograd's convention: ties go to x
+        inside = (f.x >= lo) & (f.x <= hi)
+        x_bar = torch.where(inside, eta1_bar, 0.0)
+        lo_bar = torch.where((f.x < lo) & (lo < hi), eta1_bar, 0.0)
+        hi_bar = torch.where((f.x > hi) | (hi < lo), eta1_bar, 0.0)
+        eta_bar = f.f * x_bar                                       # (P9) η̄ = f·x̄
+        S_size.append(None if size is None else eta_bar)            # S_j for the step size
+        S_prev.append(torch.zeros_like(prev))                       # (P10) p is read by σ only
+        o_out.append(torch.where(f.sigma < 0, 0.0, sign * R))       # (P10) o_j: p' = ĝ
+        contrib = {                                                 # (P9)
+            "lr": lambda: eta_bar if size is None else torch.zeros_like(lr),
+            "etaminus": lambda: torch.where(f.sigma < 0, x_bar * f.eta, 0.0),
+            "etaplus": lambda: torch.where(f.sigma > 0, x_bar * f.eta, 0.0),
+            "step_size_min": lambda: lo_bar,
+            "step_size_max": lambda: hi_bar,
+        }
+        for name in need:
+            a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
+    steps_bar = [None] * len(params)                            # step counts have no cotangent
+    return VJP(list(cot_params), State(steps_bar, S_prev, S_size), o_out,  # type: ignore[arg-type]
+               a_out)                                               # (P7) b_j = P
