@@ -3,7 +3,9 @@
 Obviously correct and memory-hungry: the same losses and the same pure
 optimizer steps as the solver, differentiated end to end by autograd instead
 of by the hand-written sweep. Used by the tests and by users checking their
-own hypergradients.
+own hypergradients. With the solver's ``first_order`` it stops the gradient
+through G_j's dependence on θ (not on φ^loss); with ``truncate=K`` it stops
+every path into the first J − K steps.
 """
 
 from __future__ import annotations
@@ -25,11 +27,19 @@ def full_unroll_hypergradient(solver: GimliSolver, train_batches: Sequence[Any],
     """∇_φ L^val(θ_J(φ)) by autograd through all J steps, keyed like
     :meth:`GimliSolver.hypergradient`. Changes nothing of the user's."""
     with torch.enable_grad():
-        return _full_unroll(solver.problem, train_batches, val_batch)
+        return _full_unroll(solver.problem, list(train_batches), val_batch,
+                            solver.first_order, solver.truncate)
 
 
-def _full_unroll(problem: Problem, train_batches: Sequence[Any], val_batch: Any) -> dict[str, Tensor]:
+def _detached_state(state: Any) -> Any:
+    return type(state)(*([x.detach() if isinstance(x, Tensor) else x for x in field]
+                         for field in state))
+
+
+def _full_unroll(problem: Problem, train_batches: list[Any], val_batch: Any, first_order: bool,
+                 truncate: int | None) -> dict[str, Tensor]:
     hp = problem.hypers(differentiable=True)
+    hp_const = problem.hypers(differentiable=False)
     buffers = problem.buffers()
     if problem.meta.init is not None:
         theta = list(problem.inner.params)          # θ₀ is itself the meta-parameter
@@ -37,9 +47,17 @@ def _full_unroll(problem: Problem, train_batches: Sequence[Any], val_batch: Any)
         theta = [p.detach().clone().requires_grad_() for p in problem.inner.params]
     state = problem.inner.read_state()
     schedule = problem.schedule(len(train_batches))
+    cut = 0 if truncate is None else max(0, len(train_batches) - truncate)
     for j, batch in enumerate(train_batches):
-        G = problem.inner_grads(problem.train_loss(theta, buffers, batch), theta)
-        theta, state = problem.inner.step(theta, state, G, hp if schedule is None else schedule.at(j, hp))
+        if j == cut and cut > 0:                    # truncation: stop-gradient at J − K
+            theta = [t.detach().requires_grad_() for t in theta]
+            state = _detached_state(state)
+        hp_j = hp if j >= cut else hp_const
+        hp_j = hp_j if schedule is None else schedule.at(j, hp_j)
+        at = [t.detach().requires_grad_() for t in theta] if first_order or j < cut else theta
+        loss = problem.train_loss(at, buffers, batch)
+        G = problem.inner_grads(loss, at, graph=j >= cut)
+        theta, state = problem.inner.step(theta, state, G, hp_j)
     val = problem.val_loss(theta, buffers, val_batch)
     named = list(problem.meta.named_parameters())
     grads = torch.autograd.grad(val, [p for _, p in named], allow_unused=True)

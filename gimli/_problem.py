@@ -125,13 +125,13 @@ class Problem:
             return _scalar(self.loss_fn(model, batch, self.meta), "loss_fn (as the validation loss)")
         return _scalar(self.val_loss_fn(model, batch), "val_loss_fn")
 
-    def inner_grads(self, loss: Tensor, theta: list[Tensor]) -> list[Tensor | None]:
-        """G_j = ∇_θ ℓ(θ'_j, φ^loss), keeping its graph (Algorithm 1, line 5).
-        A tensor the loss does not read gets ``None`` (and does not step)."""
+    def inner_grads(self, loss: Tensor, theta: list[Tensor], graph: bool = True) -> list[Tensor | None]:
+        """G_j = ∇_θ ℓ(θ'_j, φ^loss), keeping its graph if ``graph`` (Algorithm 1,
+        line 5). A tensor the loss does not read gets ``None`` (and does not step)."""
         if not loss.requires_grad:
             raise ValueError("loss_fn returned a loss that does not depend on the model's "
                              "parameters (it does not require grad)")
-        grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(loss, theta, create_graph=graph, allow_unused=True)
         if all(g is None for g in grads):
             raise ValueError("loss_fn returned a loss that does not depend on any parameter "
                              "the optimizer trains")

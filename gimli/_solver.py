@@ -13,7 +13,7 @@ from ._meta import MetaParams
 from ._problem import LossFn, Problem, ValLossFn
 from ._schedule import Schedule, rebase
 from ._sweep import Sweep, sweep
-from ._unroll import unroll
+from ._unroll import Unroll
 
 
 class StepResult(NamedTuple):
@@ -43,17 +43,38 @@ class GimliSolver:
         scheduler: the optimizer's ``torch.optim.lr_scheduler``, if any: step j of an
             unroll uses the hyperparameters it would set, and a meta-learned lr is its
             base lr. An unroll never advances it; :meth:`step` re-bases it.
+        memory: ``"retain"`` keeps every G_j's graph from the forward pass (fastest for
+            short unrolls); ``"recompute"`` keeps only θ'_j and the optimizer state per
+            step and rebuilds one step's graph at a time; ``"budget"`` keeps at most
+            ``snapshots`` of them and recomputes the rest on the optimal (revolve)
+            schedule. All three give the same, exact hypergradient.
+        first_order: drop the Hessian term h_j (first-order MAML); the optimizer
+            hyperparameters' and loss parameters' terms a_j and m_j stay exact.
+        truncate: sweep only the last K steps (B_{J−K} is not propagated further).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer,
                  meta_params: MetaParams, *, val_loss_fn: ValLossFn | None = None,
                  meta_opt: torch.optim.Optimizer | None = None, steps: int | None = None,
                  train_data: Iterable[Any] | None = None, val_data: Iterable[Any] | None = None,
-                 scheduler: Any = None):
+                 scheduler: Any = None, memory: str = "retain", snapshots: int | None = None,
+                 first_order: bool = False, truncate: int | None = None):
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if steps is None and train_data is not None:
             raise ValueError("give steps= when training batches come from train_data")
+        if memory not in ("retain", "recompute", "budget"):
+            raise ValueError(f"memory must be 'retain', 'recompute' or 'budget', not {memory!r}")
+        if (memory == "budget") != (snapshots is not None):
+            raise ValueError("memory='budget' needs snapshots= (how many points may be held "
+                             "at once, the starting one included), and only it takes one")
+        if snapshots is not None and (not isinstance(snapshots, int) or snapshots < 1):
+            raise ValueError(f"snapshots must be an int ≥ 1, got {snapshots!r}")
+        if truncate is not None and (not isinstance(truncate, int) or truncate < 1):
+            raise ValueError(f"truncate must be an int ≥ 1, got {truncate!r}")
+        self.memory, self.snapshots = memory, snapshots
+        self.first_order, self.truncate = first_order, truncate
+        self.last_forward_steps = 0     # optimizer steps the last unroll evaluated
         self.problem = Problem.build(model, loss_fn, opt, meta_params, val_loss_fn, scheduler)
         self.meta = meta_params
         self.meta_opt = meta_opt
@@ -108,10 +129,16 @@ class GimliSolver:
         problem = self.problem
         with torch.enable_grad():                                   # also under torch.no_grad()
             phi_opt, learned, phi_loss, schedule = problem.split(len(train_batches))  # line 2
-            tape = unroll(problem, phi_opt, schedule, train_batches)               # lines 3–7
-            result: Sweep = sweep(problem, tape, learned, phi_loss, schedule, val_batch)  # 8–15
+            hypers = [phi_opt if schedule is None else schedule.at(j, phi_opt)
+                      for j in range(len(train_batches))]
+            run = Unroll(problem, hypers, train_batches, memory=self.memory,     # lines 3–7
+                         snapshots=self.snapshots, truncate=self.truncate,
+                         graph=not self.first_order or bool(phi_loss))
+            result: Sweep = sweep(problem, run, learned, phi_loss, schedule, val_batch,
+                                  first_order=self.first_order)                # lines 8–15
             grads = self._join(result, phi_loss)                                   # line 16
-        return grads, _Result(result.val_loss, tape.train_losses, schedule)
+        self.last_forward_steps = run.forward_steps
+        return grads, _Result(result.val_loss, run.train_losses, schedule)
 
     def _join(self, result: Sweep, phi_loss: list[Tensor]) -> dict[str, Tensor]:
         """Line 16's join(A^opt, A^loss), plus B₀ for θ₀, keyed by meta-parameter name."""

@@ -7,6 +7,9 @@ Reads top to bottom like the algorithm (DESIGN.md §2; proofs/sweep.md):
         (b_j, S_j, o_j, a_j) = VJP of opt_j at (θ'_j, σ_j, G_j) applied to (B_{j+1}, S_{j+1})
         (h_j, m_j) = ∇_(θ'_j, φ^loss) ⟨o_j, G_j⟩          one double-backward call
         A^opt += a_j;  A^loss += m_j;  B_j = b_j + h_j
+
+``first_order`` drops h_j (B_j = b_j; a_j and m_j stay exact); a truncated
+unroll stops at j = J − K and reports B_0 = 0 (θ₀'s path is cut).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import Tensor
 
 from ._problem import Problem
 from ._schedule import Schedule
-from ._unroll import Tape
+from ._unroll import Point, Step, Unroll
 
 
 class Sweep(NamedTuple):
@@ -37,41 +40,48 @@ def _or_zeros(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tens
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
 
 
-def sweep(problem: Problem, tape: Tape, need: frozenset[str], leaves: list[Tensor],
-          schedule: Schedule | None, val_batch: Any) -> Sweep:
+def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[Tensor],
+          schedule: Schedule | None, val_batch: Any, *, first_order: bool = False) -> Sweep:
     """The hypergradient pieces for the hyperparameters ``need`` (φ^opt) and the
-    leaves of φ^loss, from a recorded tape."""
+    leaves of φ^loss, over the unroll's steps in reverse order."""
     inner = problem.inner
     n = len(inner.params)
+    steps = unroll.reversed()
+    final = next(steps)
+    assert isinstance(final, Point)
     # line 8: A^opt ← 0, A^loss ← 0
-    A_opt = {name: [torch.zeros_like(v) for v in tape.hypers[0][name]] for name in need}
+    A_opt = {name: [torch.zeros_like(v) for v in unroll.hypers[0][name]] for name in need}
     A_loss = [torch.zeros_like(x) for x in leaves]
     # line 9: B_J ← ∇_θ L^val(θ'_J), plus L^val's direct gradient w.r.t. φ^loss; S_J ← 0
-    theta_J = tape.thetas[-1]
-    val = problem.val_loss(theta_J, tape.buffers, val_batch)
+    theta_J = [t.detach().requires_grad_() for t in final.theta]
+    val = problem.val_loss(theta_J, final.buffers, val_batch)
+    unroll.rng.mark_end()
     direct = torch.autograd.grad(val, theta_J + leaves, allow_unused=True)
     B = _or_zeros(direct[:n], theta_J)
     A_loss = [a + d for a, d in zip(A_loss, _or_zeros(direct[n:], leaves))]
-    S = _zeros_like_state(tape.states[-1])
-    for j in reversed(range(len(tape.grads))):                  # line 10
-        theta, G = tape.thetas[j], tape.grads[j]
+    S = _zeros_like_state(final.state)
+    targets = n if not first_order else 0       # first-order: no ∇²_θ ℓ term
+    for step in steps:                                          # line 10: j = J−1 … 0
+        assert isinstance(step, Step)
+        j, theta, G = step.j, step.theta, step.grads
         # line 11–12: o_j = B_{j+1}·O_j and a_j, with b_j and S_j, from the optimizer's VJP
-        out = inner.vjp([t.detach() for t in theta], tape.states[j],
-                        [None if g is None else g.detach() for g in G], tape.hypers[j], B, S, need)
+        out = inner.vjp([t.detach() for t in theta], step.state,
+                        [None if g is None else g.detach() for g in G], unroll.hypers[j], B, S, need)
         for name in need:                                       # line 12: A^opt += a_j
             a_j = out.hypers[name] if schedule is None else schedule.pull_back(j, name, out.hypers[name])
             A_opt[name] = [acc if a is None else acc + a for acc, a in zip(A_opt[name], a_j)]
         # lines 13–14: (h_j, m_j) = ∇_(θ'_j, φ^loss) ⟨o_j, G_j⟩, one double-backward call
-        hm: tuple[Tensor | None, ...]
+        inputs = theta[:targets] + leaves
+        hm: tuple[Tensor | None, ...] = (None,) * len(inputs)
         pairs = [(g, o) for g, o in zip(G, out.grads)
                  if g is not None and o is not None and g.requires_grad]
-        if pairs:
-            hm = torch.autograd.grad([g for g, _ in pairs], theta + leaves,
+        if pairs and inputs:                                    # (else ℓ is linear in θ)
+            hm = torch.autograd.grad([g for g, _ in pairs], inputs,
                                      grad_outputs=[o for _, o in pairs], allow_unused=True)
-        else:                                                   # ℓ linear in θ: no curvature
-            hm = (None,) * (n + len(leaves))
-        A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[n:], leaves))]   # line 13
-        B = [b + h for b, h in zip(out.params, _or_zeros(hm[:n], theta))]      # line 14
+        A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
+        B = [b + h for b, h in zip(out.params, _or_zeros(hm[:targets], theta[:targets]))] \
+            if targets else out.params                                          # line 14
         S = out.state
-        tape.grads[j] = []                                      # G_j's graph is spent
+    if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
+        B = [torch.zeros_like(b) for b in B]
     return Sweep(B, A_opt, A_loss, val.item())

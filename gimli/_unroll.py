@@ -1,53 +1,172 @@
-"""The forward unroll, Algorithm 1 lines 3–7.
+"""The forward unroll, Algorithm 1 lines 3–7, under three memory modes.
 
 Each θ'_j is a fresh leaf; G_j's graph reaches back only to θ'_j and φ^loss.
 The optimizer step runs on detached values, so no graph spans two steps: the
-whole dependency across steps is carried by the hand-written sweep.
+whole dependency across steps is carried by the hand-written sweep, which asks
+for the steps in reverse order (``Unroll.reversed``):
+
+* ``retain`` (the paper's line 5): G_j's graph is kept from the forward pass;
+* ``recompute``: the forward pass keeps only (θ'_j, σ_j, buffers) per step and
+  no graph; the sweep rebuilds G_j's graph one step at a time;
+* ``budget``: at most ``snapshots`` points (θ'_j, σ_j, buffers) are held at
+  once; the others are recomputed from the nearest one on the binomial
+  (revolve) schedule, whose number of forward steps is optimal (``_revolve.py``).
+
+A recomputed step replays the random-number state it first ran with (dropout
+draws the same mask) and starts from its own copy of the buffers (BatchNorm's
+running statistics are updated once, as in the forward pass).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ._problem import Problem
-from ._schedule import Schedule
+from ._revolve import split
+
+Hypers = dict[str, list[Tensor]]
 
 
-class Tape(NamedTuple):
-    """What the sweep reads: θ'_0..θ'_J, σ_0..σ_J, G_0..G_{J−1} (with graphs)."""
+class Point(NamedTuple):
+    """The unroll at step j: θ'_j (detached), σ_j, and the buffers."""
 
-    thetas: list[list[Tensor]]
-    states: list[Any]
-    grads: list[list[Tensor | None]]
-    hypers: list[dict[str, list[Tensor]]]   # step j's hyperparameters (schedules included)
+    theta: list[Tensor]
+    state: Any
     buffers: dict[str, Tensor]
-    train_losses: list[float]
 
 
-def unroll(problem: Problem, hp: dict[str, list[Tensor]], schedule: Schedule | None,
-           train_batches: Sequence[Any]) -> Tape:
-    """J steps from copies of the model's weights and the optimizer's state, with
-    hyperparameters ``hp`` (φ^opt's values, one per tensor) as scheduled."""
-    inner = problem.inner
-    buffers = problem.buffers()
-    theta = [p.detach().clone() for p in inner.params]          # line 3: θ'_0 ← θ_t
-    state = inner.read_state()                                  # line 3: opt'_0 ← opt_t
-    tape = Tape([], [], [], [], buffers, [])
-    for j, batch in enumerate(train_batches):                   # line 4
-        hp_j = hp if schedule is None else schedule.at(j, hp)
-        theta = [t.requires_grad_() for t in theta]
-        loss = problem.train_loss(theta, buffers, batch)
-        G = problem.inner_grads(loss, theta)                    # line 5, graph retained
-        tape.thetas.append(theta)
-        tape.states.append(state)
-        tape.grads.append(G)
-        tape.hypers.append(hp_j)
-        tape.train_losses.append(loss.item())
-        G_values = [None if g is None else g.detach() for g in G]
-        theta, state = inner.step([t.detach() for t in theta], state, G_values, hp_j)  # line 6
-    tape.thetas.append([t.requires_grad_() for t in theta])
-    tape.states.append(state)
-    return tape
+class Step(NamedTuple):
+    """Step j as the sweep needs it: θ'_j as leaves, σ_j, G_j with its graph."""
+
+    j: int
+    theta: list[Tensor]
+    state: Any
+    grads: list[Tensor | None]
+
+
+class RngTape:
+    """Each step's random-number state, recorded on first run and replayed after."""
+
+    def __init__(self, devices: set[torch.device]):
+        self.cuda = any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
+        self.saved: dict[int | str, Any] = {}
+
+    def _get(self) -> Any:
+        return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if self.cuda else None)
+
+    def _set(self, rng: Any) -> None:
+        torch.set_rng_state(rng[0])
+        if self.cuda:
+            torch.cuda.set_rng_state_all(rng[1])
+
+    def enter(self, j: int) -> None:
+        if j in self.saved:
+            self._set(self.saved[j])
+        else:
+            self.saved[j] = self._get()
+
+    def mark_end(self) -> None:
+        """The state after the forward pass and L^val: where a plain unroll leaves it."""
+        self.saved["end"] = self._get()
+
+    def restore_end(self) -> None:
+        if "end" in self.saved:
+            self._set(self.saved["end"])
+
+
+class Unroll:
+    """A J-step unroll from the model's weights and the optimizer's state (line 3)."""
+
+    def __init__(self, problem: Problem, hypers: Sequence[Hypers], batches: Sequence[Any], *,
+                 memory: str = "retain", snapshots: int | None = None, graph: bool = True,
+                 truncate: int | None = None):
+        self.problem, self.hypers, self.batches = problem, hypers, batches
+        self.memory, self.snapshots, self.graph = memory, snapshots, graph
+        self.J = len(batches)
+        self.first = 0 if truncate is None else max(0, self.J - truncate)   # oldest step swept
+        self.forward_steps = 0          # optimizer steps evaluated, recomputations included
+        self.train_losses: list[float] = [float("nan")] * self.J
+        self.rng = RngTape({p.device for p in problem.inner.params})
+        self.start = Point([p.detach().clone() for p in problem.inner.params],   # line 3
+                           problem.inner.read_state(), problem.buffers())
+
+    # --- one step ----------------------------------------------------------------------
+    def grads(self, j: int, point: Point, *, graph: bool) -> tuple[Step, dict[str, Tensor]]:
+        """G_j at ``point`` (line 5), with its graph if asked, and the buffers as step j
+        leaves them (updated in step j's own copy)."""
+        self.rng.enter(j)
+        theta = [t.detach().requires_grad_() for t in point.theta]
+        buffers = {n: b.clone() for n, b in point.buffers.items()}
+        loss = self.problem.train_loss(theta, buffers, self.batches[j])
+        G = self.problem.inner_grads(loss, theta, graph=graph)
+        self.train_losses[j] = loss.item()
+        return Step(j, theta, point.state, G), buffers
+
+    def run(self, j: int, point: Point, *, graph: bool) -> tuple[Step, Point]:
+        """Step j from ``point``: G_j and the next point (line 6)."""
+        step, buffers = self.grads(j, point, graph=graph)
+        values = [None if g is None else g.detach() for g in step.grads]
+        new_theta, new_state = self.problem.inner.step(point.theta, point.state, values,
+                                                       self.hypers[j])
+        self.forward_steps += 1
+        return step, Point(new_theta, new_state, buffers)
+
+    def advance(self, j: int, point: Point, to: int) -> Point:
+        """From step j to step ``to`` without graphs."""
+        for k in range(j, to):
+            point = self.run(k, point, graph=False)[1]
+        return point
+
+    # --- the steps in reverse order ------------------------------------------------------
+    def reversed(self) -> Iterator[Point | Step]:
+        """First the final point J, then Step J−1, …, Step ``first`` (line 10's order)."""
+        origin = self.advance(0, self.start, self.first)    # truncated: no need to keep these
+        if self.memory == "retain":
+            yield from self._retained(origin)
+        elif self.memory == "recompute":
+            yield from self._recomputed(origin)
+        elif self.memory == "budget":
+            assert self.snapshots is not None
+            yield from self._revolve(self.first, self.J + 1, origin, self.snapshots - 1)
+        else:
+            raise ValueError(f"memory must be 'retain', 'recompute' or 'budget', not {self.memory!r}")
+        self.rng.restore_end()
+
+    def _retained(self, point: Point) -> Iterator[Point | Step]:
+        steps = []
+        for j in range(self.first, self.J):
+            step, point = self.run(j, point, graph=self.graph)
+            steps.append(step)
+        yield point
+        while steps:
+            yield steps.pop()
+
+    def _recomputed(self, point: Point) -> Iterator[Point | Step]:
+        points = []
+        for j in range(self.first, self.J):
+            points.append(point)
+            point = self.run(j, point, graph=False)[1]
+        yield point
+        for j in reversed(range(self.first, self.J)):
+            yield self.grads(j, points.pop(), graph=self.graph)[0]
+
+    def _revolve(self, a: int, b: int, point: Point, free: int) -> Iterator[Point | Step]:
+        """Reverse points a … b−1 (point J is the validation loss's) with ``point`` = the
+        point at a held, and ``free`` more snapshots to place: binomial checkpointing."""
+        if b - a == 1:
+            yield point if a == self.J else self.grads(a, point, graph=self.graph)[0]
+            return
+        if free == 0:                               # no room: recompute from a each time
+            for j in reversed(range(a, b)):
+                target = self.advance(a, point, j)
+                yield target if j == self.J else self.grads(j, target, graph=self.graph)[0]
+            return
+        m = a + split(b - a, free)
+        held = self.advance(a, point, m)
+        yield from self._revolve(m, b, held, free - 1)
+        del held
+        yield from self._revolve(a, m, point, free)
