@@ -1,0 +1,210 @@
+"""Memory modes, truncation and first order.
+
+Oracles: the retain mode itself, bit for bit (recomputed steps must reproduce
+the forward values exactly); the full autograd unroll, with the matching
+stop-gradients for ``first_order`` and ``truncate``; closed forms for
+first-order MAML and one-step truncation under plain SGD; and, for the number
+of recomputed steps, a brute-force search over every checkpoint placement next
+to revolve's closed form.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import gimli
+from gimli._revolve import forward_steps
+from optim_db import IDS, OPTIM_DB, OptimRow
+from strategies import meta_choices, mlp, mse, problems, regression_batches
+from test_sweep import assert_hypergradients_close, build
+
+MODES = [dict(memory="recompute"), dict(memory="budget", snapshots=1),
+         dict(memory="budget", snapshots=2), dict(memory="budget", snapshots=3)]
+
+
+def solver_like(solver: gimli.GimliSolver, **kw: Any) -> gimli.GimliSolver:
+    p = solver.problem
+    return gimli.GimliSolver(p.module, p.loss_fn, p.inner.torch_optimizer, solver.meta,
+                             val_loss_fn=p.val_loss_fn, **kw)
+
+
+@pytest.mark.parametrize("row", OPTIM_DB, ids=IDS)
+@given(data=st.data(), mode=st.sampled_from(MODES))
+def test_memory_modes_equal_retain_bit_for_bit(row: OptimRow, data: st.DataObject,
+                                               mode: dict[str, Any]) -> None:
+    problem, kwargs, _ = data.draw(problems(row))
+    choice = data.draw(meta_choices(row, kwargs, problem.opt))
+    retain = build(problem, choice, kwargs["maximize"])
+    try:
+        expected = retain.hypergradient(problem.train, problem.val)
+    except FloatingPointError:                  # a diverging unroll: nothing to compare
+        return
+    got = solver_like(retain, **mode).hypergradient(problem.train, problem.val)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+class Counter(nn.Module):
+    """A buffer read and updated by every forward call (as a running statistic is):
+    a step replayed with the buffer as a later step left it computes another G_j."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * (1 + 0.1 * self.calls)
+
+
+class Noisy(nn.Module):
+    """Dropout, BatchNorm and a counting buffer in train mode: recomputation must
+    replay all three exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3),
+                                 Counter(), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_dropout_and_batchnorm_replay_exactly(mode: dict[str, Any]) -> None:
+    def run(**kw: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = Noisy().double()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        meta = gimli.MetaParams(opt, {"lr": "tensor", "beta1": "scalar"}, init=model)
+        solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, **kw)
+        batches = regression_batches(0, 3, 1, 7, size=8)
+        torch.manual_seed(1)
+        hg = solver.hypergradient(batches[:6], batches[6])
+        after = torch.rand(4, dtype=torch.float64)     # the generator continues the same way
+        return hg, after, {n: b.clone() for n, b in model.named_buffers()}
+
+    (want, rng_want, buf_want), (got, rng_got, buf_got) = run(), run(**mode)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert torch.equal(rng_got, rng_want)
+    assert all(torch.equal(buf_got[n], buf_want[n]) for n in buf_want)
+
+
+@lru_cache(maxsize=None)
+def brute_force(n: int, free: int) -> int:
+    """The fewest forward steps reversing n steps with the start held and ``free``
+    more snapshots, by trying every placement of the next one."""
+    if n == 1:
+        return 0
+    if free == 0:
+        return n * (n - 1) // 2
+    return min(m + brute_force(n - m, free - 1) + brute_force(m, free) for m in range(1, n))
+
+
+@pytest.mark.parametrize("steps,snapshots", [(1, 1), (4, 1), (6, 2), (9, 2), (12, 3), (20, 3),
+                                             (20, 21), (30, 4)])
+def test_budget_recomputation_count_is_revolves_optimum(steps: int, snapshots: int) -> None:
+    """J optimizer steps plus the validation point make a chain of J + 1 points; the
+    forward steps of a budget-mode hypergradient are t(J + 1, s)."""
+    assert forward_steps(steps + 1, snapshots) == brute_force(steps + 1, snapshots - 1)
+    torch.manual_seed(0)
+    model = mlp([2, 3, 1], "tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    meta = gimli.MetaParams(opt, {"lr": "scalar"})
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta,
+                               memory="budget", snapshots=snapshots)
+    batches = regression_batches(0, 2, 1, steps + 1)
+    got = solver.hypergradient(batches[:steps], batches[steps])
+    assert solver.last_forward_steps == forward_steps(steps + 1, snapshots)
+    assert_hypergradients_close(got, gimli.full_unroll_hypergradient(solver, batches[:steps],
+                                                                     batches[steps]))
+    if snapshots > steps:                       # everything fits: no recomputation at all
+        assert solver.last_forward_steps == steps
+
+
+@pytest.mark.parametrize("row", OPTIM_DB, ids=IDS)
+@given(data=st.data(), first_order=st.booleans(), truncate=st.one_of(st.none(), st.integers(1, 4)),
+       memory=st.sampled_from(["retain", "recompute"]))
+def test_first_order_and_truncation_match_their_oracles(row: OptimRow, data: st.DataObject,
+                                                        first_order: bool, truncate: int | None,
+                                                        memory: str) -> None:
+    problem, kwargs, _ = data.draw(problems(row))
+    choice = data.draw(meta_choices(row, kwargs, problem.opt))
+    solver = solver_like(build(problem, choice, kwargs["maximize"]), first_order=first_order,
+                         truncate=truncate, memory=memory)
+    try:
+        ref = gimli.full_unroll_hypergradient(solver, problem.train, problem.val)
+    except FloatingPointError:
+        return
+    if not all(torch.isfinite(r).all() for r in ref.values()):
+        return                                  # √0 in autograd (test_adam_dead_units.py)
+    assert_hypergradients_close(solver.hypergradient(problem.train, problem.val), ref)
+
+
+def test_first_order_maml_is_the_final_gradient() -> None:
+    """Plain SGD, first order: B_j = B_{j+1}, so θ₀'s hypergradient is ∇L^val(θ_J)."""
+    torch.manual_seed(0)
+    model = mlp([2, 5, 1], "tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = gimli.MetaParams(init=model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, first_order=True)
+    batches = regression_batches(0, 2, 1, 5)
+    got = solver.hypergradient(batches[:4], batches[4])
+    trained = mlp([2, 5, 1], "tanh")
+    trained.load_state_dict(model.state_dict())
+    real = torch.optim.SGD(trained.parameters(), lr=0.1)
+    for batch in batches[:4]:
+        real.zero_grad()
+        mse(trained, batch).backward()
+        real.step()
+    final = torch.autograd.grad(mse(trained, batches[4]), list(trained.parameters()))
+    for (name, _), g in zip(model.named_parameters(), final):
+        torch.testing.assert_close(got[f"init.{name}"], g, rtol=1e-12, atol=1e-15)
+
+
+def test_truncate_one_step_is_the_last_step_only() -> None:
+    """Plain SGD, truncate=1: dL/dlr = −∇L^val(θ_J)·G_{J−1}, and θ₀'s path is cut."""
+    torch.manual_seed(0)
+    model = mlp([2, 5, 1], "tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = gimli.MetaParams(opt, {"lr": "scalar"}, init=model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, truncate=1)
+    batches = regression_batches(0, 2, 1, 5)
+    got = solver.hypergradient(batches[:4], batches[4])
+    real = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for batch in batches[:3]:
+        real.zero_grad()
+        mse(model, batch).backward()
+        real.step()
+    last = torch.autograd.grad(mse(model, batches[3]), list(model.parameters()))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), last):
+            p -= 0.1 * g
+    final = torch.autograd.grad(mse(model, batches[4]), list(model.parameters()))
+    expected = -sum((f * g).sum() for f, g in zip(final, last))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    torch.testing.assert_close(got["hypers.lr"], expected, rtol=1e-12, atol=0.0)
+    assert all(torch.all(got[k] == 0) for k in got if k.startswith("init."))
+
+
+def test_bad_memory_settings() -> None:
+    model = mlp([2, 1], "tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = gimli.MetaParams(init=model)
+    for kw, match in [(dict(memory="tape"), "memory must be"), (dict(memory="budget"), "snapshots"),
+                      (dict(snapshots=2), "snapshots"), (dict(memory="budget", snapshots=0), "≥ 1"),
+                      (dict(truncate=0), "truncate")]:
+        with pytest.raises(ValueError, match=match):
+            gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, **kw)
