@@ -33,7 +33,7 @@ TYPICAL: dict[str, dict[str, Any]] = {
     "Rprop": dict(lr=0.01, step_sizes=(0.004, 0.011)),
     "ASGD": dict(lr=0.02, lambd=1e-3, t0=1.5, weight_decay=0.01),
     "Adafactor": dict(lr=0.02, eps=(0.3, 1.0), d=1.0, weight_decay=0.01),
-    "Muon": dict(lr=0.02, weight_decay=0.01, eps=1e-4),
+    "Muon": dict(lr=0.02, weight_decay=0.01, eps=1.0),   # eps clamps the norm: in force
 }
 # real steps first: RAdam's rectification (ρ_t > 5) is on in the unroll; but none for
 # Rprop, whose lr only sets the step size of a fresh optimizer

@@ -41,7 +41,7 @@ def test_memory_modes_equal_retain_bit_for_bit(row: OptimRow, data: st.DataObjec
                                                mode: dict[str, Any]) -> None:
     problem, kwargs, _ = data.draw(problems(row))
     choice = data.draw(meta_choices(row, kwargs, problem.opt))
-    retain = build(problem, choice, kwargs["maximize"])
+    retain = build(problem, choice, kwargs.get("maximize", False))
     try:
         expected = retain.hypergradient(problem.train, problem.val)
     except FloatingPointError:                  # a diverging unroll: nothing to compare
@@ -139,7 +139,7 @@ def test_first_order_and_truncation_match_their_oracles(row: OptimRow, data: st.
                                                         memory: str) -> None:
     problem, kwargs, _ = data.draw(problems(row))
     choice = data.draw(meta_choices(row, kwargs, problem.opt))
-    solver = solver_like(build(problem, choice, kwargs["maximize"]), first_order=first_order,
+    solver = solver_like(build(problem, choice, kwargs.get("maximize", False)), first_order=first_order,
                          truncate=truncate, memory=memory)
     try:
         ref = gimli.full_unroll_hypergradient(solver, problem.train, problem.val)

@@ -66,7 +66,7 @@ def build(problem: Any, choice: dict[str, Any], maximize: bool = False) -> gimli
 def test_global_parity(row: OptimRow, data: st.DataObject) -> None:
     problem, kwargs, _ = data.draw(problems(row))
     choice = data.draw(meta_choices(row, kwargs, problem.opt))
-    solver = build(problem, choice, kwargs["maximize"])
+    solver = build(problem, choice, kwargs.get("maximize", False))
     try:
         ref = gimli.full_unroll_hypergradient(solver, problem.train, problem.val)
     except FloatingPointError:                  # a diverging unroll: nothing to compare
