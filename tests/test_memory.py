@@ -208,3 +208,31 @@ def test_bad_memory_settings() -> None:
                       (dict(truncate=0), "truncate")]:
         with pytest.raises(ValueError, match=match):
             gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, **kw)
+
+
+def test_repeated_steps_hold_no_tensors() -> None:
+    """No growth across step() calls: the live tensors after 40 meta-steps are those
+    after the first (nothing of an unroll outlives it)."""
+    import gc
+    import warnings
+
+    def live_tensors() -> int:
+        gc.collect()
+        with warnings.catch_warnings():     # isinstance() on torch's deprecated aliases warns
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    torch.manual_seed(0)
+    model = mlp([2, 8, 1], "tanh")
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    meta = gimli.MetaParams(opt, {"lr": "tensor"}, loss={"l2": torch.tensor(0.01, dtype=torch.float64)},
+                            init=model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b) + meta["l2"] * sum(
+        (p ** 2).sum() for p in m.parameters()), opt, meta, val_loss_fn=mse,
+        meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-3), memory="recompute")
+    batches = regression_batches(0, 2, 1, 6)
+    solver.step(batches[:5], batches[5])
+    before = live_tensors()
+    for _ in range(40):
+        solver.step(batches[:5], batches[5])
+    assert live_tensors() == before
