@@ -11,7 +11,7 @@ call; everything a library does per hypergradient happens inside it.
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -35,8 +35,12 @@ class Unsupported(Exception):
 
 def missing(method: str) -> str | None:
     """Why ``method`` cannot run here, or None."""
-    if method in ("higher", "torchopt") and importlib.util.find_spec(method) is None:
-        return f"{method} is not installed (pip install {method}, or pip install -e '.[bench]')"
+    if method not in ("higher", "torchopt"):
+        return None
+    try:
+        importlib.import_module(method)
+    except ImportError as e:
+        return f"{method} cannot be imported ({e}); pip install -e '.[bench]'"
     return None
 
 

@@ -7,7 +7,7 @@
 Each method runs in its own process under ``py-spy record`` (sampling, so the
 Python-level overhead it measures is not inflated the way cProfile's is) for
 ``--seconds`` after a warm-up call; only samples inside the timed calls count.
-A sample is assigned to the innermost phase whose frame it contains: for
+A sample goes to the first phase of the lists below whose frames it contains: for
 gimli, the forward unroll's loss, G_j and optimizer step (lines 4–7, rerun by
 recompute/budget), the sweep's optimizer VJP (lines 11–12), its
 Hessian-vector product (lines 13–14), and the join (line 16); for the
@@ -25,12 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from methods import METHODS, prepare  # noqa: E402
-from tasks import TASKS  # noqa: E402
+from methods import METHODS, Run, prepare  # noqa: E402
+from tasks import TASKS, Batch  # noqa: E402
 
 RATE = 250  # samples per second
 
@@ -58,7 +60,8 @@ OTHER_PHASES = [
 ]
 
 
-def _measured(run, batches):  # type: ignore[no-untyped-def]  # the frame samples are kept under
+def _measured(run: Run, batches: Sequence[Batch]) -> Tensor | None:
+    """The frame a sample must be under to count (the warm-up and setup are not)."""
     return run(batches)
 
 
