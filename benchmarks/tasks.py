@@ -72,25 +72,23 @@ class Task:
 
 
 # --- losses --------------------------------------------------------------------------
-def mse(forward: Forward, params: dict[str, Tensor], batch: Batch, phi: dict[str, Tensor]) -> Tensor:
-    x, y = batch
-    return F.mse_loss(forward(x), y)
-
-
 def val_mse(forward: Forward, batch: Batch) -> Tensor:
     x, y = batch
     return F.mse_loss(forward(x), y)
 
 
-def cross_entropy(forward: Forward, params: dict[str, Tensor], batch: Batch,
-                  phi: dict[str, Tensor]) -> Tensor:
-    x, y = batch
-    return F.cross_entropy(forward(x), y)
+def mse(forward: Forward, params: dict[str, Tensor], batch: Batch, phi: dict[str, Tensor]) -> Tensor:
+    return val_mse(forward, batch)          # the training loss reads no meta-parameter
 
 
 def val_cross_entropy(forward: Forward, batch: Batch) -> Tensor:
     x, y = batch
     return F.cross_entropy(forward(x), y)
+
+
+def cross_entropy(forward: Forward, params: dict[str, Tensor], batch: Batch,
+                  phi: dict[str, Tensor]) -> Tensor:
+    return val_cross_entropy(forward, batch)
 
 
 def cross_entropy_l2(forward: Forward, params: dict[str, Tensor], batch: Batch,

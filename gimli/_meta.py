@@ -24,7 +24,10 @@ class MetaParams(nn.Module):
             parameter tensor) or ``"element"`` (one per parameter element); a
             plain list of names means ``"scalar"``. Names are those of the
             optimizer's param groups, with Adam's ``betas`` split into ``beta1``
-            and ``beta2``. Initial values are read from ``optimizer.param_groups``.
+            and ``beta2``. Initial values are read from ``optimizer.param_groups``
+            (``lr`` from ``initial_lr`` where an LR scheduler is attached: its base lr).
+            A module-valued hyperparameter (``LearnedOptimizer``'s ``"net"``) takes
+            ``"scalar"`` and contributes its own weights.
         loss: φ^loss, name → tensor or ``nn.Module``, read by ``loss_fn`` as
             ``meta[name]``. A tensor is wrapped as an ``nn.Parameter`` (sharing
             its storage); a module contributes all its parameters.

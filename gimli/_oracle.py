@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 def full_unroll_hypergradient(solver: GimliSolver, train_batches: Sequence[Any],
                               val_batch: Any) -> dict[str, Tensor]:
     """∇_φ L^val(θ_J(φ)) by autograd through all J steps, keyed like
-    :meth:`GimliSolver.hypergradient`. Changes nothing of the user's."""
+    :meth:`GimliSolver.hypergradient`, with the solver's scheduler and its
+    ``first_order``/``truncate`` stop-gradients. Changes nothing of the user's."""
     with torch.enable_grad():
         return _full_unroll(solver.problem, list(train_batches), val_batch,
                             solver.first_order, solver.truncate)

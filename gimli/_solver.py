@@ -91,7 +91,8 @@ class GimliSolver:
 
     def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None) -> StepResult:
         """One meta-update: the hypergradient, then ``meta_opt.step()`` (line 16), then
-        scalar and per-group hyperparameters written back into the optimizer."""
+        scalar and per-group hyperparameters written back into the optimizer (and, with
+        a scheduler, the scheduler re-based on the learned base lr)."""
         if self.meta_opt is None:
             raise ValueError("step() needs a meta-optimizer: pass meta_opt= to GimliSolver "
                              "(hypergradient() needs none)")

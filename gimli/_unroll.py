@@ -129,11 +129,9 @@ class Unroll:
             yield from self._retained(origin)
         elif self.memory == "recompute":
             yield from self._recomputed(origin)
-        elif self.memory == "budget":
-            assert self.snapshots is not None
+        else:                           # "budget" (GimliSolver validates the mode)
+            assert self.memory == "budget" and self.snapshots is not None
             yield from self._revolve(self.first, self.J + 1, origin, self.snapshots - 1)
-        else:
-            raise ValueError(f"memory must be 'retain', 'recompute' or 'budget', not {self.memory!r}")
         self.rng.restore_end()
 
     def _retained(self, point: Point) -> Iterator[Point | Step]:
