@@ -143,6 +143,54 @@ def test_frozen_and_unused_parameters() -> None:
     assert torch.all(got["init.unused"] == 0) and torch.all(got["hypers.lr"][3] == 0)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_buffers_created_at_different_steps(nesterov: bool) -> None:
+    """A tensor that the loss reads only from some step on gets its SGD momentum
+    buffer later than the rest of its group: the step equals torch.optim's and the
+    hypergradient the autograd unroll's."""
+    torch.manual_seed(0)
+    model = mlp([2, 3, 1], "tanh")
+    model.register_parameter("extra", nn.Parameter(torch.ones(2, dtype=torch.float64)))
+    dampening = {} if nesterov else {"dampening": 0.1}       # Nesterov needs dampening 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=nesterov,
+                          weight_decay=0.01, **dampening)
+
+    def loss(m: Any, batch: Any, meta: Any = None) -> torch.Tensor:
+        x, y, use = batch
+        extra = dict(m.named_parameters())["extra"]
+        return mse(m, (x, y)) + (((extra - 2) ** 2).sum() if use else 0.0)
+
+    batches = [(x, y, j >= 2) for j, (x, y) in enumerate(regression_batches(2, 2, 1, 5))]
+    hypers = {"lr": "tensor", "momentum": "group", "weight_decay": "tensor"}
+    if not nesterov:
+        hypers["dampening"] = "scalar"
+    meta = gimli.MetaParams(opt, hypers, init=model)
+    solver = gimli.GimliSolver(model, loss, opt, meta)
+    got = solver.hypergradient(batches[:4], batches[4])
+    assert_hypergradients_close(got, gimli.full_unroll_hypergradient(solver, batches[:4], batches[4]))
+    assert got["init.extra"].abs().sum() > 0
+
+    inner = gimli.optim.bind(opt)                           # forward: against torch.optim itself
+    theta, state = [p.detach().clone() for p in inner.params], inner.read_state()
+    hp = inner.constant_hypers()
+    for batch in batches[:4]:
+        view = [t.clone().requires_grad_() for t in theta]
+        ours = loss(gimli.FunctionalModel(model, dict(zip([n for n, _ in model.named_parameters()],
+                                                          view)), {}), batch)
+        grads = list(torch.autograd.grad(ours, view, allow_unused=True))
+        theta, state = inner.step(theta, state, grads, hp)
+        opt.zero_grad(set_to_none=True)
+        loss(model_view(model), batch).backward()
+        opt.step()
+    for ours_p, p in zip(theta, inner.params):
+        torch.testing.assert_close(ours_p, p.detach(), rtol=1e-13, atol=1e-15)
+
+
+def model_view(model: nn.Module) -> Any:
+    """The model itself, seen the way loss functions see it."""
+    return gimli.FunctionalModel(model, dict(model.named_parameters()), dict(model.named_buffers()))
+
+
 # --- clear errors -----------------------------------------------------------------------
 
 class MySGD(torch.optim.SGD):

@@ -158,7 +158,7 @@ class InnerOptimizer:
         alone with its state, as ``torch.optim`` does."""
         new_params = list(params)
         new_state = [list(field) for field in state]
-        for g, idx in self._active(grads):
+        for g, idx in self._active(grads, state):
             out_params, out_state = self.rule.step(
                 self.flags[g], *self._take(idx, params, state, grads, hp))
             for k, i in enumerate(idx):
@@ -175,7 +175,7 @@ class InnerOptimizer:
         s = [list(field) for field in cot_state]
         o: list[Tensor | None] = [None] * len(params)
         a: dict[str, list[Tensor | None]] = {name: [None] * len(params) for name in need}
-        for g, idx in self._active(grads):
+        for g, idx in self._active(grads, state):
             sub = self._take(idx, params, state, grads, hp)
             out = self._vjp(self.flags[g], *sub, [cot_params[i] for i in idx],
                             type(cot_state)(*([f[i] for i in idx] for f in cot_state)), need)
@@ -192,12 +192,22 @@ class InnerOptimizer:
         vjp = getattr(self.rule, "vjp", None)
         return vjp(*args) if vjp is not None else autograd_vjp(self.rule.step, *args)
 
-    def _active(self, grads: list[Tensor | None]) -> list[tuple[int, list[int]]]:
-        out = []
+    def _active(self, grads: list[Tensor | None], state: Any) -> list[tuple[int, list[int]]]:
+        """Each param group's tensors that step (gradient not ``None``), split further
+        where the rule's ``substep`` tells tensors of one group apart (SGD: with or
+        without a momentum buffer yet), so that a rule call sees uniform tensors."""
+        key = getattr(self.rule, "substep", None)
+        out: list[tuple[int, list[int]]] = []
         for g, sl in enumerate(self.groups):
             idx = [i for i in range(sl.start, sl.stop) if grads[i] is not None]
-            if idx:
-                out.append((g, idx))
+            if key is None:
+                parts = [idx] if idx else []
+            else:
+                by: dict[Any, list[int]] = {}
+                for i in idx:
+                    by.setdefault(key(state, i), []).append(i)
+                parts = list(by.values())
+            out.extend((g, part) for part in parts)
         return out
 
     def _take(self, idx: list[int], params: list[Tensor], state: Any,

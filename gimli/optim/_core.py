@@ -12,7 +12,9 @@ over lists of tensors, one entry per parameter tensor of one param group:
 
 ``hp`` maps each hyperparameter name to a list (one tensor per parameter) of
 0-dim or parameter-shaped tensors; the step broadcasts them and ``vjp`` returns
-each hyperparameter's cotangent summed back to that tensor's own shape.
+each hyperparameter's cotangent summed back to that tensor's own shape. A rule
+may compute over the whole list at once with ``_lists.Tensors`` (one foreach
+call per operation; SGD and Adam do) or loop over the tensors.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ Hypers = dict[str, list[Tensor]]
 #   inactive_hypers(flags) -> frozenset[str]  hyperparameters with no effect under these
 #       flags (its docstring says why, for the error message);
 #   NO_HYPERGRADIENT: dict[str, str]  hyperparameters that never reach θ, so a loss on θ
-#       has no hypergradient for them (name → why); not offered as meta-parameters.
+#       has no hypergradient for them (name → why); not offered as meta-parameters;
+#   substep(state, i) -> Hashable  splits a group's tensors into calls of uniform tensors
+#       (SGD: a tensor that has no momentum buffer yet steps apart from those that do).
 
 
 class VJP(NamedTuple):

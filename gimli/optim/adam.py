@@ -27,12 +27,13 @@ then a convention.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, step_count
+from ._core import VJP, Hypers, group_float, step_count
+from ._lists import Tensors
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
@@ -82,94 +83,92 @@ def write_state(state: State, i: int) -> dict[str, Any]:
 
 
 class _Forward(NamedTuple):
-    """The intermediates of (A1)–(A7) for one tensor, shared by step and vjp."""
+    """The intermediates of (A1)–(A6) over a group's tensors, shared by step and vjp."""
 
-    g2: Tensor
-    m1: Tensor
-    v1: Tensor
-    u: Tensor
-    c1: Tensor
-    c2: Tensor
-    r: Tensor
-    delta: Tensor
-    theta: Tensor
+    g2: Tensors
+    p1: Tensors         # θ₁
+    m1: Tensors
+    v1: Tensors
+    u: Tensors
+    c1: Tensors         # per tensor, the hyperparameters' shape
+    c2: Tensors
+    r: Tensors
+    delta: Tensors
 
 
-def _forward(flags: Flags, t: int, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None,
-             g: Tensor, lr: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, wd: Tensor) -> _Forward:
-    g = -g if flags.maximize else g
+def _forward(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
+             hp: Hypers) -> _Forward:
+    p, m, v, g = Tensors(params), Tensors(state.exp_avg), Tensors(state.exp_avg_sq), Tensors(grads)
+    lr, b1, b2, eps, wd = (Tensors(hp[k]) for k in HYPERS)
+    if flags.maximize:
+        g = -g
     if flags.decoupled:
         g2, p1 = g, p * (1 - lr * wd)                               # (A1), (A2)
     else:
         g2, p1 = g + wd * p, p
     m1 = b1 * m + (1 - b1) * g2                                     # (A3)
     v1 = b2 * v + (1 - b2) * g2 * g2
-    u = torch.maximum(vmax, v1) if vmax is not None else v1         # (A4)
-    c1, c2 = 1 - b1**t, 1 - b2**t                                   # (A5)
+    if flags.amsgrad:                                               # (A4)
+        u = Tensors(cast(list[Tensor], state.max_exp_avg_sq)).maximum(v1)
+    else:
+        u = v1
+    t = [float(n + 1) for n in state.step]
+    c1, c2 = 1 - b1 ** t, 1 - b2 ** t                               # (A5)
     r = u.sqrt() / c2.sqrt()                                        # (A6)
-    delta = r + eps
-    return _Forward(g2, m1, v1, u, c1, c2, r, delta, p1 - (lr / c1) * m1 / delta)   # (A7)
+    return _Forward(g2, p1, m1, v1, u, c1, c2, r, r + eps)
 
 
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
-    new = [_forward(flags, t + 1, p, m, v, vmax, g, lr, b1, b2, eps, wd)
-           for p, t, m, v, vmax, g, lr, b1, b2, eps, wd
-           in zip(params, *state, grads, *(hp[k] for k in HYPERS))]
-    return [f.theta for f in new], State(
-        [t + 1 for t in state.step], [f.m1 for f in new], [f.v1 for f in new],
-        [f.u if flags.amsgrad else None for f in new])
+    f = _forward(flags, params, state, grads, hp)
+    theta = f.p1 - (Tensors(hp["lr"]) / f.c1) * f.m1 / f.delta      # (A7)
+    vmax: list[Tensor | None] = list(f.u) if flags.amsgrad else [None] * len(params)
+    return theta.ts, State([t + 1 for t in state.step], f.m1.ts, f.v1.ts, vmax)
 
 
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adam.md, eq. A8–A15)."""
-    sign = -1.0 if flags.maximize else 1.0
-    b_out: list[Tensor] = []
-    o_out: list[Tensor] = []
-    S_m: list[Tensor] = []
-    S_v: list[Tensor] = []
-    S_vmax: list[Tensor | None] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, t, m, v, vmax, g, P, M, V, X) in enumerate(zip(
-            params, *state, grads, cot_params, cot_state.exp_avg, cot_state.exp_avg_sq,
-            cot_state.max_exp_avg_sq)):
-        lr, b1, b2, eps, wd = (hp[k][i] for k in HYPERS)
-        t = t + 1
-        f = _forward(flags, t, p, m, v, vmax, g, lr, b1, b2, eps, wd)
-        step_size = lr / f.c1
-        update = f.m1 / f.delta                                     # θ' = θ₁ − (γ/c₁)·update
-        m1_bar = M - step_size * P / f.delta                        # (A8)
-        delta_bar = step_size * P * update / f.delta                # ∂θ'/∂δ = (γ/c₁) m'/δ²  (A9)
-        # (A10) r = √u/√c₂: ū = r̄/(2 c₂ r), set to 0 where u = 0 (guard, module doc)
-        r_pos = f.r > 0
-        u_bar = torch.where(r_pos, delta_bar / (2 * f.c2 * torch.where(r_pos, f.r, 1.0)), 0.0)
-        c2_bar = -delta_bar * f.r / (2 * f.c2)                      # ∂r/∂c₂ = −r/(2c₂)
-        c1_bar = step_size * P * update / f.c1                      # ∂θ'/∂c₁ = (γ/c₁²) m'/δ
-        if vmax is not None:                                        # (A11) u = max(v̂, v')
-            X_total = X + u_bar
-            to_v = (f.v1 > vmax).to(p.dtype) + 0.5 * (f.v1 == vmax).to(p.dtype)
-            v1_bar = V + to_v * X_total
-            S_vmax.append((1 - to_v) * X_total)
-        else:
-            v1_bar = V + u_bar
-            S_vmax.append(None)
-        S_m.append(b1 * m1_bar)                                     # (A12) state adjoint
-        S_v.append(b2 * v1_bar)
-        g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar   # (A13)
-        if flags.decoupled:
-            b_out.append((1 - lr * wd) * P)                         # (A14)
-        else:
-            b_out.append(P + wd * g2_bar)
-        o_out.append(sign * g2_bar)                                 # o_j                     (A14)
-        contrib = {                                                 # (A15)
-            "lr": lambda: -(P * update / f.c1) - (P * wd * p if flags.decoupled else 0.0),
-            "beta1": lambda: m1_bar * (m - f.g2) - c1_bar * t * b1 ** (t - 1),
-            "beta2": lambda: v1_bar * (v - f.g2 * f.g2) - c2_bar * t * b2 ** (t - 1),
-            "eps": lambda: delta_bar,
-            "weight_decay": lambda: (-P * lr * p) if flags.decoupled else g2_bar * p,
-        }
-        for name in need:
-            a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
-    steps_bar = [None] * len(params)                            # step counts have no cotangent
-    return VJP(b_out, State(steps_bar, S_m, S_v, S_vmax), o_out, a_out)  # type: ignore[arg-type]
+    f = _forward(flags, params, state, grads, hp)
+    p, P, M, V = Tensors(params), Tensors(cot_params), Tensors(cot_state.exp_avg), \
+        Tensors(cot_state.exp_avg_sq)
+    lr, b1, b2, eps, wd = (Tensors(hp[k]) for k in HYPERS)
+    step_size = lr / f.c1
+    update = f.m1 / f.delta                                         # θ' = θ₁ − (γ/c₁)·update
+    P_delta = P / f.delta
+    m1_bar = M - step_size * P_delta                                # (A8)
+    delta_bar = step_size * P_delta * update                        # ∂θ'/∂δ = (γ/c₁) m'/δ²  (A9)
+    # (A10) r = √u/√c₂: ū = r̄/(2 c₂ r), set to 0 where u = 0 (guard, module doc)
+    u_bar = delta_bar.map(lambda d, r, c2: torch.where(r > 0, d / (2 * c2 * torch.where(r > 0, r, 1.0)),
+                                                       0.0), f.r, f.c2)
+    S_vmax: list[Tensor | None] = [None] * len(params)
+    if flags.amsgrad:                                               # (A11) u = max(v̂, v')
+        vmax = Tensors(cast(list[Tensor], state.max_exp_avg_sq))
+        X_total = Tensors(cast(list[Tensor], cot_state.max_exp_avg_sq)) + u_bar
+        to_v = f.v1.map(lambda v1, vm: (v1 > vm).to(v1.dtype) + 0.5 * (v1 == vm).to(v1.dtype), vmax)
+        v1_bar = V + to_v * X_total
+        S_vmax = list((1 - to_v) * X_total)
+    else:
+        v1_bar = V + u_bar
+    g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar       # (A13)
+    if flags.decoupled:                                             # (A14)
+        b_out = (1 - lr * wd) * P
+    else:
+        b_out = P + wd * g2_bar
+    o_out = -g2_bar if flags.maximize else g2_bar                   # o_j                     (A14)
+    t = [float(n + 1) for n in state.step]
+    contrib = {                                                     # (A15)
+        "lr": lambda: -(P * update / f.c1) - P * wd * p if flags.decoupled else -(P * update / f.c1),
+        # ∂θ'/∂c₁ = (γ/c₁²) m'/δ and ∂c₁/∂β₁ = −t β₁^(t−1)
+        "beta1": lambda: m1_bar * (Tensors(state.exp_avg) - f.g2)
+        - step_size * P * update / f.c1 * t * b1 ** [n - 1 for n in t],
+        # ∂r/∂c₂ = −r/(2c₂) and ∂c₂/∂β₂ = −t β₂^(t−1)
+        "beta2": lambda: v1_bar * (Tensors(state.exp_avg_sq) - f.g2 * f.g2)
+        + delta_bar * f.r / (2 * f.c2) * t * b2 ** [n - 1 for n in t],
+        "eps": lambda: delta_bar,
+        "weight_decay": lambda: -P * lr * p if flags.decoupled else g2_bar * p,
+    }
+    a_out: Hypers = {name: contrib[name]().sum_to(hp[name]) for name in need}
+    steps_bar = cast(list[int], [None] * len(params))           # step counts have no cotangent
+    return VJP(b_out.ts, State(steps_bar, (b1 * m1_bar).ts, (b2 * v1_bar).ts, S_vmax),  # (A12)
+               o_out.ts, a_out)

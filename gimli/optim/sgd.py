@@ -17,11 +17,12 @@ With ``momentum == 0`` no buffer exists and d = d_0. Hyperparameters:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to
+from ._core import VJP, Hypers, group_float
+from ._lists import Tensors
 
 HYPERS = ("lr", "momentum", "dampening", "weight_decay")
 
@@ -47,6 +48,12 @@ def inactive_hypers(flags: Flags) -> frozenset[str]:
     return frozenset() if flags.momentum else frozenset({"momentum", "dampening"})
 
 
+def substep(state: State, i: int) -> bool:
+    """Whether tensor i already has a momentum buffer: a tensor whose gradient was
+    ``None`` so far has none while the rest of its group has one."""
+    return state.momentum_buffer[i] is not None
+
+
 def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:
     buf = torch_state.get("momentum_buffer")
     return State([None if buf is None else buf.detach().clone()])
@@ -59,62 +66,63 @@ def write_state(state: State, i: int) -> dict[str, Any]:
 
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
-    new_params: list[Tensor] = []
-    new_bufs: list[Tensor | None] = []
-    for p, buf, g, lr, mu, tau, wd in zip(params, state.momentum_buffer, grads, hp["lr"],
-                                          hp["momentum"], hp["dampening"], hp["weight_decay"]):
-        d = (-g if flags.maximize else g) + wd * p                  # (S1)
-        if flags.momentum:
-            buf = d if buf is None else mu * buf + (1 - tau) * d    # (S2)
-            d = d + mu * buf if flags.nesterov else buf             # (S3)
-        new_params.append(p - lr * d)                               # (S4)
-        new_bufs.append(buf)
-    return new_params, State(new_bufs)
+    p, g = Tensors(params), Tensors(grads)
+    lr, mu, tau, wd = (Tensors(hp[k]) for k in HYPERS)
+    d = (-g if flags.maximize else g) + wd * p                      # (S1)
+    bufs: list[Tensor | None] = [None] * len(params)
+    if flags.momentum:
+        buf = _momentum(state, d, mu, tau)                          # (S2)
+        bufs = list(buf)
+        d = d + mu * buf if flags.nesterov else buf                 # (S3)
+    return list(p - lr * d), State(bufs)                            # (S4)
+
+
+def _momentum(state: State, d0: Tensors, mu: Tensors, tau: Tensors) -> Tensors:
+    """(S2): b' = d₀ on the first step (no buffer yet), μ·b + (1 − τ)·d₀ after."""
+    if state.momentum_buffer[0] is None:
+        return d0
+    return mu * Tensors(cast(list[Tensor], state.momentum_buffer)) + (1 - tau) * d0
 
 
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/sgd.md, eq. S5–S9)."""
-    sign = -1.0 if flags.maximize else 1.0
-    b_out: list[Tensor] = []
-    s_out: list[Tensor | None] = []
-    o_out: list[Tensor] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, buf, g, P, S) in enumerate(zip(params, state.momentum_buffer, grads, cot_params,
-                                              cot_state.momentum_buffer)):
-        lr, mu, tau, wd = (hp[k][i] for k in HYPERS)
-        d0 = sign * g + wd * p                                      # (S1), recomputed
-        d_bar = -lr * P                                             # ∂θ'/∂d = −γ           (S5)
-        a_mu = a_tau = None
-        s_in: Tensor | None = None
-        if flags.momentum:
-            assert S is not None                                    # the step kept a buffer
-            new_buf = d0 if buf is None else mu * buf + (1 - tau) * d0
-            d = d0 + mu * new_buf if flags.nesterov else new_buf
-            if flags.nesterov:
-                buf_bar = S + mu * d_bar                            # total adjoint of b'   (S6)
-                d0_bar = d_bar
-                a_mu = d_bar * new_buf
-            else:
-                buf_bar = S + d_bar
-                d0_bar = d_bar.new_zeros(())
-            if buf is None:
-                d0_bar = d0_bar + buf_bar                           # b' = d_0 on the first step
-            else:
-                s_in = mu * buf_bar                                 # S_j = μ·b̄'            (S7)
-                d0_bar = d0_bar + (1 - tau) * buf_bar
-                a_mu = buf_bar * buf if a_mu is None else a_mu + buf_bar * buf
-                a_tau = -buf_bar * d0
-        else:
-            d = d0
+    p, g, P = Tensors(params), Tensors(grads), Tensors(cot_params)
+    lr, mu, tau, wd = (Tensors(hp[k]) for k in HYPERS)
+    d0 = (-g if flags.maximize else g) + wd * p                     # (S1), recomputed
+    d_bar = -lr * P                                                 # ∂θ'/∂d = −γ           (S5)
+    s_in: list[Tensor | None] = [None] * len(params)
+    a_mu = a_tau = None
+    if flags.momentum:
+        first = state.momentum_buffer[0] is None                    # all or none (substep)
+        new_buf = _momentum(state, d0, mu, tau)
+        d = d0 + mu * new_buf if flags.nesterov else new_buf
+        S = Tensors(cast(list[Tensor], cot_state.momentum_buffer))  # the step kept a buffer
+        if flags.nesterov:
+            buf_bar = S + mu * d_bar                                # total adjoint of b'   (S6)
             d0_bar = d_bar
-        o_out.append(sign * d0_bar)                                 # o_j = s·d̄_0           (S8)
-        b_out.append(P + wd * d0_bar)                               # b_j = P + λ·d̄_0       (S8)
-        s_out.append(s_in)
-        contrib = {"lr": lambda: -P * d, "momentum": lambda: a_mu, "dampening": lambda: a_tau,
-                   "weight_decay": lambda: d0_bar * p}              # (S9)
-        for name in need:
-            a = contrib[name]()
-            like = hp[name][i]
-            a_out[name].append(like.new_zeros(like.shape) if a is None else reduce_to(a, like))
-    return VJP(b_out, State(s_out), o_out, a_out)
+            a_mu = d_bar * new_buf
+        else:
+            buf_bar = S + d_bar
+            d0_bar = None
+        if first:
+            d0_bar = buf_bar if d0_bar is None else d0_bar + buf_bar    # b' = d₀ at first
+        else:
+            buf = Tensors(cast(list[Tensor], state.momentum_buffer))
+            s_in = list(mu * buf_bar)                               # S_j = μ·b̄'            (S7)
+            d0_bar = (1 - tau) * buf_bar if d0_bar is None else d0_bar + (1 - tau) * buf_bar
+            a_mu = buf_bar * buf if a_mu is None else a_mu + buf_bar * buf
+            a_tau = -buf_bar * d0
+    else:
+        d = d0
+        d0_bar = d_bar
+    o_out = -d0_bar if flags.maximize else d0_bar                   # o_j = s·d̄₀           (S8)
+    b_out = P + wd * d0_bar                                         # b_j = P + λ·d̄₀       (S8)
+    contrib = {"lr": lambda: -P * d, "momentum": lambda: a_mu, "dampening": lambda: a_tau,
+               "weight_decay": lambda: d0_bar * p}                  # (S9)
+    a_out: Hypers = {}
+    for name in need:
+        a = contrib[name]()
+        a_out[name] = [like.new_zeros(like.shape) for like in hp[name]] if a is None \
+            else a.sum_to(hp[name])
+    return VJP(list(b_out), State(s_in), list(o_out), a_out)
