@@ -66,8 +66,12 @@ class RngTape:
     def enter(self, j: int) -> None:
         if j in self.saved:
             self._set(self.saved[j])
-        else:
-            self.saved[j] = self._get()
+            return
+        rng = self._get()
+        last = self.saved.get(j - 1)
+        if last is not None and _same_rng(last, rng):
+            rng = last              # a step that drew no random numbers: hold one copy, not J
+        self.saved[j] = rng
 
     def mark_end(self) -> None:
         """The state after the forward pass and L^val: where a plain unroll leaves it."""
@@ -76,6 +80,12 @@ class RngTape:
     def restore_end(self) -> None:
         if "end" in self.saved:
             self._set(self.saved["end"])
+
+
+def _same_rng(a: Any, b: Any) -> bool:
+    if not torch.equal(a[0], b[0]):
+        return False
+    return a[1] is None or all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
 class Unroll:

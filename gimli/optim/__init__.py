@@ -158,9 +158,8 @@ class InnerOptimizer:
         alone with its state, as ``torch.optim`` does."""
         new_params = list(params)
         new_state = [list(field) for field in state]
-        for g, idx in self._active(grads, state):
-            out_params, out_state = self.rule.step(
-                self.flags[g], *self._take(idx, params, state, grads, hp))
+        for flags, idx in self._active(grads, state):
+            out_params, out_state = self.rule.step(flags, *self._take(idx, params, state, grads, hp))
             for k, i in enumerate(idx):
                 new_params[i] = out_params[k]
                 for field, values in zip(new_state, out_state):
@@ -175,9 +174,9 @@ class InnerOptimizer:
         s = [list(field) for field in cot_state]
         o: list[Tensor | None] = [None] * len(params)
         a: dict[str, list[Tensor | None]] = {name: [None] * len(params) for name in need}
-        for g, idx in self._active(grads, state):
+        for flags, idx in self._active(grads, state):
             sub = self._take(idx, params, state, grads, hp)
-            out = self._vjp(self.flags[g], *sub, [cot_params[i] for i in idx],
+            out = self._vjp(flags, *sub, [cot_params[i] for i in idx],
                             type(cot_state)(*([f[i] for i in idx] for f in cot_state)), need)
             for k, i in enumerate(idx):
                 b[i], o[i] = out.params[k], out.grads[k]
@@ -192,28 +191,33 @@ class InnerOptimizer:
         vjp = getattr(self.rule, "vjp", None)
         return vjp(*args) if vjp is not None else autograd_vjp(self.rule.step, *args)
 
-    def _active(self, grads: list[Tensor | None], state: Any) -> list[tuple[int, list[int]]]:
-        """Each param group's tensors that step (gradient not ``None``), split further
-        where the rule's ``substep`` tells tensors of one group apart (SGD: with or
-        without a momentum buffer yet), so that a rule call sees uniform tensors."""
+    def _active(self, grads: list[Tensor | None], state: Any) -> list[tuple[Any, list[int]]]:
+        """The tensors that step (gradient not ``None``) in as few rule calls as the
+        flags allow: param groups with equal flags step together (their
+        hyperparameters are per tensor anyway), split further where the rule's
+        ``substep`` tells tensors apart (SGD: with or without a momentum buffer yet)."""
         key = getattr(self.rule, "substep", None)
-        out: list[tuple[int, list[int]]] = []
+        calls: dict[Any, list[int]] = {}
         for g, sl in enumerate(self.groups):
-            idx = [i for i in range(sl.start, sl.stop) if grads[i] is not None]
-            if key is None:
-                parts = [idx] if idx else []
-            else:
-                by: dict[Any, list[int]] = {}
-                for i in idx:
-                    by.setdefault(key(state, i), []).append(i)
-                parts = list(by.values())
-            out.extend((g, part) for part in parts)
-        return out
+            for i in range(sl.start, sl.stop):
+                if grads[i] is not None:
+                    k = (_hashable(self.flags[g], g), None if key is None else key(state, i))
+                    calls.setdefault(k, []).append(i)
+        return [(self.flags[self.group_of()[idx[0]]], idx) for idx in calls.values()]
 
     def _take(self, idx: list[int], params: list[Tensor], state: Any,
               grads: list[Tensor | None], hp: Hypers) -> tuple[Any, ...]:
         return ([params[i] for i in idx], type(state)(*([f[i] for i in idx] for f in state)),
                 [grads[i] for i in idx], {k: [v[i] for i in idx] for k, v in hp.items()})
+
+
+def _hashable(flags: Any, group: int) -> Any:
+    """The flags as a key (equal flags step together), or the group's own index."""
+    try:
+        hash(flags)
+    except TypeError:
+        return ("group", group)
+    return flags
 
 
 def _as_tensor(value: float | Tensor, like: Tensor) -> Tensor:
