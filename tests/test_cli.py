@@ -1,0 +1,68 @@
+"""The ``gimli`` command line: ``check`` runs the verification zoo against the full
+autograd unroll (the oracle, ``gimli/_oracle.py``) and fails when a hypergradient is
+wrong; ``demo`` runs the main demo; ``--help`` on each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gimli
+import gimli._check as check
+from gimli._cli import main
+
+
+def test_check_passes_and_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--optimizers", "SGD,Adam amsgrad", "--granularities", "group,element",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "4 of 4 cases" in out and out.rstrip().endswith("PASS")
+    rows = [line for line in out.splitlines() if line.startswith(("SGD", "Adam"))]
+    assert len(rows) == 4 and all(" pass " in r for r in rows)
+
+
+def test_check_fails_on_a_wrong_hypergradient(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A corrupted sweep (the SGD lr cotangent doubled) must make the zoo fail."""
+    from gimli.optim import sgd
+
+    original = sgd.vjp
+
+    def corrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = original(*args, **kwargs)
+        if "lr" in out.hypers:
+            out.hypers["lr"] = [2 * a for a in out.hypers["lr"]]
+        return out
+
+    monkeypatch.setattr(sgd, "vjp", corrupted)
+    assert main(["check", "--optimizers", "SGD", "--granularities", "tensor", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "0 of 1 cases" in out
+
+
+def test_check_covers_every_builtin_optimizer() -> None:
+    names = {name.split()[0] for name in check.ZOO}
+    assert names == set(gimli.optim.capabilities())
+
+
+def test_bad_arguments() -> None:
+    assert main(["check", "--optimizers", "Nope"]) == 2
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["check"]])
+def test_help(command: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "gimli", *command, "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: gimli")
+
+
+def test_demo_runs_the_maml_example(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    assert main(["demo", "--quick", "--iterations", "3", "--out", f"{tmp_path}/demo.png"]) == 0
+    out = capsys.readouterr().out
+    assert "post-adaptation MSE" in out
