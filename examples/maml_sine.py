@@ -12,6 +12,9 @@ meta-training.
 
     python examples/maml_sine.py            # full run, a few minutes on a CPU
     python examples/maml_sine.py --quick    # the CI run, a few seconds
+
+Both save a figure of the adapted curves on held-out tasks, before and after
+meta-training, to ``--out`` (default ``examples/figures/maml_sine.png``).
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 import gimli
 
+FIGURES = Path(__file__).resolve().parent / "figures"
 K = 10              # support points per task, and as many query points
 INNER_LR = 0.01     # α, the inner SGD step size
 TEST_TASKS = 100    # held-out tasks of the final evaluation
@@ -55,9 +61,9 @@ def loss_fn(model: gimli.FunctionalModel, batch: Batch, meta: gimli.MetaParams) 
     return F.mse_loss(model(x), y)
 
 
-def adapted_mse(model: nn.Module, inner_opt: torch.optim.Optimizer, task: Task, steps: int) -> float:
-    """Query MSE after `steps` steps of the real torch.optim.SGD on the support set, taken
-    on a copy of the model with the inner optimizer's param groups (learned lrs included)."""
+def adapt(model: nn.Module, inner_opt: torch.optim.Optimizer, task: Task, steps: int) -> nn.Module:
+    """A copy of the model after `steps` steps of the real torch.optim.SGD on the support
+    set, with the inner optimizer's param groups (learned lrs included)."""
     clone = copy.deepcopy(model)
     twin = {id(p): q for p, q in zip(model.parameters(), clone.parameters())}
     sgd = torch.optim.SGD([{**group, "params": [twin[id(p)] for p in group["params"]]}
@@ -67,6 +73,12 @@ def adapted_mse(model: nn.Module, inner_opt: torch.optim.Optimizer, task: Task, 
         sgd.zero_grad()
         F.mse_loss(clone(x), y).backward()
         sgd.step()
+    return clone
+
+
+def adapted_mse(model: nn.Module, inner_opt: torch.optim.Optimizer, task: Task, steps: int) -> float:
+    """Query MSE of the adapted copy: the score, independent of gimli."""
+    clone = adapt(model, inner_opt, task, steps)
     with torch.no_grad():
         x, y = task.query
         return F.mse_loss(clone(x), y).item()
@@ -89,6 +101,45 @@ def meta_step(solver: gimli.GimliSolver, meta: gimli.MetaParams, meta_opt: torch
     meta.write_back()       # learned lrs into inner_opt.param_groups, as solver.step() does
 
 
+def plot(before: tuple[nn.Module, torch.optim.Optimizer], after: tuple[nn.Module, torch.optim.Optimizer],
+         tasks: list[Task], steps: int, path: Path) -> None:
+    """Adapted curves on held-out tasks: the truth, the K support points, and the model
+    after `steps` SGD steps from the initial weights before and after meta-training."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = torch.linspace(-5, 5, 200).unsqueeze(1)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), sharey=True)
+    for ax, task in zip(axes, tasks):
+        xs, ys = task.support
+        amplitude, phase = _fit_sine(task)
+        ax.plot(x, amplitude * torch.sin(x + phase), "k-", lw=1, label="task")
+        ax.plot(xs, ys, "ko", ms=4, label=f"K = {K} support points")
+        for (model, opt), style, name in [(before, "C1--", "before meta-training"),
+                                           (after, "C0-", "after meta-training")]:
+            adapted = adapt(model, opt, task, steps)
+            with torch.no_grad():
+                ax.plot(x, adapted(x), style, label=f"adapted, {name}")
+        ax.set_xlabel("x")
+    axes[0].set_ylabel("y")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"MAML on sine waves: held-out tasks after {steps} SGD step(s) from θ₀")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fit_sine(task: Task) -> tuple[float, float]:
+    """The task's amplitude and phase, recovered from its points for drawing: y = a·sin x + b·cos x."""
+    x = torch.cat([task.support[0], task.query[0]])
+    y = torch.cat([task.support[1], task.query[1]])
+    basis = torch.cat([torch.sin(x), torch.cos(x)], 1)
+    a, b = torch.linalg.lstsq(basis, y).solution.flatten().tolist()
+    return math.hypot(a, b), math.atan2(b, a)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run for CI")
@@ -98,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learn-lr", action="store_true",
                         help="also meta-learn one inner learning rate per layer")
+    parser.add_argument("--out", type=Path, default=FIGURES / "maml_sine.png",
+                        help="where to save the figure (default examples/figures/maml_sine.png)")
     args = parser.parse_args(argv)
     iterations = args.iterations or (40 if args.quick else 2000)
     meta_batch = args.meta_batch or (4 if args.quick else 8)
@@ -114,21 +167,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     solver = gimli.GimliSolver(model, loss_fn, inner_opt, meta, meta_opt=meta_opt, steps=args.steps)
 
     before = mean_adapted_mse(model, inner_opt, test_tasks, args.steps)
+    initial = copy.deepcopy((model, inner_opt))                 # one copy: groups hold its params
     log_every = max(1, iterations // 10)
-    for it in range(1, iterations + 1):
+    bar = tqdm(range(1, iterations + 1), desc="meta-training", disable=args.quick)
+    for it in bar:
         tasks = [sample_task(gen) for _ in range(meta_batch)]
         if it == 1 or it % log_every == 0:                      # the batch's L^val(θ'_J), pre-update
             loss = mean_adapted_mse(model, inner_opt, tasks, args.steps)
-            print(f"iteration {it:5d}  meta-batch query loss {loss:.4f}")
+            bar.set_postfix(query_loss=f"{loss:.4f}")
+            if args.quick:
+                print(f"iteration {it:5d}  meta-batch query loss {loss:.4f}")
         meta_step(solver, meta, meta_opt, tasks, args.steps)
     after = mean_adapted_mse(model, inner_opt, test_tasks, args.steps)
+    plot(initial, (model, inner_opt), test_tasks[:3], args.steps, args.out)
 
     lrs = [float(g["lr"]) for g in inner_opt.param_groups]
     print(f"post-adaptation MSE on {TEST_TASKS} test tasks ({args.steps} SGD step(s)): "
           f"before {before:.4f}, after {after:.4f}")
     if args.learn_lr:
         print("learned inner lrs per layer: " + ", ".join(f"{lr:.4f}" for lr in lrs))
-    return {"before": before, "after": after, "lrs": lrs}
+    print(f"figure: {args.out}")
+    return {"before": before, "after": after, "lrs": lrs, "figure": args.out}
 
 
 if __name__ == "__main__":
