@@ -30,15 +30,16 @@ def maml_sine() -> ModuleType:
     return load("maml_sine")
 
 
-def test_maml_sine_quick_learns(maml_sine: ModuleType) -> None:
-    out = maml_sine.main(["--quick"])
+def test_maml_sine_quick_learns(maml_sine: ModuleType, tmp_path: Path) -> None:
+    out = maml_sine.main(["--quick", "--out", str(tmp_path / "maml_sine.png")])
     assert math.isfinite(out["before"]) and math.isfinite(out["after"])
     assert out["after"] < out["before"]              # meta-training improved post-adaptation MSE
     assert out["lrs"] == [maml_sine.INNER_LR] * 3    # without --learn-lr the lrs stay put
+    assert (tmp_path / "maml_sine.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_maml_sine_quick_learns_lrs(maml_sine: ModuleType) -> None:
-    out = maml_sine.main(["--quick", "--learn-lr"])
+def test_maml_sine_quick_learns_lrs(maml_sine: ModuleType, tmp_path: Path) -> None:
+    out = maml_sine.main(["--quick", "--learn-lr", "--out", str(tmp_path / "maml_sine.png")])
     assert math.isfinite(out["before"]) and math.isfinite(out["after"])
     assert len(out["lrs"]) == 3                      # one inner lr per layer
     assert all(math.isfinite(lr) and lr != pytest.approx(maml_sine.INNER_LR) for lr in out["lrs"])
