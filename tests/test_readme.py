@@ -39,3 +39,17 @@ def test_capability_table_matches_the_code() -> None:
     begin = README.index("\n", begin) + 1
     end = README.index("<!-- end of capability table -->")
     assert README[begin:end].strip() == capability_table()
+
+
+def test_every_link_leads_to_a_file() -> None:
+    links = re.findall(r"\]\(([^)#:]+)\)", README)
+    assert len(links) >= 10                         # the examples and notebooks, at least
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert not missing, missing
+
+
+def test_every_example_and_notebook_is_linked() -> None:
+    scripts = [p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_")]
+    notebooks = list((ROOT / "notebooks").glob("*.ipynb"))
+    unlinked = [p.name for p in scripts + notebooks if f"]({p.relative_to(ROOT)})" not in README]
+    assert not unlinked, unlinked

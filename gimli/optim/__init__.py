@@ -75,9 +75,13 @@ def register_optimizer(cls: type[torch.optim.Optimizer], *, hypers: Sequence[str
         step: ``step(param, state, grad, hp) -> (param, state)``, pure, one tensor.
         vjp: optional closed form ``vjp(param, state, grad, hp, cot_param, cot_state)
             -> (param_bar, state_bar, grad_bar, hp_bar)``; without it, autograd on
-            the single step gives the cotangents.
+            the single step gives the cotangents. ``hp_bar[name]`` may be per element
+            (the parameter's shape): gimli sums it to the hyperparameter's granularity.
         group_keys: for a hyperparameter kept in a param-group tuple, ``name ->
             (key, index)`` (as Adam's ``"beta1" -> ("betas", 0)``).
+
+    Registering the same class again replaces its rule for the ``MetaParams`` and
+    solvers built afterwards; those built before keep the rule they were built with.
     """
     rule = CustomRule(hypers, init, step, vjp, group_keys)
     register(cls, rule)
