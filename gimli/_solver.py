@@ -31,8 +31,9 @@ class GimliSolver:
         model: the user's ``nn.Module``; never modified by an unroll.
         loss_fn: ``loss_fn(model, batch, meta) -> scalar``, step j's training loss ℓ_j;
             ``model`` is a :class:`FunctionalModel` at θ'_j, ``meta[name]`` reads φ^loss.
-        opt: the inner ``torch.optim`` optimizer (SGD, Adam, AdamW or Adagrad) over the
-            model's parameters; its param groups and current state are the start.
+        opt: the inner ``torch.optim`` optimizer over the model's parameters (any of
+            ``gimli.optim.capabilities()``, or one registered with
+            :func:`register_optimizer`); its param groups and current state are the start.
         meta_params: the :class:`MetaParams` declaring what is meta-learned.
         val_loss_fn: ``val_loss_fn(model, batch) -> scalar``, L^val; default ``loss_fn``.
         meta_opt: a ``torch.optim`` optimizer over ``meta_params.parameters()``, used by
