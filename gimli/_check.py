@@ -26,7 +26,7 @@ from .optim.learned import LearnedOptimizer, default_net
 TOLERANCE = 1e-9
 
 # one representative setting per optimizer: every option that changes the update on
-ZOO: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any]]] = {
+ZOO: dict[str, tuple[Callable[..., torch.optim.Optimizer] | None, dict[str, Any]]] = {
     "SGD": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)),
     "SGD nesterov": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
     "Adam": (torch.optim.Adam, dict(lr=0.02, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.01)),
@@ -141,7 +141,8 @@ def table(cases: Sequence[Case]) -> str:
         zero = f" (zero hypergradient: {', '.join(c.zero)})" if c.zero else ""
         return " ".join(c.hypers) + zero
 
-    rows = [("optimizer", "granularity", *KINDS, "verdict", "hyperparameters learned")]
+    rows: list[tuple[str, ...]] = [("optimizer", "granularity", *KINDS, "verdict",
+                                    "hyperparameters learned")]
     rows += [(c.optimizer, c.granularity, *(fmt(c.errors[k]) for k in KINDS),
               "pass" if c.passed else "FAIL", learned(c)) for c in cases]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
