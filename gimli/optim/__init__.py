@@ -9,10 +9,11 @@ group over the whole parameter list.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -109,6 +110,11 @@ class InnerOptimizer:
     @property
     def name(self) -> str:
         return type(self.torch_optimizer).__name__
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InnerOptimizer:
+        """A copy over copied tensors and optimizer, sharing the rule (a module)."""
+        return InnerOptimizer(*(copy.deepcopy(getattr(self, f.name), memo) if f.name != "rule"
+                                else self.rule for f in fields(self)))
 
     @property
     def hyper_names(self) -> tuple[str, ...]:
