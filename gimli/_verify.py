@@ -89,15 +89,15 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
             where the unroll is smooth; a ReLU kink or a max within h of the point breaks it).
         seed: the random-number state every evaluation starts from (dropout masks).
     """
-    train_batches = list(train_batches)
     rng = torch.get_rng_state()
     try:
         twin = _twin(solver, dtype)
-        train_batches, val_batch = _cast(train_batches, dtype), _cast(val_batch, dtype)
+        batches: list[Any] = _cast(list(train_batches), dtype)
+        val_batch = _cast(val_batch, dtype)
         torch.manual_seed(seed)
-        ours = twin.hypergradient(train_batches, val_batch)
+        ours = twin.hypergradient(batches, val_batch)
         torch.manual_seed(seed)
-        reference = full_unroll_hypergradient(twin, train_batches, val_batch)
+        reference = full_unroll_hypergradient(twin, batches, val_batch)
         exact = twin.truncate is None and not twin.first_order
         gen = torch.Generator().manual_seed(seed)
         params = []
@@ -107,7 +107,7 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
             fd_error, count = float("nan"), 0
             if finite_differences and exact and elements > 0:
                 idx = _elements(ref, elements, gen)
-                fd = torch.tensor([_derivative(twin, p, i, train_batches, val_batch, seed) for i in idx],
+                fd = torch.tensor([_derivative(twin, p, i, batches, val_batch, seed) for i in idx],
                                   dtype=torch.float64)
                 fd_error, count = _relative(g.detach().reshape(-1)[idx].double(), fd), len(idx)
             passed = ad_error <= rtol and (count == 0 or fd_error <= fd_rtol)
