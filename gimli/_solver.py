@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -22,6 +24,41 @@ class StepResult(NamedTuple):
     val_loss: float                         # L^val(θ'_J) before the meta-update
     train_losses: list[float]               # ℓ_j(θ'_j), j = 0 … J−1
     hypergradient_norms: dict[str, float]   # ‖∇_φ L^val‖ per meta-parameter
+    skipped: bool = False                   # on_nonfinite="skip" and the result was not finite
+
+
+class _Saved(NamedTuple):
+    """What a meta-step may change, copied, so that a failed step can be undone."""
+
+    meta: list[Tensor]
+    grads: list[Tensor | None]
+    meta_opt: dict[str, Any]
+    groups: list[dict[str, Any]]
+    scheduler: dict[str, Any] | None
+
+    @classmethod
+    def take(cls, solver: GimliSolver) -> _Saved:
+        params = list(solver.meta.parameters())
+        opt = solver.problem.inner.torch_optimizer
+        scheduler = solver.problem.scheduler
+        assert solver.meta_opt is not None
+        return cls([p.detach().clone() for p in params],
+                   [None if p.grad is None else p.grad.clone() for p in params],
+                   copy.deepcopy(solver.meta_opt.state_dict()),
+                   [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                   None if scheduler is None else copy.deepcopy(scheduler.state_dict()))
+
+    def restore(self, solver: GimliSolver) -> None:
+        with torch.no_grad():
+            for p, value, grad in zip(solver.meta.parameters(), self.meta, self.grads):
+                p.copy_(value)
+                p.grad = grad
+        assert solver.meta_opt is not None
+        solver.meta_opt.load_state_dict(copy.deepcopy(self.meta_opt))
+        for group, saved in zip(solver.problem.inner.torch_optimizer.param_groups, self.groups):
+            group.update(saved)
+        if self.scheduler is not None:
+            solver.problem.scheduler.load_state_dict(self.scheduler)
 
 
 class GimliSolver:
@@ -90,23 +127,52 @@ class GimliSolver:
         ``meta_params.named_parameters()``. Changes nothing of the user's."""
         return self._compute(*self._batches(train_batches, val_batch))[0]
 
-    def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None) -> StepResult:
+    def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None, *,
+             on_nonfinite: str = "raise") -> StepResult:
         """One meta-update: the hypergradient, then ``meta_opt.step()`` (line 16), then
         scalar and per-group hyperparameters written back into the optimizer (and, with
-        a scheduler, the scheduler re-based on the learned base lr)."""
+        a scheduler, the scheduler re-based on the learned base lr).
+
+        All or nothing: if anything fails, or a hypergradient or an updated
+        meta-parameter is not finite, the model, the optimizer (param groups and
+        state), the scheduler, the meta-parameters (and their ``.grad``) and the
+        meta-optimizer's state are left bit-identical to before the call, and the
+        error is raised; with ``on_nonfinite="skip"`` a non-finite result is instead
+        reported by a warning and a :class:`StepResult` with ``skipped=True``.
+        """
         if self.meta_opt is None:
             raise ValueError("step() needs a meta-optimizer: pass meta_opt= to GimliSolver "
                              "(hypergradient() needs none)")
-        grads, result = self._compute(*self._batches(train_batches, val_batch))
-        self.meta_opt.zero_grad()
-        for name, p in self.meta.named_parameters():
-            p.grad = grads[name]
-        self.meta_opt.step()                                        # line 16
-        self.meta.write_back()
-        if result.schedule is not None and self.meta.granularity.get("lr") in ("scalar", "group"):
-            lr = self.meta.hyper("lr").detach()
-            bases = [float(lr if lr.dim() == 0 else lr[g]) for g in range(len(self.problem.inner.groups))]
-            rebase(self.problem.scheduler, self.problem.inner, bases, result.schedule)
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
+        saved = _Saved.take(self)
+        try:
+            grads, result = self._compute(*self._batches(train_batches, val_batch))
+            bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
+            if not bad:
+                self.meta_opt.zero_grad()
+                for name, p in self.meta.named_parameters():
+                    p.grad = grads[name]
+                self.meta_opt.step()                                    # line 16
+                bad = [f"{name} (after the meta-update)" for name, p in self.meta.named_parameters()
+                       if not bool(torch.isfinite(p).all())]
+            if bad:
+                saved.restore(self)
+                message = (f"non-finite hypergradient or meta-parameter: {', '.join(bad)}; "
+                           f"nothing was changed")
+                if on_nonfinite == "raise":
+                    raise FloatingPointError(message)
+                warnings.warn(f"GimliSolver.step skipped: {message}", RuntimeWarning, stacklevel=2)
+                return StepResult(result.val_loss, result.train_losses,
+                                  {name: g.norm().item() for name, g in grads.items()}, True)
+            self.meta.write_back()
+            if result.schedule is not None and self.meta.granularity.get("lr") in ("scalar", "group"):
+                lr = self.meta.hyper("lr").detach()
+                bases = [float(lr if lr.dim() == 0 else lr[g]) for g in range(len(self.problem.inner.groups))]
+                rebase(self.problem.scheduler, self.problem.inner, bases, result.schedule)
+        except BaseException:
+            saved.restore(self)
+            raise
         return StepResult(result.val_loss, result.train_losses,
                           {name: g.norm().item() for name, g in grads.items()})
 

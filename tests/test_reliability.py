@@ -1,0 +1,139 @@
+"""A meta-step is all or nothing: when anything fails, or a result is not finite,
+GimliSolver.step raises (or, with on_nonfinite="skip", warns and skips) and every
+piece of state is bit-identical to before the call. Oracle: a snapshot of every
+tensor and number reachable from the model, the optimizers and the meta-parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gimli
+from gimli.optim import adam
+from test_solver import assert_same, snapshot
+
+
+def setup(init: bool = True) -> tuple[gimli.GimliSolver, list[Any], Any]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.BatchNorm1d(6), nn.Linear(6, 1)).double()
+    opt = torch.optim.Adam([{"params": model[0].parameters()},
+                            {"params": list(model[2].parameters()) + list(model[3].parameters()),
+                             "lr": 0.02}], lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    meta = gimli.MetaParams(opt, {"lr": "group", "beta1": "scalar"},
+                            loss={"l2": torch.tensor(0.01, dtype=torch.float64)},
+                            init=model if init else None)
+
+    def loss_fn(m: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(m(x), y) + meta["l2"] * sum((p ** 2).sum() for p in m.parameters())
+
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta, scheduler=scheduler,
+                               meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+                torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(5)]
+    solver.step(batches[:4], batches[4])        # the meta-optimizer now holds state
+    opt.zero_grad()
+    loss_fn(gimli.FunctionalModel(model, dict(model.named_parameters()), dict(model.named_buffers())),
+            batches[0], meta).backward()        # the user's own training: grads and optimizer state
+    opt.step()
+    scheduler.step()
+    return solver, batches[:4], batches[4]
+
+
+def everything(solver: gimli.GimliSolver) -> list[Any]:
+    problem = solver.problem
+    out = snapshot(problem.module, problem.inner.torch_optimizer, solver.meta, solver.meta_opt)
+    out.append(("scheduler", repr(problem.scheduler.state_dict())))
+    return out
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_nan_in_the_middle_of_the_unroll_changes_nothing(init: bool) -> None:
+    solver, train, val = setup(init)
+    before = everything(solver)
+    x, y = train[2]
+    poisoned = train[:2] + [(x, y * float("nan"))] + train[3:]
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        solver.step(poisoned, val)
+    assert_same(before, everything(solver))
+    solver.step(train, val)                     # and the solver goes on
+    assert any(torch.is_tensor(v) and not torch.equal(v, w)
+               for (_, v), (_, w) in zip(before, everything(solver)))
+
+
+def poison_lr_cotangent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adam's VJP returns a NaN lr cotangent: the losses are finite, the hypergradient not."""
+    original = adam.vjp
+
+    def poisoned(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if "lr" in out.hypers:
+            out.hypers["lr"] = [a * float("nan") for a in out.hypers["lr"]]
+        return out
+
+    monkeypatch.setattr(adam, "vjp", poisoned)
+
+
+def test_nonfinite_hypergradient_raises_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    solver, train, val = setup()
+    poison_lr_cotangent(monkeypatch)
+    before = everything(solver)
+    with pytest.raises(FloatingPointError, match="hypers.lr.*nothing was changed"):
+        solver.step(train, val)
+    assert_same(before, everything(solver))
+
+
+def test_nonfinite_hypergradient_skipped_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    solver, train, val = setup()
+    poison_lr_cotangent(monkeypatch)
+    before = everything(solver)
+    with pytest.warns(RuntimeWarning, match="skipped.*hypers.lr"):
+        result = solver.step(train, val, on_nonfinite="skip")
+    assert result.skipped and result.val_loss == result.val_loss
+    assert_same(before, everything(solver))
+
+
+def test_meta_update_overflowing_is_undone() -> None:
+    solver, train, val = setup()
+    assert solver.meta_opt is not None
+    solver.meta_opt = torch.optim.SGD(solver.meta.parameters(), lr=1e308)  # φ − lr·g overflows
+    before = everything(solver)
+    with pytest.raises(FloatingPointError, match=r"after the meta-update"):
+        solver.step(train, val)
+    assert_same(before, everything(solver))
+
+
+class Interrupted(Exception):
+    pass
+
+
+class BreaksMidway(torch.optim.SGD):
+    """A meta-optimizer that updates the first parameter, then fails."""
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        with torch.no_grad():
+            first = self.param_groups[0]["params"][0]
+            first.add_(1.0)
+        self.state[first]["momentum_buffer"] = torch.ones_like(first)
+        raise Interrupted
+
+
+def test_failure_inside_the_meta_optimizer_is_undone() -> None:
+    solver, train, val = setup()
+    solver.meta_opt = BreaksMidway(solver.meta.parameters(), lr=0.1, momentum=0.9)
+    before = everything(solver)
+    with pytest.raises(Interrupted):
+        solver.step(train, val)
+    assert_same(before, everything(solver))
+
+
+def test_bad_on_nonfinite() -> None:
+    solver, train, val = setup()
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        solver.step(train, val, on_nonfinite="ignore")
