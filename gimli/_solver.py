@@ -15,7 +15,7 @@ from ._meta import MetaParams
 from ._problem import LossFn, Problem, ValLossFn
 from ._schedule import Schedule, rebase
 from ._sweep import Sweep, sweep
-from ._unroll import Unroll
+from ._unroll import Point, Unroll
 
 
 class StepResult(NamedTuple):
@@ -32,33 +32,44 @@ class _Saved(NamedTuple):
 
     meta: list[Tensor]
     grads: list[Tensor | None]
-    meta_opt: dict[str, Any]
+    meta_opt: dict[str, Any] | None
     groups: list[dict[str, Any]]
     scheduler: dict[str, Any] | None
+    model: dict[str, Tensor] | None             # with commit: the model's weights and buffers
+    inner_state: dict[Any, Any] | None          # and the optimizer's state
 
     @classmethod
-    def take(cls, solver: GimliSolver) -> _Saved:
+    def take(cls, solver: GimliSolver, commit: bool = False) -> _Saved:
         params = list(solver.meta.parameters())
         opt = solver.problem.inner.torch_optimizer
         scheduler = solver.problem.scheduler
-        assert solver.meta_opt is not None
+        module = solver.problem.module
         return cls([p.detach().clone() for p in params],
                    [None if p.grad is None else p.grad.clone() for p in params],
-                   copy.deepcopy(solver.meta_opt.state_dict()),
+                   None if solver.meta_opt is None else copy.deepcopy(solver.meta_opt.state_dict()),
                    [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups],
-                   None if scheduler is None else copy.deepcopy(scheduler.state_dict()))
+                   None if scheduler is None else copy.deepcopy(scheduler.state_dict()),
+                   {k: v.clone() for k, v in module.state_dict(keep_vars=True).items()} if commit else None,
+                   {p: copy.deepcopy(s) for p, s in opt.state.items()} if commit else None)
 
     def restore(self, solver: GimliSolver) -> None:
         with torch.no_grad():
             for p, value, grad in zip(solver.meta.parameters(), self.meta, self.grads):
                 p.copy_(value)
                 p.grad = grad
-        assert solver.meta_opt is not None
-        solver.meta_opt.load_state_dict(copy.deepcopy(self.meta_opt))
-        for group, saved in zip(solver.problem.inner.torch_optimizer.param_groups, self.groups):
+        if solver.meta_opt is not None and self.meta_opt is not None:
+            solver.meta_opt.load_state_dict(copy.deepcopy(self.meta_opt))
+        opt = solver.problem.inner.torch_optimizer
+        for group, saved in zip(opt.param_groups, self.groups):
             group.update(saved)
         if self.scheduler is not None:
             solver.problem.scheduler.load_state_dict(self.scheduler)
+        if self.model is not None and self.inner_state is not None:
+            with torch.no_grad():
+                for name, t in solver.problem.module.state_dict(keep_vars=True).items():
+                    t.copy_(self.model[name])
+            opt.state.clear()
+            opt.state.update(self.inner_state)
 
 
 class GimliSolver:
@@ -122,13 +133,23 @@ class GimliSolver:
         self._val_iter: Iterator[Any] | None = None
 
     def hypergradient(self, train_batches: Iterable[Any] | None = None,
-                      val_batch: Any = None) -> dict[str, Tensor]:
+                      val_batch: Any = None, *, commit: bool = False) -> dict[str, Tensor]:
         """∇_φ L^val(θ'_J) for every meta-parameter, keyed by its name in
-        ``meta_params.named_parameters()``. Changes nothing of the user's."""
-        return self._compute(*self._batches(train_batches, val_batch))[0]
+        ``meta_params.named_parameters()``. Changes nothing of the user's, unless
+        ``commit`` (see :meth:`step`)."""
+        self._check_commit(commit)
+        grads, result = self._compute(*self._batches(train_batches, val_batch))
+        if commit:
+            saved = _Saved.take(self, commit=True)
+            try:
+                self._commit(result)
+            except BaseException:
+                saved.restore(self)
+                raise
+        return grads
 
     def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None, *,
-             on_nonfinite: str = "raise") -> StepResult:
+             on_nonfinite: str = "raise", commit: bool = False) -> StepResult:
         """One meta-update: the hypergradient, then ``meta_opt.step()`` (line 16), then
         scalar and per-group hyperparameters written back into the optimizer (and, with
         a scheduler, the scheduler re-based on the learned base lr).
@@ -139,13 +160,20 @@ class GimliSolver:
         meta-optimizer's state are left bit-identical to before the call, and the
         error is raised; with ``on_nonfinite="skip"`` a non-finite result is instead
         reported by a warning and a :class:`StepResult` with ``skipped=True``.
+
+        ``commit=True`` then writes the unroll's end into the user's objects (online
+        hyperparameter learning: the base training continues from the unrolled
+        weights): θ'_J into the model's parameters, the optimizer state σ_J into
+        ``opt.state``, the buffers (BatchNorm running statistics) into the model, and
+        the scheduler, if any, advanced J steps. By default they are discarded.
         """
         if self.meta_opt is None:
             raise ValueError("step() needs a meta-optimizer: pass meta_opt= to GimliSolver "
                              "(hypergradient() needs none)")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
-        saved = _Saved.take(self)
+        self._check_commit(commit)
+        saved = _Saved.take(self, commit)
         try:
             grads, result = self._compute(*self._batches(train_batches, val_batch))
             bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
@@ -170,11 +198,41 @@ class GimliSolver:
                 lr = self.meta.hyper("lr").detach()
                 bases = [float(lr if lr.dim() == 0 else lr[g]) for g in range(len(self.problem.inner.groups))]
                 rebase(self.problem.scheduler, self.problem.inner, bases, result.schedule)
+            if commit:
+                self._commit(result)
         except BaseException:
             saved.restore(self)
             raise
         return StepResult(result.val_loss, result.train_losses,
                           {name: g.norm().item() for name, g in grads.items()})
+
+    def _check_commit(self, commit: bool) -> None:
+        if commit and self.meta.init is not None:
+            raise ValueError("commit=True would overwrite the model's weights, which are the "
+                             "meta-learned initial weights θ₀ (init=): it is for online learning "
+                             "of hyperparameters or loss parameters")
+
+    def _commit(self, result: _Result) -> None:
+        """θ'_J, σ_J and the buffers into the user's model and optimizer; the scheduler J steps on."""
+        problem, final = self.problem, result.final
+        inner = problem.inner
+        opt = inner.torch_optimizer
+        untouched = [not opt.state.get(p) and torch.equal(p.detach(), t)    # no state, never stepped
+                     for p, t in zip(inner.params, final.theta)]
+        with torch.no_grad():
+            for p, t in zip(inner.params, final.theta):
+                p.copy_(t)
+            buffers = dict(problem.module.named_buffers())
+            for name, b in final.buffers.items():
+                buffers[name].copy_(b)
+        for i, p in enumerate(inner.params):
+            if not untouched[i]:
+                opt.state[p] = inner.write_state(final.state, i)
+        if problem.scheduler is not None:
+            with warnings.catch_warnings():     # "scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(len(result.train_losses)):
+                    problem.scheduler.step()
 
     def _batches(self, train_batches: Iterable[Any] | None, val_batch: Any) -> tuple[list[Any], Any]:
         """The J training batches and the validation batch a call will use."""
@@ -206,7 +264,7 @@ class GimliSolver:
                                   first_order=self.first_order)                # lines 8–15
             grads = self._join(result, phi_loss)                                   # line 16
         self.last_forward_steps = run.forward_steps
-        return grads, _Result(result.val_loss, run.train_losses, schedule)
+        return grads, _Result(result.val_loss, run.train_losses, schedule, result.final)
 
     def _join(self, result: Sweep, phi_loss: list[Tensor]) -> dict[str, Tensor]:
         """Line 16's join(A^opt, A^loss), plus B₀ for θ₀, keyed by meta-parameter name."""
@@ -228,6 +286,7 @@ class _Result(NamedTuple):
     val_loss: float
     train_losses: list[float]
     schedule: Schedule | None
+    final: Point
 
 
 def _draw(data: Iterable[Any], it: Iterator[Any] | None, k: int) -> tuple[Iterator[Any], list[Any]]:

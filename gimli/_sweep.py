@@ -29,6 +29,7 @@ class Sweep(NamedTuple):
     A_opt: dict[str, list[Tensor]]              # per tensor, each hyperparameter's shape there
     A_loss: list[Tensor]                        # aligned with problem.loss_leaves()
     val_loss: float
+    final: Point                                # (θ'_J, σ_J, buffers), for a commit
 
 
 def _zeros_like_state(state: Any) -> Any:
@@ -54,7 +55,8 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     A_loss = [torch.zeros_like(x) for x in leaves]
     # line 9: B_J ← ∇_θ L^val(θ'_J), plus L^val's direct gradient w.r.t. φ^loss; S_J ← 0
     theta_J = [t.detach().requires_grad_() for t in final.theta]
-    val = problem.val_loss(theta_J, final.buffers, val_batch)
+    val_buffers = {n: b.clone() for n, b in final.buffers.items()}    # σ_J's buffers stay as J steps
+    val = problem.val_loss(theta_J, val_buffers, val_batch)             # left them (for a commit)
     unroll.rng.mark_end()
     direct = torch.autograd.grad(val, theta_J + leaves, allow_unused=True)
     B = _or_zeros(direct[:n], theta_J)
@@ -84,4 +86,4 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         S = out.state
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]
-    return Sweep(B, A_opt, A_loss, val.item())
+    return Sweep(B, A_opt, A_loss, val.item(), final)

@@ -5,6 +5,7 @@ tensor and number reachable from the model, the optimizers and the meta-paramete
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -137,3 +138,65 @@ def test_bad_on_nonfinite() -> None:
     solver, train, val = setup()
     with pytest.raises(ValueError, match="on_nonfinite"):
         solver.step(train, val, on_nonfinite="ignore")
+
+
+# --- commit: the unroll's end written into the user's objects ------------------------------
+@pytest.mark.parametrize("cls,kwargs", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
+                                        (torch.optim.Adam, dict(lr=0.01, weight_decay=0.01))])
+def test_commit_equals_training_with_torch_optim(cls: type, kwargs: dict[str, Any]) -> None:
+    """Oracle: the same J steps taken by the real torch.optim optimizer and scheduler on a
+    copy; then one more real step from each must agree too (the written state is usable)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
+    opt = cls(model.parameters(), **kwargs)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    meta = gimli.MetaParams(opt, {"lr": "scalar"}, loss={"l2": torch.tensor(0.01, dtype=torch.float64)})
+
+    def loss_fn(m: Any, batch: Any, meta: Any) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(m(x), y) + meta["l2"].detach() * sum((p ** 2).sum() for p in m.parameters())
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+                torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(6)]
+    twin_model = copy.deepcopy(model)
+    twin_opt = cls(twin_model.parameters(), **kwargs)
+    twin_scheduler = torch.optim.lr_scheduler.StepLR(twin_opt, step_size=2, gamma=0.5)
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta, scheduler=scheduler)
+    solver.hypergradient(batches[:4], batches[4], commit=True)
+
+    def real_step(m: nn.Module, o: torch.optim.Optimizer, batch: Any) -> None:
+        o.zero_grad()
+        loss_fn(m, batch, meta).backward()
+        o.step()
+
+    for batch in batches[:4]:
+        real_step(twin_model, twin_opt, batch)
+        twin_scheduler.step()
+    for _ in range(2):
+        for (name, ours), theirs in zip(model.state_dict().items(), twin_model.state_dict().values()):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14, msg=name)
+        for p, q in zip(opt.param_groups[0]["params"], twin_opt.param_groups[0]["params"]):
+            assert opt.state[p].keys() == twin_opt.state[q].keys()
+            for key in opt.state[p]:
+                torch.testing.assert_close(opt.state[p][key], twin_opt.state[q][key], rtol=1e-12,
+                                           atol=1e-14, msg=key)
+        assert scheduler.state_dict() == twin_scheduler.state_dict()
+        assert opt.param_groups[0]["lr"] == twin_opt.param_groups[0]["lr"]
+        real_step(model, opt, batches[5])           # both go on with torch.optim
+        real_step(twin_model, twin_opt, batches[5])
+
+
+def test_commit_refused_for_maml_and_undone_on_failure() -> None:
+    solver, train, val = setup(init=True)
+    with pytest.raises(ValueError, match="θ₀"):
+        solver.step(train, val, commit=True)
+    solver, train, val = setup(init=False)
+    before = everything(solver)
+    x, y = train[3]
+    with pytest.raises(FloatingPointError):
+        solver.step(train[:3] + [(x * float("inf"), y)], val, commit=True)
+    assert_same(before, everything(solver))
+    solver.step(train, val, commit=True)
+    weights = [p for n, p in solver.problem.module.named_parameters()]
+    assert all(not torch.equal(p, q) for p, q in zip(weights, [v for n, v in before if n.endswith("weight")]))

@@ -162,6 +162,22 @@ class InnerOptimizer:
                      for p, g in zip(self.params, self.group_of())]
         return type(per_param[0])(*([entry[0] for entry in field] for field in zip(*per_param)))
 
+    def write_state(self, state: Any, i: int) -> dict[str, Any]:
+        """Tensor i's entry of ``torch_optimizer.state`` for ``state`` (the inverse of
+        :meth:`read_state`): the rule's own ``write_state``, or its ``State`` fields,
+        which are named as ``torch.optim``'s keys (``step`` as a float tensor)."""
+        own = getattr(self.rule, "write_state", None)
+        if own is not None:
+            return dict(own(state, i))
+        out: dict[str, Any] = {}
+        for key, values in zip(type(state)._fields, state):
+            value = values[i]
+            if key == "step":
+                out[key] = torch.tensor(float(value))
+            elif value is not None:
+                out[key] = value
+        return out
+
     def step(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
              hp: Hypers) -> tuple[list[Tensor], Any]:
         """One update of every tensor; a tensor whose gradient is ``None`` is left
