@@ -128,9 +128,9 @@ class GimliSolver:
         self.meta = meta_params
         self.meta_opt = meta_opt
         self.steps = steps
-        self._train_data, self._val_data = train_data, val_data
-        self._train_iter: Iterator[Any] | None = None
-        self._val_iter: Iterator[Any] | None = None
+        self._train_data = None if train_data is None else _Stream(train_data)
+        self._val_data = None if val_data is None else _Stream(val_data)
+        self.meta_steps = 0             # meta-updates taken by step()
 
     def hypergradient(self, train_batches: Iterable[Any] | None = None,
                       val_batch: Any = None, *, commit: bool = False) -> dict[str, Tensor]:
@@ -203,8 +203,52 @@ class GimliSolver:
         except BaseException:
             saved.restore(self)
             raise
+        self.meta_steps += 1
         return StepResult(result.val_loss, result.train_losses,
                           {name: g.norm().item() for name, g in grads.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume meta-training, for ``torch.save``: the
+        meta-parameters, the meta-optimizer's state, the hyperparameters written into
+        the optimizer's param groups, the scheduler, the number of meta-steps, and the
+        position in ``train_data``/``val_data``. The model's weights and the inner
+        optimizer's state are the user's, saved as usual (with ``init=``, the
+        meta-parameters are the model's weights and are saved here too)."""
+        opt = self.problem.inner.torch_optimizer
+        return {
+            "meta": self.meta.state_dict(),
+            "meta_opt": None if self.meta_opt is None else self.meta_opt.state_dict(),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "scheduler": None if self.problem.scheduler is None else self.problem.scheduler.state_dict(),
+            "meta_steps": self.meta_steps,
+            "data": {name: None if stream is None else stream.position()
+                     for name, stream in (("train", self._train_data), ("val", self._val_data))},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the following hypergradients and meta-steps
+        are bit-identical to those of the run that saved it (given the same model
+        weights, optimizer state and data, and the same random-number state where the
+        model draws random numbers)."""
+        if (self.meta_opt is None) != (state["meta_opt"] is None):
+            raise ValueError("the saved solver had " + ("no " if state["meta_opt"] is None else "a ")
+                             + "meta-optimizer and this one " + ("has" if self.meta_opt else "has none"))
+        groups = self.problem.inner.torch_optimizer.param_groups
+        if len(groups) != len(state["param_groups"]):
+            raise ValueError(f"the saved optimizer had {len(state['param_groups'])} param groups, "
+                             f"this one {len(groups)}")
+        self.meta.load_state_dict(state["meta"])
+        if self.meta_opt is not None:
+            self.meta_opt.load_state_dict(state["meta_opt"])
+        for group, saved in zip(groups, state["param_groups"]):
+            group.update(copy.deepcopy(saved))
+        if self.problem.scheduler is not None and state["scheduler"] is not None:
+            self.problem.scheduler.load_state_dict(state["scheduler"])
+        self.meta_steps = state["meta_steps"]
+        for stream, position in ((self._train_data, state["data"]["train"]),
+                                 (self._val_data, state["data"]["val"])):
+            if stream is not None and position is not None:
+                stream.seek(position)
 
     def _check_commit(self, commit: bool) -> None:
         if commit and self.meta.init is not None:
@@ -239,7 +283,7 @@ class GimliSolver:
         if train_batches is None:
             if self._train_data is None:
                 raise ValueError("no training batches: pass train_batches or give train_data=")
-            self._train_iter, taken = _draw(self._train_data, self._train_iter, self.steps or 0)
+            taken = self._train_data.take(self.steps or 0)
         else:
             taken = list(itertools.islice(train_batches, self.steps)) if self.steps else list(train_batches)
         if not taken or (self.steps is not None and len(taken) < self.steps):
@@ -248,7 +292,7 @@ class GimliSolver:
         if val_batch is None:
             if self._val_data is None:
                 raise ValueError("no validation batch: pass val_batch or give val_data=")
-            self._val_iter, (val_batch,) = _draw(self._val_data, self._val_iter, 1)
+            (val_batch,) = self._val_data.take(1)
         return taken, val_batch
 
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], Any]:
@@ -289,17 +333,41 @@ class _Result(NamedTuple):
     final: Point
 
 
-def _draw(data: Iterable[Any], it: Iterator[Any] | None, k: int) -> tuple[Iterator[Any], list[Any]]:
-    """k items from an iterable, starting it over when it runs out."""
-    it = iter(data) if it is None else it
-    out: list[Any] = []
-    restarted = False
-    while len(out) < k:
-        try:
-            out.append(next(it))
-            restarted = False
-        except StopIteration:
-            if restarted:
-                raise ValueError("train_data/val_data yields no batches") from None
-            it, restarted = iter(data), True
-    return it, out
+class _Stream:
+    """Batches drawn from an iterable, starting it over when it runs out; its position
+    (passes started, items drawn in this pass) is saved and restored by state_dict."""
+
+    def __init__(self, data: Iterable[Any]):
+        self.data = data
+        self.epoch, self.index = 0, 0
+        self._it: Iterator[Any] | None = None
+
+    def take(self, k: int) -> list[Any]:
+        out: list[Any] = []
+        restarted = False
+        while len(out) < k:
+            if self._it is None:
+                self._it, self.index = iter(self.data), 0
+            try:
+                out.append(next(self._it))
+                self.index += 1
+                restarted = False
+            except StopIteration:
+                if restarted:
+                    raise ValueError("train_data/val_data yields no batches") from None
+                self._it, restarted = None, True
+                self.epoch += 1
+        return out
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def seek(self, position: dict[str, int]) -> None:
+        """Re-iterate the data and skip to the position: exact for data that iterate the
+        same way each pass (lists, loaders with a seeded sampler)."""
+        self._it, self.index, self.epoch = None, 0, position["epoch"]
+        if position["index"]:
+            self._it = iter(self.data)
+            for _ in range(position["index"]):
+                next(self._it)
+            self.index = position["index"]

@@ -200,3 +200,60 @@ def test_commit_refused_for_maml_and_undone_on_failure() -> None:
     solver.step(train, val, commit=True)
     weights = [p for n, p in solver.problem.module.named_parameters()]
     assert all(not torch.equal(p, q) for p, q in zip(weights, [v for n, v in before if n.endswith("weight")]))
+
+
+# --- persistence --------------------------------------------------------------------------
+def resumable(seed: int) -> tuple[gimli.GimliSolver, nn.Module, torch.optim.Optimizer]:
+    """Online learning of lrs and an L2 coefficient with the solver drawing its own
+    batches (a pass of 5 training batches for J = 2: the position matters)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+                          lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    meta = gimli.MetaParams(opt, {"lr": "group", "momentum": "scalar"},
+                            loss={"l2": torch.tensor(0.01, dtype=torch.float64)})
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+             torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(8)]
+
+    def loss_fn(m: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(m(x), y) + meta["l2"] * sum((p ** 2).sum() for p in m.parameters())
+
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta, scheduler=scheduler, steps=2,
+                               meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-2),
+                               train_data=data[:5], val_data=data[5:])
+    return solver, model, opt
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one() -> None:
+    import io
+
+    solver, model, opt = resumable(0)
+    for _ in range(3):
+        solver.step(commit=True)
+    buffer = io.BytesIO()
+    torch.save({"solver": solver.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()},
+               buffer)
+    went_on = [solver.step(commit=True) for _ in range(4)]
+    after = everything(solver)
+
+    resumed, model2, opt2 = resumable(1)        # other initial weights: everything must come back
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    resumed.load_state_dict(saved["solver"])
+    assert resumed.meta_steps == 3
+    again = [resumed.step(commit=True) for _ in range(4)]
+    assert again == went_on                     # losses and hypergradient norms, exactly
+    assert_same(after, everything(resumed))
+
+
+def test_load_state_dict_checks_what_it_is_given() -> None:
+    solver, _, _ = resumable(0)
+    state = solver.state_dict()
+    state["param_groups"] = state["param_groups"][:1]
+    with pytest.raises(ValueError, match="param groups"):
+        solver.load_state_dict(state)
