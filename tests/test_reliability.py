@@ -257,3 +257,31 @@ def test_load_state_dict_checks_what_it_is_given() -> None:
     state["param_groups"] = state["param_groups"][:1]
     with pytest.raises(ValueError, match="param groups"):
         solver.load_state_dict(state)
+
+
+# --- no growth ----------------------------------------------------------------------------
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_a_thousand_steps_do_not_grow_memory() -> None:
+    """1,000 meta-steps (with commits, so the optimizer state is rewritten each time) hold
+    no more memory than the first 100 did: growth below 10 MB. Holding on to each step's
+    Unroll object, a leak this test is meant to see, measured 25 KB per step here: 22 MB
+    over the 900 steps."""
+    import gc
+
+    solver, _, _ = resumable(0)
+    for _ in range(100):
+        solver.step(commit=True)
+    gc.collect()
+    before = rss_mb()
+    for _ in range(900):
+        solver.step(commit=True)
+    gc.collect()
+    assert rss_mb() - before < 10.0
