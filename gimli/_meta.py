@@ -95,6 +95,11 @@ class MetaParams(nn.Module):
         parameter's shape), in the optimizer's order; differentiable."""
         assert self.inner is not None
         value, per, params = self.hyper(name), self.granularity[name], self.inner.params
+        shape = {"scalar": (), "group": (len(self.inner.groups),), "tensor": (len(params),),
+                 "element": (sum(p.numel() for p in params),)}[per]
+        if "." not in name and tuple(value.shape) != shape:     # (a module's weights: their own)
+            raise ValueError(f"meta-parameter hypers.{name} has shape {tuple(value.shape)}, but "
+                             f"{per!r} granularity over this optimizer needs {shape}")
         if per == "scalar":
             return [value] * len(params)
         if per == "group":

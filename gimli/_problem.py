@@ -8,6 +8,7 @@ the oracle all go through it, so they evaluate the very same functions.
 from __future__ import annotations
 
 from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -21,6 +22,11 @@ from .optim import InnerOptimizer, bind
 
 LossFn = Callable[[FunctionalModel, Any, MetaParams], Tensor]
 ValLossFn = Callable[[FunctionalModel, Any], Tensor]
+
+
+class GimliWarning(UserWarning):
+    """A setup under which some hypergradient is identically zero (one of the paper's
+    Requirements I–III of §2.4 is not met)."""
 
 
 class Split(NamedTuple):
@@ -60,6 +66,12 @@ class Problem:
                              f"of the model (first: param #{missing[0]} in its param_groups)")
         names = [name_of[id(p)] for p in inner.params]
         frozen = [n for n, _ in model.named_parameters() if n not in set(names)]
+        _check_dtypes(inner, meta)
+        blind = getattr(inner.rule, "INSENSITIVE_TO_G", None)
+        if blind is not None and any(True for _ in meta.loss.parameters()):
+            warnings.warn(f"{inner.name} {blind}: φ^loss (loss=) changes θ'_J through no step, so its "
+                          f"hypergradient is at most L^val's direct term (Requirement II of the "
+                          f"paper: the update must be differentiable in G)", GimliWarning, stacklevel=3)
         if scheduler is not None:
             check_scheduler(scheduler, inner)
         elif "lr" in meta.granularity and any("initial_lr" in g for g in optimizer.param_groups):
@@ -136,6 +148,23 @@ class Problem:
             raise ValueError("loss_fn returned a loss that does not depend on any parameter "
                              "the optimizer trains")
         return list(grads)
+
+
+def _check_dtypes(inner: InnerOptimizer, meta: MetaParams) -> None:
+    """Meta-parameters live where the model's parameters do, in their dtype."""
+    kinds = {(p.dtype, p.device) for p in inner.params}
+    if len(kinds) != 1:
+        return                  # a mixed model: each entry is the user's to place
+    dtype, device = next(iter(kinds))
+    for name, p in meta.named_parameters():
+        if name.startswith("init."):
+            continue
+        if p.device != device:
+            raise ValueError(f"meta-parameter {name} is on {p.device}, the model's parameters on "
+                             f"{device}: move it (or the module holding it) with .to({str(device)!r})")
+        if p.dtype != dtype:
+            raise ValueError(f"meta-parameter {name} is {p.dtype}, the model's parameters are {dtype}: "
+                             f"convert it (or the module holding it) with .to({dtype})")
 
 
 def _scalar(loss: Any, who: str) -> Tensor:

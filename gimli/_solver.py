@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ._meta import MetaParams
-from ._problem import LossFn, Problem, ValLossFn
+from ._problem import GimliWarning, LossFn, Problem, ValLossFn
 from ._schedule import Schedule, rebase
 from ._sweep import Sweep, sweep
 from ._unroll import Point, Unroll
@@ -131,6 +131,7 @@ class GimliSolver:
         self._train_data = None if train_data is None else _Stream(train_data)
         self._val_data = None if val_data is None else _Stream(val_data)
         self.meta_steps = 0             # meta-updates taken by step()
+        self._warned: set[str] = set()
 
     def hypergradient(self, train_batches: Iterable[Any] | None = None,
                       val_batch: Any = None, *, commit: bool = False) -> dict[str, Tensor]:
@@ -304,11 +305,33 @@ class GimliSolver:
             run = Unroll(problem, hypers, train_batches, memory=self.memory,     # lines 3–7
                          snapshots=self.snapshots, truncate=self.truncate,
                          graph=not self.first_order or bool(phi_loss))
+            if self.truncate is not None and self.truncate < len(train_batches) \
+                    and self.meta.init is not None and "init" not in self._warned:
+                self._warned.add("init")
+                warnings.warn(f"truncate={self.truncate} < J = {len(train_batches)} cuts every path "
+                              f"from θ₀ (init=) to L^val: its hypergradient is identically 0",
+                              GimliWarning, stacklevel=3)
             result: Sweep = sweep(problem, run, learned, phi_loss, schedule, val_batch,
                                   first_order=self.first_order)                # lines 8–15
+            self._warn_unreached(phi_loss, result.reached)
             grads = self._join(result, phi_loss)                                   # line 16
         self.last_forward_steps = run.forward_steps
         return grads, _Result(result.val_loss, run.train_losses, schedule, result.final)
+
+    def _warn_unreached(self, leaves: list[Tensor], reached: list[bool]) -> None:
+        """A φ^loss entry that reaches no G_j and not L^val gets a hypergradient of 0:
+        Requirement IIIb is not met (said once per entry)."""
+        names = {id(p): n for n, p in self.meta.named_parameters()}
+        for leaf, ok in zip(leaves, reached):
+            name = names.get(id(leaf), "")
+            if ok or not name.startswith("loss.") or name in self._warned:
+                continue
+            self._warned.add(name)
+            warnings.warn(f"{name} reaches no gradient G_j = ∇_θ ℓ_j of the unroll and not L^val, so "
+                          f"its hypergradient is identically 0 (Requirement IIIb of the paper: G_j must "
+                          f"depend on φ^loss). Does loss_fn read meta[...] for it, and not only "
+                          f"additively (a term without θ has no gradient in θ)?", GimliWarning,
+                          stacklevel=4)
 
     def _join(self, result: Sweep, phi_loss: list[Tensor]) -> dict[str, Tensor]:
         """Line 16's join(A^opt, A^loss), plus B₀ for θ₀, keyed by meta-parameter name."""

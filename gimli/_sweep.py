@@ -30,6 +30,7 @@ class Sweep(NamedTuple):
     A_loss: list[Tensor]                        # aligned with problem.loss_leaves()
     val_loss: float
     final: Point                                # (θ'_J, σ_J, buffers), for a commit
+    reached: list[bool]                         # per φ^loss leaf: reaches some G_j or L^val
 
 
 def _zeros_like_state(state: Any) -> Any:
@@ -58,7 +59,14 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     val_buffers = {n: b.clone() for n, b in final.buffers.items()}    # σ_J's buffers stay as J steps
     val = problem.val_loss(theta_J, val_buffers, val_batch)             # left them (for a commit)
     unroll.rng.mark_end()
-    direct = torch.autograd.grad(val, theta_J + leaves, allow_unused=True)
+    direct = torch.autograd.grad(val, theta_J + leaves, allow_unused=True) if val.requires_grad \
+        else (None,) * (n + len(leaves))
+    if all(d is None for d in direct[:n]):
+        raise ValueError("the validation loss does not depend on the model's parameters θ'_J, so "
+                         "no meta-parameter can change it through the unroll (Requirement I of the "
+                         "paper: ∇_θ L^val must exist); check val_loss_fn (is it computed under "
+                         "torch.no_grad(), or from detached outputs?)")
+    reached = [d is not None for d in direct[n:]]
     B = _or_zeros(direct[:n], theta_J)
     A_loss = [a + d for a, d in zip(A_loss, _or_zeros(direct[n:], leaves))]
     S = _zeros_like_state(final.state)
@@ -81,9 +89,10 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
             hm = torch.autograd.grad([g for g, _ in pairs], inputs,
                                      grad_outputs=[o for _, o in pairs], allow_unused=True)
         A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
+        reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
         B = [b + h for b, h in zip(out.params, _or_zeros(hm[:targets], theta[:targets]))] \
             if targets else out.params                                          # line 14
         S = out.state
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]
-    return Sweep(B, A_opt, A_loss, val.item(), final)
+    return Sweep(B, A_opt, A_loss, val.item(), final, reached)

@@ -82,6 +82,16 @@ class RngTape:
             self._set(self.saved["end"])
 
 
+def _summary(hypers: Hypers) -> str:
+    """Each hyperparameter's range over the tensors, for an error message."""
+    out = []
+    for name, values in hypers.items():
+        lo = min(float(v.min()) for v in values)
+        hi = max(float(v.max()) for v in values)
+        out.append(f"{name}={lo:.4g}" if lo == hi else f"{name}∈[{lo:.4g}, {hi:.4g}]")
+    return ", ".join(out)
+
+
 def _same_rng(a: Any, b: Any) -> bool:
     if not torch.equal(a[0], b[0]):
         return False
@@ -111,7 +121,21 @@ class Unroll:
         self.rng.enter(j)
         theta = [t.detach().requires_grad_() for t in point.theta]
         buffers = {n: b.clone() for n, b in point.buffers.items()}
-        loss = self.problem.train_loss(theta, buffers, self.batches[j])
+        versions = [t._version for t in theta]
+        try:
+            loss = self.problem.train_loss(theta, buffers, self.batches[j])
+        except FloatingPointError as e:
+            if j == 0:
+                raise
+            largest = max(float(t.abs().max()) for t in point.theta)
+            raise FloatingPointError(
+                f"{e} at step {j} of the unroll, after {j} optimizer steps from the model's "
+                f"weights (largest |θ'_{j}| entry: {largest:.3g}): if the unroll diverged, check the "
+                f"optimizer's hyperparameters, here {_summary(self.hypers[j - 1])}") from e
+        if [t._version for t in theta] != versions:
+            raise ValueError("loss_fn modified the model's parameters in place (θ'_j); gimli "
+                             "evaluates every loss at the unroll's own θ'_j, so loss_fn must only "
+                             "read them (use out-of-place operations, e.g. w = w * mask, not w.mul_)")
         G = self.problem.inner_grads(loss, theta, graph=graph)
         self.train_losses[j] = loss.item()
         return Step(j, theta, point.state, G), buffers

@@ -150,11 +150,11 @@ def test_commit_equals_training_with_torch_optim(cls: type, kwargs: dict[str, An
     model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
     opt = cls(model.parameters(), **kwargs)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    meta = gimli.MetaParams(opt, {"lr": "scalar"}, loss={"l2": torch.tensor(0.01, dtype=torch.float64)})
+    meta = gimli.MetaParams(opt, {"lr": "scalar"})
 
     def loss_fn(m: Any, batch: Any, meta: Any) -> torch.Tensor:
         x, y = batch
-        return F.mse_loss(m(x), y) + meta["l2"].detach() * sum((p ** 2).sum() for p in m.parameters())
+        return F.mse_loss(m(x), y) + 0.01 * sum((p ** 2).sum() for p in m.parameters())
 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64),

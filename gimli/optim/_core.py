@@ -35,6 +35,8 @@ Hypers = dict[str, list[Tensor]]
 #       flags (its docstring says why, for the error message);
 #   NO_HYPERGRADIENT: dict[str, str]  hyperparameters that never reach θ, so a loss on θ
 #       has no hypergradient for them (name → why); not offered as meta-parameters;
+#   INSENSITIVE_TO_G: str  the update does not depend differentiably on G (why), so φ^loss
+#       reaches θ through no step (Rprop); a warning when φ^loss is learned;
 #   substep(state, i) -> Hashable  splits a group's tensors into calls of uniform tensors
 #       (SGD: a tensor that has no momentum buffer yet steps apart from those that do).
 

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ._core import VJP, Hypers, group_float, reduce_to, step_count
 
+INSENSITIVE_TO_G = "uses only the sign of the gradient (∂θ'/∂G = 0 almost everywhere)"
 HYPERS = ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")
 GROUP_KEYS = {"etaminus": ("etas", 0), "etaplus": ("etas", 1),      # where param_groups keep them
               "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)}
