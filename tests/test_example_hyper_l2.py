@@ -9,21 +9,10 @@ initial value.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load(name: str) -> ModuleType:
-    """Import examples/<name>.py by path (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from test_examples import load
 
 
 def test_hyper_l2_quick_learns(tmp_path: Path) -> None:

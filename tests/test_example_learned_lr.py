@@ -7,23 +7,13 @@ chooses the meta-learned run's lrs); the figures are checked as PNG files.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from test_examples import load
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHANCE = 0.1                    # ten balanced classes
-
-
-def load(name: str) -> ModuleType:
-    """Import examples/<name>.py by path (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_learned_lr_quick(tmp_path: Path) -> None:

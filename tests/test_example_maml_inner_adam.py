@@ -9,23 +9,13 @@ groups), which does not go through gimli.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load(name: str) -> ModuleType:
-    """Import examples/<name>.py by path (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from test_examples import load
 
 
 @pytest.fixture(scope="module")
