@@ -100,6 +100,11 @@ class GimliSolver:
         first_order: drop the Hessian term h_j (first-order MAML); the optimizer
             hyperparameters' and loss parameters' terms a_j and m_j stay exact.
         truncate: sweep only the last K steps (B_{J−K} is not propagated further).
+        distributed: average hypergradients over the ranks of ``torch.distributed``
+            (each rank unrolls its own tasks; the joined hypergradients are
+            all-reduced before the meta-update, so every rank applies the same one).
+            ``None`` (default): when a process group is initialized; ``False``: never.
+        process_group: the group to average over (default: the whole world).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer,
@@ -107,7 +112,8 @@ class GimliSolver:
                  meta_opt: torch.optim.Optimizer | None = None, steps: int | None = None,
                  train_data: Iterable[Any] | None = None, val_data: Iterable[Any] | None = None,
                  scheduler: Any = None, memory: str = "retain", snapshots: int | None = None,
-                 first_order: bool = False, truncate: int | None = None):
+                 first_order: bool = False, truncate: int | None = None,
+                 distributed: bool | None = None, process_group: Any = None):
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if steps is None and train_data is not None:
@@ -121,6 +127,7 @@ class GimliSolver:
             raise ValueError(f"snapshots must be an int ≥ 1, got {snapshots!r}")
         if truncate is not None and (not isinstance(truncate, int) or truncate < 1):
             raise ValueError(f"truncate must be an int ≥ 1, got {truncate!r}")
+        self.distributed, self.process_group = distributed, process_group
         self.memory, self.snapshots = memory, snapshots
         self.first_order, self.truncate = first_order, truncate
         self.last_forward_steps = 0     # optimizer steps the last unroll evaluated
@@ -134,12 +141,18 @@ class GimliSolver:
         self._warned: set[str] = set()
 
     def hypergradient(self, train_batches: Iterable[Any] | None = None,
-                      val_batch: Any = None, *, commit: bool = False) -> dict[str, Tensor]:
+                      val_batch: Any = None, *, tasks: Iterable[tuple[Any, Any]] | None = None,
+                      commit: bool = False) -> dict[str, Tensor]:
         """∇_φ L^val(θ'_J) for every meta-parameter, keyed by its name in
         ``meta_params.named_parameters()``. Changes nothing of the user's, unless
-        ``commit`` (see :meth:`step`)."""
-        self._check_commit(commit)
-        grads, result = self._compute(*self._batches(train_batches, val_batch))
+        ``commit`` (see :meth:`step`).
+
+        ``tasks``: a meta-batch of ``(train_batches, val_batch)`` pairs instead; the
+        hypergradients are averaged, one task's unroll held at a time. Under
+        ``torch.distributed`` (see the class), the average runs over every rank's tasks.
+        """
+        self._check_commit(commit, tasks)
+        grads, result = self._gradients(train_batches, val_batch, tasks)
         if commit:
             saved = _Saved.take(self, commit=True)
             try:
@@ -150,7 +163,8 @@ class GimliSolver:
         return grads
 
     def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None, *,
-             on_nonfinite: str = "raise", commit: bool = False) -> StepResult:
+             tasks: Iterable[tuple[Any, Any]] | None = None, on_nonfinite: str = "raise",
+             commit: bool = False) -> StepResult:
         """One meta-update: the hypergradient, then ``meta_opt.step()`` (line 16), then
         scalar and per-group hyperparameters written back into the optimizer (and, with
         a scheduler, the scheduler re-based on the learned base lr).
@@ -161,6 +175,9 @@ class GimliSolver:
         meta-optimizer's state are left bit-identical to before the call, and the
         error is raised; with ``on_nonfinite="skip"`` a non-finite result is instead
         reported by a warning and a :class:`StepResult` with ``skipped=True``.
+
+        ``tasks``: a meta-batch, as for :meth:`hypergradient`; the result's losses are
+        then averaged over the tasks.
 
         ``commit=True`` then writes the unroll's end into the user's objects (online
         hyperparameter learning: the base training continues from the unrolled
@@ -173,10 +190,10 @@ class GimliSolver:
                              "(hypergradient() needs none)")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
-        self._check_commit(commit)
+        self._check_commit(commit, tasks)
         saved = _Saved.take(self, commit)
         try:
-            grads, result = self._compute(*self._batches(train_batches, val_batch))
+            grads, result = self._gradients(train_batches, val_batch, tasks)
             bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
             if not bad:
                 self.meta_opt.zero_grad()
@@ -251,7 +268,10 @@ class GimliSolver:
             if stream is not None and position is not None:
                 stream.seek(position)
 
-    def _check_commit(self, commit: bool) -> None:
+    def _check_commit(self, commit: bool, tasks: Any = None) -> None:
+        if commit and (tasks is not None or self._group() is not None):
+            raise ValueError("commit=True writes one unroll's end into the model: not with a "
+                             "meta-batch of tasks or across processes")
         if commit and self.meta.init is not None:
             raise ValueError("commit=True would overwrite the model's weights, which are the "
                              "meta-learned initial weights θ₀ (init=): it is for online learning "
@@ -295,6 +315,60 @@ class GimliSolver:
                 raise ValueError("no validation batch: pass val_batch or give val_data=")
             (val_batch,) = self._val_data.take(1)
         return taken, val_batch
+
+    def _gradients(self, train_batches: Iterable[Any] | None, val_batch: Any,
+                   tasks: Iterable[tuple[Any, Any]] | None) -> tuple[dict[str, Tensor], _Result]:
+        """One task's hypergradient, or the mean over a meta-batch (and over every rank's
+        tasks when distributed): summed one task at a time, all-reduced, divided."""
+        if tasks is None:
+            pairs = None
+        else:
+            if train_batches is not None or val_batch is not None:
+                raise ValueError("give either tasks= or train_batches/val_batch, not both")
+            pairs = list(tasks)
+            if not pairs:
+                raise ValueError("tasks= holds no task")
+        group = self._group()
+        if pairs is None and group is None:
+            return self._compute(*self._batches(train_batches, val_batch))
+        total: dict[str, Tensor] = {}
+        results = []
+        for train, val in pairs if pairs is not None else [(train_batches, val_batch)]:
+            grads, result = self._compute(*self._batches(train, val))
+            total = grads if not total else {k: total[k] + g for k, g in grads.items()}
+            results.append(result)
+        count, val_sum = float(len(results)), sum(r.val_loss for r in results)
+        if group is not None:
+            total, count, val_sum = _all_reduce(total, count, val_sum, group)
+        steps = zip(*(r.train_losses for r in results))
+        mean = _Result(val_sum / count, [sum(ls) / len(results) for ls in steps],
+                       results[-1].schedule, results[-1].final)
+        return {k: g / count for k, g in total.items()}, mean
+
+    def _group(self) -> Any:
+        """The torch.distributed process group the hypergradients are averaged over, or None."""
+        if self.distributed is False:
+            return None
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.distributed:
+                raise RuntimeError("distributed=True, but no torch.distributed process group is "
+                                   "initialized (torch.distributed.init_process_group)")
+            return None
+        return self.process_group if self.process_group is not None else dist.group.WORLD
+
+    def check_replicas(self) -> None:
+        """Raise if the meta-parameters differ between ranks (a cheap all-reduce of their
+        largest and smallest entries); a no-op outside torch.distributed."""
+        group = self._group()
+        if group is None:
+            return
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.meta.parameters()])
+        high, low = flat.clone(), flat.clone()
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
+        if not (torch.equal(high, flat) and torch.equal(low, flat)):
+            raise RuntimeError("the meta-parameters differ between ranks")
 
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], Any]:
         problem = self.problem
@@ -354,6 +428,22 @@ class _Result(NamedTuple):
     train_losses: list[float]
     schedule: Schedule | None
     final: Point
+
+
+def _all_reduce(total: dict[str, Tensor], count: float, val_sum: float,
+                group: Any) -> tuple[dict[str, Tensor], float, float]:
+    """Sum the joined hypergradients, the task count and the validation losses over the
+    ranks, in one flat all-reduce (line 16's join is linear, so summing it is exact)."""
+    values = list(total.values())
+    dtype = values[0].dtype if len({v.dtype for v in values}) == 1 else torch.float64
+    flat = torch.cat([v.reshape(-1).to(dtype) for v in values]
+                     + [torch.tensor([count, val_sum], dtype=dtype, device=values[0].device)])
+    torch.distributed.all_reduce(flat, group=group)
+    out, start = {}, 0
+    for (name, v) in total.items():
+        out[name] = flat[start:start + v.numel()].view_as(v).to(v.dtype)
+        start += v.numel()
+    return out, float(flat[start]), float(flat[start + 1])
 
 
 class _Stream:

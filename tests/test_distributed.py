@@ -1,0 +1,91 @@
+"""Meta-batches of tasks, and the same meta-update across processes with torch.distributed.
+
+Oracles: per-task hypergradients (and the full autograd unroll) averaged by hand; and
+a single process stepping on all the tasks, against two gloo processes stepping on
+half of them each."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gimli
+from strategies import mlp, mse, regression_batches
+
+TASKS = 4
+STEPS = 3
+
+
+def build(kind: str) -> tuple[gimli.GimliSolver, list[tuple[Any, Any]]]:
+    """The same problem in every process: seeded model, optimizer and tasks."""
+    torch.manual_seed(0)
+    model = mlp([2, 5, 1], "tanh")
+    params = list(model.parameters())
+    if kind == "maml":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=0.1)
+        meta = gimli.MetaParams(init=model)
+    else:
+        opt = torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.02)
+        meta = gimli.MetaParams(opt, {"lr": "group", "beta1": "scalar"})
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta,
+                               meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-2))
+    tasks = []
+    for t in range(TASKS):
+        batches = regression_batches(10 + t, 2, 1, STEPS + 1)
+        tasks.append((batches[:STEPS], batches[STEPS]))
+    return solver, tasks
+
+
+@pytest.mark.parametrize("kind", ["maml", "lrs"])
+def test_meta_batch_is_the_mean_of_the_tasks(kind: str) -> None:
+    solver, tasks = build(kind)
+    got = solver.hypergradient(tasks=tasks)
+    each = [gimli.full_unroll_hypergradient(solver, train, val) for train, val in tasks]
+    for name, g in got.items():
+        torch.testing.assert_close(g, sum(e[name] for e in each) / len(each), rtol=1e-10, atol=1e-13)
+    result = solver.step(tasks=tasks)
+    assert math.isfinite(result.val_loss) and len(result.train_losses) == STEPS
+
+
+def test_meta_batch_arguments() -> None:
+    solver, tasks = build("lrs")
+    with pytest.raises(ValueError, match="not both"):
+        solver.hypergradient(tasks[0][0], tasks[0][1], tasks=tasks)
+    with pytest.raises(ValueError, match="no task"):
+        solver.hypergradient(tasks=[])
+    with pytest.raises(ValueError, match="commit"):
+        solver.step(tasks=tasks, commit=True)
+
+
+def _worker(rank: int, world: int, init: str, kind: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        solver, tasks = build(kind)
+        mine = tasks[rank::world]
+        for _ in range(2):
+            solver.step(tasks=mine)
+            solver.check_replicas()
+        torch.save({n: p.detach() for n, p in solver.meta.named_parameters()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["maml", "lrs"])
+def test_two_processes_equal_one(kind: str, tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(2, f"file://{tmp_path}/store", kind, str(tmp_path)), nprocs=2, join=True)
+    solver, tasks = build(kind)
+    for _ in range(2):
+        solver.step(tasks=tasks[0::2] + tasks[1::2])      # the same tasks, in one process
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, p in solver.meta.named_parameters():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name          # identical replicas
+        torch.testing.assert_close(ranks[0][name], p.detach(), rtol=1e-12, atol=1e-14)
+    assert any(not torch.equal(p.detach(), q) for (_, p), q in
+               zip(build(kind)[0].meta.named_parameters(), ranks[0].values()))   # they moved
