@@ -89,16 +89,10 @@ def mean_adapted_mse(model: nn.Module, inner_opt: torch.optim.Optimizer, tasks: 
     return sum(adapted_mse(model, inner_opt, t, steps) for t in tasks) / len(tasks)
 
 
-def meta_step(solver: gimli.GimliSolver, meta: gimli.MetaParams, meta_opt: torch.optim.Optimizer,
-              tasks: list[Task], steps: int) -> None:
-    """One MAML update from a meta-batch of tasks. (A later GimliSolver takes meta-batches
-    itself; until then we average the per-task hypergradients here.)"""
-    grads = [solver.hypergradient([t.support] * steps, t.query) for t in tasks]
-    meta_opt.zero_grad()
-    for name, p in meta.named_parameters():
-        p.grad = torch.stack([g[name] for g in grads]).mean(0)  # ∇_φ (1/B) Σ_i L^val_i(θ'_J)
-    meta_opt.step()
-    meta.write_back()       # learned lrs into inner_opt.param_groups, as solver.step() does
+def meta_step(solver: gimli.GimliSolver, tasks: list[Task], steps: int) -> None:
+    """One MAML update from a meta-batch: ∇_φ (1/B) Σ_i L^val_i(θ'_J), then the meta-optimizer
+    (and learned lrs written into inner_opt.param_groups)."""
+    solver.step(tasks=[([t.support] * steps, t.query) for t in tasks])
 
 
 def plot(before: tuple[nn.Module, torch.optim.Optimizer], after: tuple[nn.Module, torch.optim.Optimizer],
@@ -177,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bar.set_postfix(query_loss=f"{loss:.4f}")
             if args.quick:
                 print(f"iteration {it:5d}  meta-batch query loss {loss:.4f}")
-        meta_step(solver, meta, meta_opt, tasks, args.steps)
+        meta_step(solver, tasks, args.steps)
     after = mean_adapted_mse(model, inner_opt, test_tasks, args.steps)
     plot(initial, (model, inner_opt), test_tasks[:3], args.steps, args.out)
 

@@ -89,3 +89,26 @@ def test_two_processes_equal_one(kind: str, tmp_path: Path) -> None:
         torch.testing.assert_close(ranks[0][name], p.detach(), rtol=1e-12, atol=1e-14)
     assert any(not torch.equal(p.detach(), q) for (_, p), q in
                zip(build(kind)[0].meta.named_parameters(), ranks[0].values()))   # they moved
+
+
+def test_distributed_example_under_torchrun() -> None:
+    """examples/distributed_maml.py --quick under torchrun with 2 CPU processes (gloo) gives
+    the single-process run's post-adaptation MSE (adapted with the real torch.optim.SGD),
+    up to float32 summation order, and meta-training lowered it."""
+    import re
+    import subprocess
+    import sys
+
+    from test_examples import EXAMPLES, load
+
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          str(EXAMPLES / "distributed_maml.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    found = re.search(r"2 process\(es\): .* before ([\d.]+), after ([\d.]+)", run.stdout)
+    assert found, run.stdout
+    before, after = float(found[1]), float(found[2])
+    single = load("distributed_maml").main(["--quick"])
+    assert single["world"] == 1 and after < before
+    assert before == pytest.approx(single["before"], rel=1e-4)
+    assert after == pytest.approx(single["after"], rel=1e-4)
