@@ -35,6 +35,11 @@ class Split(NamedTuple):
     phi_loss: list[Tensor]             # φ^loss as leaves
     schedule: Schedule | None          # per-step hyperparameters of an LR scheduler
 
+    def per_step(self, steps: int) -> list[dict[str, list[Tensor]]]:
+        """Each unroll step's hyperparameters: φ^opt, or the scheduler's values at step j."""
+        return [self.phi_opt if self.schedule is None else self.schedule.at(j, self.phi_opt)
+                for j in range(steps)]
+
 
 @dataclass
 class Problem:

@@ -209,8 +209,7 @@ class GimliSolver:
                 if on_nonfinite == "raise":
                     raise FloatingPointError(message)
                 warnings.warn(f"GimliSolver.step skipped: {message}", RuntimeWarning, stacklevel=2)
-                return StepResult(result.val_loss, result.train_losses,
-                                  {name: g.norm().item() for name, g in grads.items()}, True)
+                return StepResult(result.val_loss, result.train_losses, _norms(grads), True)
             self.meta.write_back()
             if result.schedule is not None and self.meta.granularity.get("lr") in ("scalar", "group"):
                 lr = self.meta.hyper("lr").detach()
@@ -222,8 +221,7 @@ class GimliSolver:
             saved.restore(self)
             raise
         self.meta_steps += 1
-        return StepResult(result.val_loss, result.train_losses,
-                          {name: g.norm().item() for name, g in grads.items()})
+        return StepResult(result.val_loss, result.train_losses, _norms(grads))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume meta-training, for ``torch.save``: the
@@ -358,8 +356,9 @@ class GimliSolver:
         return self.process_group if self.process_group is not None else dist.group.WORLD
 
     def check_replicas(self) -> None:
-        """Raise if the meta-parameters differ between ranks (a cheap all-reduce of their
-        largest and smallest entries); a no-op outside torch.distributed."""
+        """Raise if the meta-parameters differ between ranks: two all-reduces of them, the
+        elementwise maximum and minimum over the ranks, must both equal this rank's
+        values. A no-op outside torch.distributed."""
         group = self._group()
         if group is None:
             return
@@ -373,10 +372,9 @@ class GimliSolver:
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], Any]:
         problem = self.problem
         with torch.enable_grad():                                   # also under torch.no_grad()
-            phi_opt, learned, phi_loss, schedule = problem.split(len(train_batches))  # line 2
-            hypers = [phi_opt if schedule is None else schedule.at(j, phi_opt)
-                      for j in range(len(train_batches))]
-            run = Unroll(problem, hypers, train_batches, memory=self.memory,     # lines 3–7
+            split = problem.split(len(train_batches))                             # line 2
+            _, learned, phi_loss, schedule = split
+            run = Unroll(problem, split.per_step(len(train_batches)), train_batches, memory=self.memory,     # lines 3–7
                          snapshots=self.snapshots, truncate=self.truncate,
                          graph=not self.first_order or bool(phi_loss))
             if self.truncate is not None and self.truncate < len(train_batches) \
@@ -428,6 +426,10 @@ class _Result(NamedTuple):
     train_losses: list[float]
     schedule: Schedule | None
     final: Point
+
+
+def _norms(grads: dict[str, Tensor]) -> dict[str, float]:
+    return {name: g.norm().item() for name, g in grads.items()}
 
 
 def _all_reduce(total: dict[str, Tensor], count: float, val_sum: float,

@@ -206,8 +206,7 @@ def _val_loss(solver: GimliSolver, train_batches: list[Any], val_batch: Any, see
     """L^val(θ'_J) after the unroll, with no graphs (the forward pass only)."""
     torch.manual_seed(seed)
     problem = solver.problem
-    phi_opt, _, _, schedule = problem.split(len(train_batches))
-    hypers = [phi_opt if schedule is None else schedule.at(j, phi_opt) for j in range(len(train_batches))]
+    hypers = problem.split(len(train_batches)).per_step(len(train_batches))
     with torch.enable_grad():
         run = Unroll(problem, hypers, train_batches, memory="recompute", graph=False)
         final = run.advance(0, run.start, run.J)
