@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,28 +10,160 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 
+class Slots:
+    """Where a module keeps its tensors: every (submodule, attribute) once.
+
+    A module registered under two names (``nn.Sequential(lin, act, lin)``) holds its
+    tensors in one place, so it is swapped once (swapping it under both names makes
+    ``functional_call`` restore the wrong tensor); two modules sharing one tensor
+    (tied weights) are two places, both given that tensor's value.
+    """
+
+    def __init__(self, root: nn.Module):
+        self.canonical: dict[int, str] = {}         # id(tensor) → its name in the root
+        for name, p in root.named_parameters():
+            self.canonical[id(p)] = name
+        for name, b in root.named_buffers():
+            self.canonical.setdefault(id(b), name)
+        self._cache: dict[int, list[tuple[str, str]]] = {}
+
+    def of(self, module: nn.Module) -> list[tuple[str, str]]:
+        """(name in ``module``, name in the root) of each place in ``module``."""
+        key = id(module)
+        if key not in self._cache:
+            seen: set[tuple[int, str]] = set()
+            out = []
+            for prefix, sub in module.named_modules(remove_duplicate=False):
+                for attr, t in list(sub._parameters.items()) + list(sub._buffers.items()):
+                    if t is None or (id(sub), attr) in seen or id(t) not in self.canonical:
+                        continue
+                    seen.add((id(sub), attr))
+                    out.append((f"{prefix}.{attr}" if prefix else attr, self.canonical[id(t)]))
+            self._cache[key] = out
+        return self._cache[key]
+
+
 class FunctionalModel:
     """What ``loss_fn`` and ``val_loss_fn`` receive as ``model``.
 
-    Calling it runs the user's module through ``torch.func.functional_call``
-    with the unroll's parameters θ'_j and buffers, so the module object itself
-    is never changed. ``named_parameters()``/``parameters()`` give θ'_j (for a
-    penalty on the weights, say); ``module`` is the user's module.
+    It behaves like the user's module at the unroll's parameters θ'_j and buffers:
+    calling it runs the module's own ``forward`` through ``torch.func.functional_call``,
+    so the module object itself is never changed. ``named_parameters()`` and
+    ``parameters()`` give θ'_j in the module's own order (the optimizer's order does
+    not matter), ``named_buffers()`` the buffers; a submodule (``model.encoder``,
+    ``model[0]``) is a view of the same kind; other attributes are the module's.
+
+    ``model.eval()`` and ``model.train()`` return a view that runs the module in that
+    mode (dropout off, BatchNorm on its running statistics) without changing the
+    user's module: ``val_loss_fn = lambda model, batch: loss(model.eval()(batch[0]), ...)``
+    evaluates L^val in eval mode.
     """
 
-    def __init__(self, module: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]):
+    def __init__(self, module: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
+                 *, slots: Slots | None = None, mode: bool | None = None):
         self.module = module
-        self._params = params
+        self._params = params           # by the name of each tensor in the root module
         self._buffers = buffers
+        self._slots = slots if slots is not None else Slots(module)
+        self._mode = mode
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.module, (self._params, self._buffers), args, kwargs)
+        values = {**self._params, **self._buffers}
+        tensors = {own: values[root] for own, root in self._slots.of(self.module) if root in values}
+        with self._in_mode():
+            return functional_call(self.module, tensors, args, kwargs, tie_weights=False)
 
-    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
-        return iter(self._params.items())
+    @contextlib.contextmanager
+    def _in_mode(self) -> Iterator[None]:
+        if self._mode is None:
+            yield
+            return
+        flags = [(m, m.training) for m in self.module.modules()]
+        self.module.train(self._mode)
+        try:
+            yield
+        finally:
+            for m, flag in flags:
+                m.training = flag
 
-    def parameters(self) -> Iterator[Tensor]:
-        return iter(self._params.values())
+    # --- like an nn.Module --------------------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        return self.module.training if self._mode is None else self._mode
 
-    def named_buffers(self) -> Iterator[tuple[str, Tensor]]:
-        return iter(self._buffers.items())
+    def train(self, mode: bool = True) -> FunctionalModel:
+        """A view that runs the module in training mode (``mode=False``: eval mode)."""
+        return FunctionalModel(self.module, self._params, self._buffers, slots=self._slots, mode=mode)
+
+    def eval(self) -> FunctionalModel:
+        """A view that runs the module in eval mode; the user's module is not changed."""
+        return self.train(False)
+
+    def _values(self, named: Iterator[tuple[str, Tensor]],
+                values: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+        """The module's own (name, tensor) pairs, each tensor replaced by the view's value."""
+        canonical = self._slots.canonical
+        for name, t in named:
+            root = canonical.get(id(t))
+            if root is not None and root in values:
+                yield name, values[root]
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
+        return self._values(self.module.named_parameters(prefix, recurse, remove_duplicate),
+                            self._params)
+
+    def parameters(self, recurse: bool = True) -> Iterator[Tensor]:
+        for _, t in self.named_parameters(recurse=recurse):
+            yield t
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
+        return self._values(self.module.named_buffers(prefix, recurse, remove_duplicate),
+                            self._buffers)
+
+    def buffers(self, recurse: bool = True) -> Iterator[Tensor]:
+        for _, t in self.named_buffers(recurse=recurse):
+            yield t
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Parameters and buffers by name, as the module's ``state_dict`` orders them."""
+        values = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        return {k: values[k] for k in self.module.state_dict(keep_vars=True) if k in values}
+
+    def _sub(self, module: nn.Module) -> FunctionalModel:
+        return FunctionalModel(module, self._params, self._buffers, slots=self._slots, mode=self._mode)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "module":
+            raise AttributeError(name)
+        value = getattr(self.module, name)
+        if isinstance(value, nn.Module) and name in self.module._modules:
+            return self._sub(value)
+        return value
+
+    def __getitem__(self, index: Any) -> Any:
+        item = self.module[index]                           # type: ignore[index]
+        if isinstance(item, nn.Module) and isinstance(index, (int, str)):
+            return self._sub(item)
+        raise TypeError(f"indexing the functional view of {type(self.module).__name__} with "
+                        f"{index!r}: only single submodules (model[0], model['name'])")
+
+    def __len__(self) -> int:
+        return len(self.module)                             # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[FunctionalModel]:
+        for name, sub in self.module._modules.items():
+            if sub is not None:
+                yield self._sub(sub)
+
+    def children(self) -> Iterator[FunctionalModel]:
+        return iter(self)
+
+    def named_children(self) -> Iterator[tuple[str, FunctionalModel]]:
+        for name, sub in self.module._modules.items():
+            if sub is not None:
+                yield name, self._sub(sub)
+
+    def __repr__(self) -> str:
+        return f"FunctionalModel({self.module!r})"

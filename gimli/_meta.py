@@ -112,6 +112,9 @@ class MetaParams(nn.Module):
         """Hyperparameter ``name`` per parameter tensor, detached (to inspect or plot)."""
         return [v.detach() for v in self.expand(name)]
 
+    def constrain_(self) -> None:
+        """Put every meta-parameter back into its valid set after a meta-update (in place)."""
+
     def write_back(self) -> None:
         """Write scalar and per-group hyperparameters into the optimizer's param_groups,
         so the user's own training loop uses the meta-learned values."""

@@ -45,21 +45,22 @@ def _full_unroll(problem: Problem, train_batches: list[Any], val_batch: Any, fir
     if problem.meta.init is not None:
         theta = list(problem.inner.params)          # θ₀ is itself the meta-parameter
     else:
-        theta = [p.detach().clone().requires_grad_() for p in problem.inner.params]
+        theta = [p.detach().clone().requires_grad_(p.requires_grad) for p in problem.inner.params]
     state = problem.inner.read_state()
     schedule = problem.schedule(len(train_batches))
     cut = 0 if truncate is None else max(0, len(train_batches) - truncate)
     for j, batch in enumerate(train_batches):
         if j == cut and cut > 0:                    # truncation: stop-gradient at J − K
-            theta = [t.detach().requires_grad_() for t in theta]
+            theta = [t.detach().requires_grad_(trained) for t, trained in zip(theta, problem.trained())]
             state = _detached_state(state)
         hp_j = hp if j >= cut else hp_const
         hp_j = hp_j if schedule is None else schedule.at(j, hp_j)
-        at = [t.detach().requires_grad_() for t in theta] if first_order or j < cut else theta
+        at = [t.detach().requires_grad_(trained) for t, trained in zip(theta, problem.trained())] \
+            if first_order or j < cut else theta
         loss = problem.train_loss(at, buffers, batch)
         G = problem.inner_grads(loss, at, graph=j >= cut)
         theta, state = problem.inner.step(theta, state, G, hp_j)
     val = problem.val_loss(theta, buffers, val_batch)
-    named = list(problem.meta.named_parameters())
+    named = [(n, p) for n, p in problem.meta.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(val, [p for _, p in named], allow_unused=True)
     return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}

@@ -15,18 +15,23 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._functional import FunctionalModel
+from ._functional import FunctionalModel, Slots
 from ._meta import MetaParams
 from ._schedule import Schedule, base_lrs, build_schedule, check_scheduler
 from .optim import InnerOptimizer, bind
 
 LossFn = Callable[[FunctionalModel, Any, MetaParams], Tensor]
-ValLossFn = Callable[[FunctionalModel, Any], Tensor]
+ValLossFn = Callable[..., Tensor]        # (model, batch) or (model, batch, meta)
 
 
 class GimliWarning(UserWarning):
     """A setup under which some hypergradient is identically zero (one of the paper's
     Requirements I–III of §2.4 is not met)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss, gradient, hypergradient or meta-parameter: what
+    ``step(on_nonfinite="skip")`` skips."""
 
 
 class Split(NamedTuple):
@@ -49,8 +54,9 @@ class Problem:
     meta: MetaParams
     inner: InnerOptimizer
     names: list[str]         # model name of each optimizer tensor, in optimizer order
-    frozen: list[str]        # model parameters the optimizer does not train
+    frozen: list[str]        # model parameters the optimizer does not hold
     scheduler: Any = None    # a torch.optim.lr_scheduler replayed inside the unroll
+    slots: Slots | None = None          # where the module keeps its tensors
 
     @classmethod
     def build(cls, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
@@ -60,7 +66,9 @@ class Problem:
         if not isinstance(meta, MetaParams):
             raise TypeError(f"meta_params must be a gimli.MetaParams, not {type(meta).__name__}")
         if meta.inner is not None and meta.inner.torch_optimizer is not optimizer:
-            raise ValueError("meta_params was declared for a different optimizer than the solver's")
+            raise ValueError(f"meta_params was declared for a different optimizer "
+                             f"({meta.inner.name}) than the solver's opt ({type(optimizer).__name__} "
+                             f"object): build MetaParams(opt, ...) with the opt you pass the solver")
         if meta.init is not None and meta.init is not model:
             raise ValueError("meta_params' init= is a different module than the solver's model")
         inner = meta.inner if meta.inner is not None else bind(optimizer)
@@ -83,7 +91,7 @@ class Problem:
             raise ValueError("the optimizer has an LR scheduler attached and lr is meta-learned: "
                              "pass the scheduler to GimliSolver(scheduler=...) so the unroll "
                              "follows it (the learned lr is then its base lr)")
-        return cls(model, loss_fn, val_loss_fn, meta, inner, names, frozen, scheduler)
+        return cls(model, loss_fn, val_loss_fn, meta, inner, names, frozen, scheduler, Slots(model))
 
     # --- the split of Algorithm 1, line 2 -------------------------------------------------
     def split(self, steps: int) -> Split:
@@ -100,13 +108,19 @@ class Problem:
 
     def loss_leaves(self) -> list[Tensor]:
         """φ^loss as a list of leaf tensors: the loss meta-parameters and, when θ₀ is
-        meta-learned, the model parameters the optimizer does not train (they enter
-        every G_j and L^val the way φ^loss does)."""
-        leaves: list[Tensor] = list(self.meta.loss.parameters())
+        meta-learned, the model parameters the optimizer does not hold (they enter
+        every G_j and L^val the way φ^loss does); those with requires_grad=False are
+        constants."""
+        leaves: list[Tensor] = [p for p in self.meta.loss.parameters() if p.requires_grad]
         if self.meta.init is not None:
             params = dict(self.module.named_parameters())
-            leaves += [params[n] for n in self.frozen]
+            leaves += [params[n] for n in self.frozen if params[n].requires_grad]
         return leaves
+
+    def trained(self) -> list[bool]:
+        """Per optimizer tensor: whether it steps. ``torch.optim`` skips a tensor whose
+        ``.grad`` is None, as it stays for one with requires_grad=False."""
+        return [p.requires_grad for p in self.inner.params]
 
     def hypers(self, *, differentiable: bool) -> dict[str, list[Tensor]]:
         """Every hyperparameter per tensor: meta-learned ones from φ^opt, the rest
@@ -122,12 +136,15 @@ class Problem:
 
     # --- evaluating the losses at θ -----------------------------------------------------
     def view(self, theta: list[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:
-        params = dict(zip(self.names, theta))
-        model_params = dict(self.module.named_parameters())
-        for n in self.frozen:
-            p = model_params[n]
-            params[n] = p if self.meta.init is not None else p.detach()
-        return FunctionalModel(self.module, params, buffers)
+        """The model at θ (one tensor per optimizer tensor), parameters in the module's order."""
+        given = dict(zip(self.names, theta))
+        params = {}
+        for name, p in self.module.named_parameters():
+            if name in given:
+                params[name] = given[name]
+            else:                               # not in the optimizer: fixed, or φ^loss under init=
+                params[name] = p if self.meta.init is not None and p.requires_grad else p.detach()
+        return FunctionalModel(self.module, params, buffers, slots=self.slots)
 
     def buffers(self) -> dict[str, Tensor]:
         """A private copy of the model's buffers, for one unroll to update."""
@@ -140,7 +157,7 @@ class Problem:
         model = self.view(theta, buffers)
         if self.val_loss_fn is None:
             return _scalar(self.loss_fn(model, batch, self.meta), "loss_fn (as the validation loss)")
-        return _scalar(self.val_loss_fn(model, batch), "val_loss_fn")
+        return _scalar(self.val_loss_fn(model, batch, self.meta), "val_loss_fn")
 
     def inner_grads(self, loss: Tensor, theta: list[Tensor], graph: bool = True) -> list[Tensor | None]:
         """G_j = ∇_θ ℓ(θ'_j, φ^loss), keeping its graph if ``graph`` (Algorithm 1,
@@ -148,11 +165,16 @@ class Problem:
         if not loss.requires_grad:
             raise ValueError("loss_fn returned a loss that does not depend on the model's "
                              "parameters (it does not require grad)")
-        grads = torch.autograd.grad(loss, theta, create_graph=graph, allow_unused=True)
-        if all(g is None for g in grads):
+        index = [i for i, t in enumerate(theta) if t.requires_grad]
+        found = torch.autograd.grad(loss, [theta[i] for i in index], create_graph=graph,
+                                    allow_unused=True) if index else ()
+        if all(g is None for g in found):
             raise ValueError("loss_fn returned a loss that does not depend on any parameter "
-                             "the optimizer trains")
-        return list(grads)
+                             "the optimizer trains (with requires_grad=True)")
+        grads: list[Tensor | None] = [None] * len(theta)
+        for i, g in zip(index, found):
+            grads[i] = g
+        return grads
 
 
 def _check_dtypes(inner: InnerOptimizer, meta: MetaParams) -> None:
@@ -177,5 +199,5 @@ def _scalar(loss: Any, who: str) -> Tensor:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"{who} must return a scalar tensor, got {shape}")
     if not torch.isfinite(loss.detach()).all():
-        raise FloatingPointError(f"{who} returned a non-finite loss ({loss.item()})")
+        raise NonFiniteError(f"{who} returned a non-finite loss ({loss.item()})")
     return loss.reshape(())

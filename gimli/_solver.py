@@ -1,20 +1,31 @@
-"""GimliSolver: Algorithm 1 end to end, the one stateful object."""
+"""GimliSolver: Algorithm 1 end to end, the one stateful object.
+
+The mathematics lives elsewhere: the split and join in ``_meta.py``/``_problem.py``,
+the unroll in ``_unroll.py``, the sweep in ``_sweep.py``. Around them: batches drawn
+by the solver (``_data.py``), all-or-nothing steps and commits (``_transaction.py``),
+and several processes (``_distributed.py``).
+"""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from . import _distributed
+from ._data import Stream
+from ._distributed import Sums
 from ._meta import MetaParams
-from ._problem import GimliWarning, LossFn, Problem, ValLossFn
+from ._problem import GimliWarning, LossFn, NonFiniteError, Problem, ValLossFn
 from ._schedule import Schedule, rebase
 from ._sweep import Sweep, sweep
+from ._transaction import Snapshot, commit as commit_unroll
 from ._unroll import Point, Unroll
 
 
@@ -25,51 +36,6 @@ class StepResult(NamedTuple):
     train_losses: list[float]               # ℓ_j(θ'_j), j = 0 … J−1
     hypergradient_norms: dict[str, float]   # ‖∇_φ L^val‖ per meta-parameter
     skipped: bool = False                   # on_nonfinite="skip" and the result was not finite
-
-
-class _Saved(NamedTuple):
-    """What a meta-step may change, copied, so that a failed step can be undone."""
-
-    meta: list[Tensor]
-    grads: list[Tensor | None]
-    meta_opt: dict[str, Any] | None
-    groups: list[dict[str, Any]]
-    scheduler: dict[str, Any] | None
-    model: dict[str, Tensor] | None             # with commit: the model's weights and buffers
-    inner_state: dict[Any, Any] | None          # and the optimizer's state
-
-    @classmethod
-    def take(cls, solver: GimliSolver, commit: bool = False) -> _Saved:
-        params = list(solver.meta.parameters())
-        opt = solver.problem.inner.torch_optimizer
-        scheduler = solver.problem.scheduler
-        module = solver.problem.module
-        return cls([p.detach().clone() for p in params],
-                   [None if p.grad is None else p.grad.clone() for p in params],
-                   None if solver.meta_opt is None else copy.deepcopy(solver.meta_opt.state_dict()),
-                   [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups],
-                   None if scheduler is None else copy.deepcopy(scheduler.state_dict()),
-                   {k: v.clone() for k, v in module.state_dict(keep_vars=True).items()} if commit else None,
-                   {p: copy.deepcopy(s) for p, s in opt.state.items()} if commit else None)
-
-    def restore(self, solver: GimliSolver) -> None:
-        with torch.no_grad():
-            for p, value, grad in zip(solver.meta.parameters(), self.meta, self.grads):
-                p.copy_(value)
-                p.grad = grad
-        if solver.meta_opt is not None and self.meta_opt is not None:
-            solver.meta_opt.load_state_dict(copy.deepcopy(self.meta_opt))
-        opt = solver.problem.inner.torch_optimizer
-        for group, saved in zip(opt.param_groups, self.groups):
-            group.update(saved)
-        if self.scheduler is not None:
-            solver.problem.scheduler.load_state_dict(self.scheduler)
-        if self.model is not None and self.inner_state is not None:
-            with torch.no_grad():
-                for name, t in solver.problem.module.state_dict(keep_vars=True).items():
-                    t.copy_(self.model[name])
-            opt.state.clear()
-            opt.state.update(self.inner_state)
 
 
 class GimliSolver:
@@ -83,7 +49,8 @@ class GimliSolver:
             ``gimli.optim.capabilities()``, or one registered with
             :func:`register_optimizer`); its param groups and current state are the start.
         meta_params: the :class:`MetaParams` declaring what is meta-learned.
-        val_loss_fn: ``val_loss_fn(model, batch) -> scalar``, L^val; default ``loss_fn``.
+        val_loss_fn: ``val_loss_fn(model, batch)`` (or ``(model, batch, meta)``) ->
+            scalar, L^val; default ``loss_fn``.
         meta_opt: a ``torch.optim`` optimizer over ``meta_params.parameters()``, used by
             :meth:`step` (Algorithm 1, line 16).
         steps: J, the unroll length; default: as many as training batches given.
@@ -102,9 +69,14 @@ class GimliSolver:
         truncate: sweep only the last K steps (B_{J−K} is not propagated further).
         distributed: average hypergradients over the ranks of ``torch.distributed``
             (each rank unrolls its own tasks; the joined hypergradients are
-            all-reduced before the meta-update, so every rank applies the same one).
+            all-reduced before the meta-update, so every rank applies the same one,
+            and when a rank fails every rank fails or skips the step with it).
             ``None`` (default): when a process group is initialized; ``False``: never.
         process_group: the group to average over (default: the whole world).
+
+    A tensor with ``requires_grad=False`` is a constant: in the optimizer it does not
+    step (``torch.optim`` skips a tensor without a gradient), and as a meta-parameter
+    it gets no hypergradient.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer,
@@ -114,6 +86,7 @@ class GimliSolver:
                  scheduler: Any = None, memory: str = "retain", snapshots: int | None = None,
                  first_order: bool = False, truncate: int | None = None,
                  distributed: bool | None = None, process_group: Any = None):
+        _check_arguments(model, loss_fn, opt, meta_params)
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if steps is None and train_data is not None:
@@ -131,35 +104,41 @@ class GimliSolver:
         self.memory, self.snapshots = memory, snapshots
         self.first_order, self.truncate = first_order, truncate
         self.last_forward_steps = 0     # optimizer steps the last unroll evaluated
-        self.problem = Problem.build(model, loss_fn, opt, meta_params, val_loss_fn, scheduler)
+        self.problem = Problem.build(model, loss_fn, opt, meta_params, _val_loss(val_loss_fn),
+                                     scheduler)
         self.meta = meta_params
         self.meta_opt = meta_opt
+        if meta_opt is not None:
+            self._check_meta_opt()
         self.steps = steps
-        self._train_data = None if train_data is None else _Stream(train_data)
-        self._val_data = None if val_data is None else _Stream(val_data)
+        self.train_data = None if train_data is None else Stream(train_data, "train_data")
+        self.val_data = None if val_data is None else Stream(val_data, "val_data")
         self.meta_steps = 0             # meta-updates taken by step()
         self._warned: set[str] = set()
 
+    # --- the public calls --------------------------------------------------------------------
     def hypergradient(self, train_batches: Iterable[Any] | None = None,
                       val_batch: Any = None, *, tasks: Iterable[tuple[Any, Any]] | None = None,
                       commit: bool = False) -> dict[str, Tensor]:
         """∇_φ L^val(θ'_J) for every meta-parameter, keyed by its name in
         ``meta_params.named_parameters()``. Changes nothing of the user's, unless
-        ``commit`` (see :meth:`step`).
+        ``commit`` (see :meth:`step`); a call that fails draws no batch from
+        ``train_data``/``val_data``.
 
         ``tasks``: a meta-batch of ``(train_batches, val_batch)`` pairs instead; the
         hypergradients are averaged, one task's unroll held at a time. Under
         ``torch.distributed`` (see the class), the average runs over every rank's tasks.
         """
         self._check_commit(commit, tasks)
-        grads, result = self._gradients(train_batches, val_batch, tasks)
-        if commit:
-            saved = _Saved.take(self, commit=True)
-            try:
-                self._commit(result)
-            except BaseException:
-                saved.restore(self)
-                raise
+        saved = Snapshot.take(self, meta=False, commit=commit)
+        try:
+            grads, result = self._gradients(train_batches, val_batch, tasks)
+            if commit:
+                commit_unroll(self, result.final, len(result.train_losses))
+        except BaseException:
+            saved.restore(self)
+            raise
+        saved.settle()
         return grads
 
     def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None, *,
@@ -169,15 +148,18 @@ class GimliSolver:
         scalar and per-group hyperparameters written back into the optimizer (and, with
         a scheduler, the scheduler re-based on the learned base lr).
 
-        All or nothing: if anything fails, or a hypergradient or an updated
-        meta-parameter is not finite, the model, the optimizer (param groups and
-        state), the scheduler, the meta-parameters (and their ``.grad``) and the
-        meta-optimizer's state are left bit-identical to before the call, and the
-        error is raised; with ``on_nonfinite="skip"`` a non-finite result is instead
-        reported by a warning and a :class:`StepResult` with ``skipped=True``.
+        All or nothing: if anything fails (an exception, a non-finite loss or gradient
+        in the unroll, a non-finite hypergradient or updated meta-parameter), the
+        model, the optimizer (param groups and state), the scheduler, the
+        meta-parameters (and their ``.grad``), the meta-optimizer's state and the
+        position in ``train_data``/``val_data`` are left as they were before the call,
+        and the error is raised (a non-finite value as :class:`FloatingPointError`);
+        with ``on_nonfinite="skip"`` a non-finite value is instead reported by a
+        warning and a :class:`StepResult` with ``skipped=True``. Under
+        ``torch.distributed`` every rank raises or skips together.
 
         ``tasks``: a meta-batch, as for :meth:`hypergradient`; the result's losses are
-        then averaged over the tasks.
+        then averaged over the tasks (and the ranks).
 
         ``commit=True`` then writes the unroll's end into the user's objects (online
         hyperparameter learning: the base training continues from the unrolled
@@ -190,25 +172,35 @@ class GimliSolver:
                              "(hypergradient() needs none)")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
+        self._check_meta_opt()
         self._check_commit(commit, tasks)
-        saved = _Saved.take(self, commit)
+        saved = Snapshot.take(self, commit=commit)
+        grads: dict[str, Tensor] = {}
+        result: _Result | None = None
         try:
-            grads, result = self._gradients(train_batches, val_batch, tasks)
-            bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
-            if not bad:
+            try:
+                grads, result = self._gradients(train_batches, val_batch, tasks)
+                bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
+                if bad:
+                    raise NonFiniteError(f"non-finite hypergradient: {', '.join(bad)}")
                 self.meta_opt.zero_grad()
-                for name, p in self.meta.named_parameters():
+                for name, p in self._learned():
                     p.grad = grads[name]
-                self.meta_opt.step()                                    # line 16
-                bad = [f"{name} (after the meta-update)" for name, p in self.meta.named_parameters()
-                       if not bool(torch.isfinite(p).all())]
-            if bad:
-                saved.restore(self)
-                message = (f"non-finite hypergradient or meta-parameter: {', '.join(bad)}; "
-                           f"nothing was changed")
+                self.meta_opt.step()                                        # line 16
+                self.meta.constrain_()
+                bad = [name for name, p in self._learned() if not bool(torch.isfinite(p).all())]
+                if bad:
+                    raise NonFiniteError(f"non-finite meta-parameter after the meta-update: "
+                                         f"{', '.join(bad)}")
+            except NonFiniteError as e:
                 if on_nonfinite == "raise":
-                    raise FloatingPointError(message)
-                warnings.warn(f"GimliSolver.step skipped: {message}", RuntimeWarning, stacklevel=2)
+                    e.args = (f"{e}; nothing was changed",)
+                    raise
+                saved.restore(self)
+                warnings.warn(f"GimliSolver.step skipped: {e}; nothing was changed",
+                              RuntimeWarning, stacklevel=2)
+                if result is None:
+                    return StepResult(float("nan"), [], {}, True)
                 return StepResult(result.val_loss, result.train_losses, _norms(grads), True)
             self.meta.write_back()
             if result.schedule is not None and self.meta.granularity.get("lr") in ("scalar", "group"):
@@ -216,55 +208,155 @@ class GimliSolver:
                 bases = [float(lr if lr.dim() == 0 else lr[g]) for g in range(len(self.problem.inner.groups))]
                 rebase(self.problem.scheduler, self.problem.inner, bases, result.schedule)
             if commit:
-                self._commit(result)
+                commit_unroll(self, result.final, len(result.train_losses))
         except BaseException:
             saved.restore(self)
             raise
+        saved.settle()
         self.meta_steps += 1
         return StepResult(result.val_loss, result.train_losses, _norms(grads))
 
+    # --- resuming ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume meta-training, for ``torch.save``: the
-        meta-parameters, the meta-optimizer's state, the hyperparameters written into
-        the optimizer's param groups, the scheduler, the number of meta-steps, and the
-        position in ``train_data``/``val_data``. The model's weights and the inner
-        optimizer's state are the user's, saved as usual (with ``init=``, the
-        meta-parameters are the model's weights and are saved here too)."""
-        opt = self.problem.inner.torch_optimizer
+        """Everything needed to resume meta-training, for ``torch.save`` (it loads with
+        ``torch.load(..., weights_only=True)``): the meta-parameters, the
+        meta-optimizer's state, the hyperparameters gimli writes into the optimizer's
+        param groups, the scheduler, the number of meta-steps, and the position in
+        ``train_data``/``val_data``. The model's weights and the inner optimizer's state
+        are the user's, saved as usual (with ``init=``, the meta-parameters are the
+        model's weights and are saved here too)."""
         return {
             "meta": self.meta.state_dict(),
             "meta_opt": None if self.meta_opt is None else self.meta_opt.state_dict(),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "param_groups": [{k: g[k] for k in self._written_keys() if k in g}
+                             for g in self.problem.inner.torch_optimizer.param_groups],
             "scheduler": None if self.problem.scheduler is None else self.problem.scheduler.state_dict(),
             "meta_steps": self.meta_steps,
             "data": {name: None if stream is None else stream.position()
-                     for name, stream in (("train", self._train_data), ("val", self._val_data))},
+                     for name, stream in (("train", self.train_data), ("val", self.val_data))},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the following hypergradients and meta-steps
         are bit-identical to those of the run that saved it (given the same model
         weights, optimizer state and data, and the same random-number state where the
-        model draws random numbers)."""
-        if (self.meta_opt is None) != (state["meta_opt"] is None):
-            raise ValueError("the saved solver had " + ("no " if state["meta_opt"] is None else "a ")
-                             + "meta-optimizer and this one " + ("has" if self.meta_opt else "has none"))
-        groups = self.problem.inner.torch_optimizer.param_groups
-        if len(groups) != len(state["param_groups"]):
-            raise ValueError(f"the saved optimizer had {len(state['param_groups'])} param groups, "
-                             f"this one {len(groups)}")
-        self.meta.load_state_dict(state["meta"])
-        if self.meta_opt is not None:
-            self.meta_opt.load_state_dict(state["meta_opt"])
-        for group, saved in zip(groups, state["param_groups"]):
-            group.update(copy.deepcopy(saved))
-        if self.problem.scheduler is not None and state["scheduler"] is not None:
-            self.problem.scheduler.load_state_dict(state["scheduler"])
+        model draws random numbers). Everything is checked before anything is loaded;
+        on any error nothing changes and the message names the entry."""
+        self._check_state(state)
+        streams = {}
+        for stream, name in ((self.train_data, "train"), (self.val_data, "val")):
+            if stream is not None and state["data"][name] is not None:
+                streams[name] = stream.moved_to(state["data"][name])    # a new Stream: ours kept
+        saved = Snapshot.take(self)
+        try:
+            self.meta.load_state_dict(state["meta"])
+            if self.meta_opt is not None:
+                self.meta_opt.load_state_dict(copy.deepcopy(state["meta_opt"]))
+            for group, values in zip(self.problem.inner.torch_optimizer.param_groups,
+                                     state["param_groups"]):
+                group.update(copy.deepcopy(values))
+            if self.problem.scheduler is not None and state["scheduler"] is not None:
+                self.problem.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
+        except BaseException:
+            saved.restore(self)
+            raise
+        saved.settle()
+        self.train_data = streams.get("train", self.train_data)
+        self.val_data = streams.get("val", self.val_data)
         self.meta_steps = state["meta_steps"]
-        for stream, position in ((self._train_data, state["data"]["train"]),
-                                 (self._val_data, state["data"]["val"])):
-            if stream is not None and position is not None:
-                stream.seek(position)
+
+    def _check_state(self, state: Any) -> None:
+        """Raise ``ValueError`` naming the entry of ``state`` that does not fit this solver."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a solver state_dict is a dict, not {type(state).__name__}")
+        missing = [k for k in ("meta", "meta_opt", "param_groups", "scheduler", "meta_steps", "data")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"the state_dict has no {', '.join(repr(k) for k in missing)} entry: "
+                             f"is it a GimliSolver.state_dict()?")
+        ours = self.meta.state_dict()
+        theirs = state["meta"]
+        if not isinstance(theirs, dict) or set(theirs) != set(ours):
+            raise ValueError(f"state_dict['meta'] holds other meta-parameters "
+                             f"({sorted(theirs) if isinstance(theirs, dict) else theirs!r}) than "
+                             f"this solver's ({sorted(ours)})")
+        for name, value in ours.items():
+            if not isinstance(theirs[name], Tensor) or theirs[name].shape != value.shape:
+                raise ValueError(f"state_dict['meta'][{name!r}] has shape "
+                                 f"{getattr(theirs[name], 'shape', None)}, this solver's {tuple(value.shape)}")
+        if (self.meta_opt is None) != (state["meta_opt"] is None):
+            raise ValueError("state_dict['meta_opt']: the saved solver had "
+                             + ("no " if state["meta_opt"] is None else "a ")
+                             + "meta-optimizer and this one " + ("has" if self.meta_opt else "has none"))
+        if self.meta_opt is not None:
+            groups = state["meta_opt"].get("param_groups") if isinstance(state["meta_opt"], dict) else None
+            if groups is None or [len(g["params"]) for g in groups] != \
+                    [len(g["params"]) for g in self.meta_opt.param_groups]:
+                raise ValueError("state_dict['meta_opt'] does not fit this meta-optimizer "
+                                 "(other param groups)")
+        groups = self.problem.inner.torch_optimizer.param_groups
+        if not isinstance(state["param_groups"], list) or len(groups) != len(state["param_groups"]):
+            n = len(state["param_groups"]) if isinstance(state["param_groups"], list) else "no"
+            raise ValueError(f"state_dict['param_groups']: the saved optimizer had {n} param "
+                             f"groups, this one {len(groups)}")
+        if (self.problem.scheduler is None) != (state["scheduler"] is None):
+            raise ValueError("state_dict['scheduler']: the saved solver had "
+                             + ("no " if state["scheduler"] is None else "a ")
+                             + "scheduler and this one " + ("has" if self.problem.scheduler else "has none"))
+        if not isinstance(state["meta_steps"], int):
+            raise ValueError(f"state_dict['meta_steps'] is not an int: {state['meta_steps']!r}")
+        data = state["data"]
+        if not isinstance(data, dict) or set(data) != {"train", "val"}:
+            raise ValueError("state_dict['data'] must hold the 'train' and 'val' positions")
+        for stream, name in ((self.train_data, "train"), (self.val_data, "val")):
+            if stream is not None and data[name] is not None:
+                try:
+                    stream.check(data[name])
+                except ValueError as e:
+                    raise ValueError(f"state_dict['data'][{name!r}]: {e}") from None
+
+    def _written_keys(self) -> list[str]:
+        """The param-group entries gimli writes: learned hyperparameters and, with a
+        scheduler, its learning-rate entries."""
+        keys = {getattr(self.problem.inner.rule, "GROUP_KEYS", {}).get(name, (name, None))[0]
+                for name in self.meta.granularity if "." not in name}
+        if self.problem.scheduler is not None:
+            keys |= {"lr", "initial_lr", "max_lr", "min_lr"}
+        return sorted(keys)
+
+    # --- several processes -------------------------------------------------------------------
+    def check_replicas(self) -> None:
+        """Raise if the meta-parameters differ between ranks: two all-reduces of them, the
+        elementwise maximum and minimum over the ranks, must both equal this rank's
+        values. A no-op outside torch.distributed."""
+        group = self._group()
+        if group is not None:
+            _distributed.check_replicas(list(self.meta.parameters()), group)
+
+    def _group(self) -> Any:
+        return _distributed.process_group(self.distributed, self.process_group)
+
+    # --- checks ------------------------------------------------------------------------------
+    def _learned(self) -> list[tuple[str, Tensor]]:
+        """The meta-parameters that get a hypergradient (``requires_grad=True``)."""
+        return [(n, p) for n, p in self.meta.named_parameters() if p.requires_grad]
+
+    def _check_meta_opt(self) -> None:
+        meta_opt = self.meta_opt
+        if not isinstance(meta_opt, torch.optim.Optimizer):
+            raise TypeError(f"meta_opt must be a torch.optim optimizer over "
+                            f"meta_params.parameters(), e.g. torch.optim.Adam(meta.parameters(), "
+                            f"lr=1e-3), not {type(meta_opt).__name__}")
+        held = {id(p) for g in meta_opt.param_groups for p in g["params"]}
+        ours = {id(p) for p in self.meta.parameters()}
+        if held - ours:
+            raise ValueError(f"meta_opt holds {len(held - ours)} tensor(s) that are not "
+                             f"meta-parameters: build it over meta_params.parameters()")
+        missing = [n for n, p in self._learned() if id(p) not in held]
+        if missing:
+            raise ValueError(f"meta_opt does not hold the meta-parameter(s) {', '.join(missing)}, "
+                             f"so they would never be learned: build it over "
+                             f"meta_params.parameters()")
 
     def _check_commit(self, commit: bool, tasks: Any = None) -> None:
         if commit and (tasks is not None or self._group() is not None):
@@ -274,44 +366,31 @@ class GimliSolver:
             raise ValueError("commit=True would overwrite the model's weights, which are the "
                              "meta-learned initial weights θ₀ (init=): it is for online learning "
                              "of hyperparameters or loss parameters")
+        if commit:
+            self.problem.inner.check_commit(self.meta.granularity)
 
-    def _commit(self, result: _Result) -> None:
-        """θ'_J, σ_J and the buffers into the user's model and optimizer; the scheduler J steps on."""
-        problem, final = self.problem, result.final
-        inner = problem.inner
-        opt = inner.torch_optimizer
-        untouched = [not opt.state.get(p) and torch.equal(p.detach(), t)    # no state, never stepped
-                     for p, t in zip(inner.params, final.theta)]
-        with torch.no_grad():
-            for p, t in zip(inner.params, final.theta):
-                p.copy_(t)
-            buffers = dict(problem.module.named_buffers())
-            for name, b in final.buffers.items():
-                buffers[name].copy_(b)
-        for i, p in enumerate(inner.params):
-            if not untouched[i]:
-                opt.state[p] = inner.write_state(final.state, i)
-        if problem.scheduler is not None:
-            with warnings.catch_warnings():     # "scheduler.step() before optimizer.step()"
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(len(result.train_losses)):
-                    problem.scheduler.step()
+    def transactional(self) -> list[Any]:
+        """Objects of the solver's own with ``snapshot()``/``restore()``, kept by a step's
+        transaction (none yet)."""
+        return []
 
+    # --- the hypergradient -------------------------------------------------------------------
     def _batches(self, train_batches: Iterable[Any] | None, val_batch: Any) -> tuple[list[Any], Any]:
         """The J training batches and the validation batch a call will use."""
         if train_batches is None:
-            if self._train_data is None:
+            if self.train_data is None:
                 raise ValueError("no training batches: pass train_batches or give train_data=")
-            taken = self._train_data.take(self.steps or 0)
+            taken = self.train_data.take(self.steps or 0)
         else:
+            _check_batches(train_batches)
             taken = list(itertools.islice(train_batches, self.steps)) if self.steps else list(train_batches)
         if not taken or (self.steps is not None and len(taken) < self.steps):
             raise ValueError(f"need {self.steps or 'at least 1'} training batches for the unroll, "
                              f"got {len(taken)}")
         if val_batch is None:
-            if self._val_data is None:
+            if self.val_data is None:
                 raise ValueError("no validation batch: pass val_batch or give val_data=")
-            (val_batch,) = self._val_data.take(1)
+            (val_batch,) = self.val_data.take(1)
         return taken, val_batch
 
     def _gradients(self, train_batches: Iterable[Any] | None, val_batch: Any,
@@ -319,57 +398,54 @@ class GimliSolver:
         """One task's hypergradient, or the mean over a meta-batch (and over every rank's
         tasks when distributed): summed one task at a time, all-reduced, divided."""
         if tasks is None:
-            pairs = None
+            pairs = [(train_batches, val_batch)]
         else:
             if train_batches is not None or val_batch is not None:
                 raise ValueError("give either tasks= or train_batches/val_batch, not both")
+            if isinstance(tasks, tuple) and len(tasks) == 2 and not isinstance(tasks[0], tuple):
+                raise ValueError("tasks= is a list of (train_batches, val_batch) pairs, one per "
+                                 "task; for one task pass train_batches and val_batch instead")
             pairs = list(tasks)
             if not pairs:
                 raise ValueError("tasks= holds no task")
         group = self._group()
-        if pairs is None and group is None:
-            return self._compute(*self._batches(train_batches, val_batch))
-        total: dict[str, Tensor] = {}
-        results = []
-        for train, val in pairs if pairs is not None else [(train_batches, val_batch)]:
-            grads, result = self._compute(*self._batches(train, val))
-            total = grads if not total else {k: total[k] + g for k, g in grads.items()}
-            results.append(result)
-        count, val_sum = float(len(results)), sum(r.val_loss for r in results)
-        if group is not None:
-            total, count, val_sum = _all_reduce(total, count, val_sum, group)
-        steps = zip(*(r.train_losses for r in results))
-        mean = _Result(val_sum / count, [sum(ls) / len(results) for ls in steps],
-                       results[-1].schedule, results[-1].final)
-        return {k: g / count for k, g in total.items()}, mean
-
-    def _group(self) -> Any:
-        """The torch.distributed process group the hypergradients are averaged over, or None."""
-        if self.distributed is False:
-            return None
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            if self.distributed:
-                raise RuntimeError("distributed=True, but no torch.distributed process group is "
-                                   "initialized (torch.distributed.init_process_group)")
-            return None
-        return self.process_group if self.process_group is not None else dist.group.WORLD
-
-    def check_replicas(self) -> None:
-        """Raise if the meta-parameters differ between ranks: two all-reduces of them, the
-        elementwise maximum and minimum over the ranks, must both equal this rank's
-        values. A no-op outside torch.distributed."""
-        group = self._group()
+        last: _Result | None
         if group is None:
-            return
-        flat = torch.cat([p.detach().reshape(-1).double() for p in self.meta.parameters()])
-        high, low = flat.clone(), flat.clone()
-        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=group)
-        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
-        if not (torch.equal(high, flat) and torch.equal(low, flat)):
-            raise RuntimeError("the meta-parameters differ between ranks")
+            sums, last = self._local(pairs)
+        else:
+            try:
+                local: tuple[Sums | None, _Result | None] = self._local(pairs)
+                failure = None
+            except Exception as e:          # every rank must still take part in the all-reduce
+                local, failure = (None, None), e
+            sums = _distributed.all_reduce(local[0], failure, dict(self._learned()), group)
+            last = local[1]
+        assert last is not None
+        n = sums.tasks
+        mean = _Result(sums.val_loss / n, [s / n for s in sums.train_losses], last.schedule, last.final)
+        return {k: g / n for k, g in sums.grads.items()}, mean
 
-    def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], Any]:
+    def _local(self, pairs: Sequence[tuple[Any, Any]]) -> tuple[Sums, _Result]:
+        """This process's tasks, one at a time: the sums of their hypergradients and losses."""
+        total: dict[str, Tensor] = {}
+        val, train = 0.0, None
+        result: _Result | None = None
+        for train_batches, val_batch in pairs:
+            grads, result = self._compute(*self._batches(train_batches, val_batch))
+            total = grads if not total else {k: total[k] + g for k, g in grads.items()}
+            val += result.val_loss
+            if train is None:
+                train = list(result.train_losses)
+            elif len(train) != len(result.train_losses):
+                raise ValueError(f"the tasks of a meta-batch unroll different numbers of steps "
+                                 f"({len(train)} and {len(result.train_losses)}); give every task "
+                                 f"the same number of training batches (or steps=)")
+            else:
+                train = [a + b for a, b in zip(train, result.train_losses)]
+        assert result is not None and train is not None
+        return Sums(total, float(len(pairs)), val, train), result
+
+    def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], _Result]:
         problem = self.problem
         with torch.enable_grad():                                   # also under torch.no_grad()
             split = problem.split(len(train_batches))                             # line 2
@@ -382,7 +458,7 @@ class GimliSolver:
                 self._warned.add("init")
                 warnings.warn(f"truncate={self.truncate} < J = {len(train_batches)} cuts every path "
                               f"from θ₀ (init=) to L^val: its hypergradient is identically 0",
-                              GimliWarning, stacklevel=3)
+                              GimliWarning, stacklevel=4)
             result: Sweep = sweep(problem, run, learned, phi_loss, schedule, val_batch,
                                   first_order=self.first_order)                # lines 8–15
             self._warn_unreached(phi_loss, result.reached)
@@ -403,7 +479,7 @@ class GimliSolver:
                           f"its hypergradient is identically 0 (Requirement IIIb of the paper: G_j must "
                           f"depend on φ^loss). Does loss_fn read meta[...] for it, and not only "
                           f"additively (a term without θ has no gradient in θ)?", GimliWarning,
-                          stacklevel=4)
+                          stacklevel=5)
 
     def _join(self, result: Sweep, phi_loss: list[Tensor]) -> dict[str, Tensor]:
         """Line 16's join(A^opt, A^loss), plus B₀ for θ₀, keyed by meta-parameter name."""
@@ -418,7 +494,7 @@ class GimliSolver:
         if meta.init is not None:
             for p, g in zip(problem.inner.params, result.B0):
                 by_tensor[id(p)] = g
-        return {name: by_tensor[id(p)] for name, p in meta.named_parameters()}
+        return {name: by_tensor[id(p)] for name, p in self._learned()}
 
 
 class _Result(NamedTuple):
@@ -432,57 +508,61 @@ def _norms(grads: dict[str, Tensor]) -> dict[str, float]:
     return {name: g.norm().item() for name, g in grads.items()}
 
 
-def _all_reduce(total: dict[str, Tensor], count: float, val_sum: float,
-                group: Any) -> tuple[dict[str, Tensor], float, float]:
-    """Sum the joined hypergradients, the task count and the validation losses over the
-    ranks, in one flat all-reduce (line 16's join is linear, so summing it is exact)."""
-    values = list(total.values())
-    dtype = values[0].dtype if len({v.dtype for v in values}) == 1 else torch.float64
-    flat = torch.cat([v.reshape(-1).to(dtype) for v in values]
-                     + [torch.tensor([count, val_sum], dtype=dtype, device=values[0].device)])
-    torch.distributed.all_reduce(flat, group=group)
-    out, start = {}, 0
-    for (name, v) in total.items():
-        out[name] = flat[start:start + v.numel()].view_as(v).to(v.dtype)
-        start += v.numel()
-    return out, float(flat[start]), float(flat[start + 1])
+# --- arguments a newcomer may get wrong ---------------------------------------------------
+_ORDER = "GimliSolver(model, loss_fn, opt, meta_params, ...)"
 
 
-class _Stream:
-    """Batches drawn from an iterable, starting it over when it runs out; its position
-    (passes started, items drawn in this pass) is saved and restored by state_dict."""
+def _check_arguments(model: Any, loss_fn: Any, opt: Any, meta: Any) -> None:
+    """Each positional argument's type, with the order spelled out when they are swapped."""
+    expected = [("model", model, nn.Module, "an nn.Module"),
+                ("loss_fn", loss_fn, None, "a function loss_fn(model, batch, meta)"),
+                ("opt", opt, torch.optim.Optimizer, "a torch.optim optimizer"),
+                ("meta_params", meta, MetaParams, "a gimli.MetaParams")]
+    for position, (name, value, kind, what) in enumerate(expected, 1):
+        wrong = (not callable(value) or isinstance(value, (torch.optim.Optimizer, MetaParams))) \
+            if kind is None else not isinstance(value, kind)
+        if wrong:
+            raise TypeError(f"{_ORDER}: argument {position} ({name}) must be {what}, not "
+                            f"{type(value).__name__} (are the arguments in this order?)")
+    if not _accepts(loss_fn, 3):
+        raise TypeError(f"loss_fn is called as loss_fn(model, batch, meta) (meta reads the loss "
+                        f"meta-parameters: meta[name]), but it does not take three arguments")
 
-    def __init__(self, data: Iterable[Any]):
-        self.data = data
-        self.epoch, self.index = 0, 0
-        self._it: Iterator[Any] | None = None
 
-    def take(self, k: int) -> list[Any]:
-        out: list[Any] = []
-        restarted = False
-        while len(out) < k:
-            if self._it is None:
-                self._it, self.index = iter(self.data), 0
-            try:
-                out.append(next(self._it))
-                self.index += 1
-                restarted = False
-            except StopIteration:
-                if restarted:
-                    raise ValueError("train_data/val_data yields no batches") from None
-                self._it, restarted = None, True
-                self.epoch += 1
-        return out
+def _accepts(fn: Callable[..., Any], n: int) -> bool:
+    """Whether ``fn`` can be called with ``n`` positional arguments (True when unknown)."""
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:          # no signature (a builtin): assume it fits
+        return True
+    return True
 
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
 
-    def seek(self, position: dict[str, int]) -> None:
-        """Re-iterate the data and skip to the position: exact for data that iterate the
-        same way each pass (lists, loaders with a seeded sampler)."""
-        self._it, self.index, self.epoch = None, 0, position["epoch"]
-        if position["index"]:
-            self._it = iter(self.data)
-            for _ in range(position["index"]):
-                next(self._it)
-            self.index = position["index"]
+def _val_loss(fn: Callable[..., Any] | None) -> ValLossFn | None:
+    """``val_loss_fn`` as ``(model, batch, meta)``: one written as ``(model, batch)`` is
+    called without ``meta``."""
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise TypeError(f"val_loss_fn must be a function val_loss_fn(model, batch), not "
+                        f"{type(fn).__name__}")
+    if _accepts(fn, 2):
+        return lambda model, batch, meta: fn(model, batch)
+    if _accepts(fn, 3):
+        return fn
+    raise TypeError("val_loss_fn is called as val_loss_fn(model, batch) or "
+                    "val_loss_fn(model, batch, meta), but it takes neither")
+
+
+def _check_batches(train_batches: Any) -> None:
+    """A single batch given where a list of J batches is expected."""
+    if isinstance(train_batches, Tensor):
+        raise TypeError("train_batches must be a list of batches, one per inner step, not a "
+                        "tensor: for one step on a batch b, pass [b]")
+    if isinstance(train_batches, tuple) and train_batches and \
+            all(isinstance(b, Tensor) for b in train_batches):
+        raise TypeError(f"train_batches is a tuple of {len(train_batches)} tensors, which looks "
+                        f"like one batch (x, y); pass a list of batches, one per inner step: "
+                        f"[(x, y)] for one step, [(x, y)] * J to take J steps on it")

@@ -14,6 +14,7 @@ unroll stops at j = J − K and reports B_0 = 0 (θ₀'s path is cut).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -38,8 +39,22 @@ def _zeros_like_state(state: Any) -> Any:
                          for field in state))
 
 
-def _or_zeros(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
+def _or_zeros(grads: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
+
+
+def _grad(outputs: Tensor | list[Tensor], inputs: list[Tensor],
+          cotangents: list[Tensor] | None = None) -> list[Tensor | None]:
+    """``torch.autograd.grad`` over the inputs that require grad; None for the others
+    (a constant, requires_grad=False) and for inputs the outputs do not reach."""
+    index = [i for i, x in enumerate(inputs) if x.requires_grad]
+    out: list[Tensor | None] = [None] * len(inputs)
+    if index:
+        found = torch.autograd.grad(outputs, [inputs[i] for i in index], grad_outputs=cotangents,
+                                    allow_unused=True)
+        for i, g in zip(index, found):
+            out[i] = g
+    return out
 
 
 def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[Tensor],
@@ -55,12 +70,11 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     A_opt = {name: [torch.zeros_like(v) for v in unroll.hypers[0][name]] for name in need}
     A_loss = [torch.zeros_like(x) for x in leaves]
     # line 9: B_J ← ∇_θ L^val(θ'_J), plus L^val's direct gradient w.r.t. φ^loss; S_J ← 0
-    theta_J = [t.detach().requires_grad_() for t in final.theta]
+    theta_J = [t.detach().requires_grad_(trained) for t, trained in zip(final.theta, unroll.trained)]
     val_buffers = {n: b.clone() for n, b in final.buffers.items()}    # σ_J's buffers stay as J steps
     val = problem.val_loss(theta_J, val_buffers, val_batch)             # left them (for a commit)
     unroll.rng.mark_end()
-    direct = torch.autograd.grad(val, theta_J + leaves, allow_unused=True) if val.requires_grad \
-        else (None,) * (n + len(leaves))
+    direct = _grad(val, theta_J + leaves) if val.requires_grad else [None] * (n + len(leaves))
     if all(d is None for d in direct[:n]):
         raise ValueError("the validation loss does not depend on the model's parameters θ'_J, so "
                          "no meta-parameter can change it through the unroll (Requirement I of the "
@@ -82,12 +96,11 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
             A_opt[name] = [acc if a is None else acc + a for acc, a in zip(A_opt[name], a_j)]
         # lines 13–14: (h_j, m_j) = ∇_(θ'_j, φ^loss) ⟨o_j, G_j⟩, one double-backward call
         inputs = theta[:targets] + leaves
-        hm: tuple[Tensor | None, ...] = (None,) * len(inputs)
+        hm: list[Tensor | None] = [None] * len(inputs)
         pairs = [(g, o) for g, o in zip(G, out.grads)
                  if g is not None and o is not None and g.requires_grad]
         if pairs and inputs:                                    # (else ℓ is linear in θ)
-            hm = torch.autograd.grad([g for g, _ in pairs], inputs,
-                                     grad_outputs=[o for _, o in pairs], allow_unused=True)
+            hm = _grad([g for g, _ in pairs], inputs, [o for _, o in pairs])
         A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
         reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
         B = [b + h for b, h in zip(out.params, _or_zeros(hm[:targets], theta[:targets]))] \

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._problem import Problem
+from ._problem import NonFiniteError, Problem
 from ._revolve import split
 
 Hypers = dict[str, list[Tensor]]
@@ -92,6 +92,37 @@ def _summary(hypers: Hypers) -> str:
     return ", ".join(out)
 
 
+def _nonfinite(grads: list[Tensor | None]) -> int | None:
+    """The index of the first gradient with an inf or NaN entry, or None (one reduction)."""
+    present = [(i, g.detach()) for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return None
+    sums = torch.stack([g.sum() for _, g in present]) if len(present) > 1 else present[0][1].sum().reshape(1)
+    if bool(torch.isfinite(sums).all()):
+        return None
+    for i, g in present:                # (a sum overflowing finite values lands here too)
+        if not bool(torch.isfinite(g).all()):
+            return i
+    return None
+
+
+def _describe(batch: Any) -> str:
+    """A batch's structure, for an error message."""
+    if isinstance(batch, Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, (list, tuple)):
+        inner = ", ".join(_describe(b) for b in batch[:4]) + (", ..." if len(batch) > 4 else "")
+        return f"a {type(batch).__name__} of {len(batch)} ({inner})"
+    return f"a {type(batch).__name__}"
+
+
+def _note(error: BaseException, note: str) -> None:
+    """Attach a note to an exception (shown under its message, Python ≥ 3.11)."""
+    add = getattr(error, "add_note", None)
+    if add is not None:
+        add(note)
+
+
 def _same_rng(a: Any, b: Any) -> bool:
     if not torch.equal(a[0], b[0]):
         return False
@@ -111,6 +142,7 @@ class Unroll:
         self.forward_steps = 0          # optimizer steps evaluated, recomputations included
         self.train_losses: list[float] = [float("nan")] * self.J
         self.rng = RngTape({p.device for p in problem.inner.params})
+        self.trained = problem.trained()    # tensors that step (requires_grad, as torch.optim)
         self.start = Point([p.detach().clone() for p in problem.inner.params],   # line 3
                            problem.inner.read_state(), problem.buffers())
 
@@ -119,25 +151,38 @@ class Unroll:
         """G_j at ``point`` (line 5), with its graph if asked, and the buffers as step j
         leaves them (updated in step j's own copy)."""
         self.rng.enter(j)
-        theta = [t.detach().requires_grad_() for t in point.theta]
+        theta = [t.detach().requires_grad_(trained) for t, trained in zip(point.theta, self.trained)]
         buffers = {n: b.clone() for n, b in point.buffers.items()}
         versions = [t._version for t in theta]
         try:
             loss = self.problem.train_loss(theta, buffers, self.batches[j])
-        except FloatingPointError as e:
+        except NonFiniteError as e:
             if j == 0:
                 raise
             largest = max(float(t.abs().max()) for t in point.theta)
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"{e} at step {j} of the unroll, after {j} optimizer steps from the model's "
-                f"weights (largest |θ'_{j}| entry: {largest:.3g}): if the unroll diverged, check the "
-                f"optimizer's hyperparameters, here {_summary(self.hypers[j - 1])}") from e
+                f"weights, whose gradients were all finite (largest |θ'_{j}| entry: {largest:.3g}): "
+                f"if the unroll diverged, check the optimizer's hyperparameters, here "
+                f"{_summary(self.hypers[j - 1])}") from e
+        except Exception as e:
+            _note(e, f"(raised by loss_fn at inner step {j} of the unroll, on training batch {j}: "
+                     f"{_describe(self.batches[j])})")
+            raise
         if [t._version for t in theta] != versions:
             raise ValueError("loss_fn modified the model's parameters in place (θ'_j); gimli "
                              "evaluates every loss at the unroll's own θ'_j, so loss_fn must only "
                              "read them (use out-of-place operations, e.g. w = w * mask, not w.mul_)")
         G = self.problem.inner_grads(loss, theta, graph=graph)
-        self.train_losses[j] = loss.item()
+        value = loss.item()
+        bad = _nonfinite(G)
+        if bad is not None:
+            raise NonFiniteError(
+                f"the gradient G_{j} = ∇_θ ℓ_{j} of loss_fn at step {j} is not finite in "
+                f"{self.problem.names[bad]} although the loss is ({value:.6g}): the backward pass "
+                f"of loss_fn (or of the model) produces inf or NaN at θ'_{j} — a square root, log "
+                f"or division at 0, or a masked branch (torch.where) with an infinite value")
+        self.train_losses[j] = value
         return Step(j, theta, point.state, G), buffers
 
     def run(self, j: int, point: Point, *, graph: bool) -> tuple[Step, Point]:

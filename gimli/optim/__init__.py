@@ -178,6 +178,10 @@ class InnerOptimizer:
                 out[key] = value
         return out
 
+    def check_commit(self, granularity: dict[str, str]) -> None:
+        """Raise if a commit under these meta-learned granularities would leave an
+        optimizer state that ``torch.optim`` cannot step."""
+
     def step(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
              hp: Hypers) -> tuple[list[Tensor], Any]:
         """One update of every tensor; a tensor whose gradient is ``None`` is left
