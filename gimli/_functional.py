@@ -50,8 +50,9 @@ class FunctionalModel:
     calling it runs the module's own ``forward`` through ``torch.func.functional_call``,
     so the module object itself is never changed. ``named_parameters()`` and
     ``parameters()`` give θ'_j in the module's own order (the optimizer's order does
-    not matter), ``named_buffers()`` the buffers; a submodule (``model.encoder``,
-    ``model[0]``) is a view of the same kind; other attributes are the module's.
+    not matter), ``named_buffers()`` the buffers, and so does an attribute
+    (``model.head.weight``); a submodule (``model.encoder``, ``model[0]``) is a view
+    of the same kind; other attributes are the module's.
 
     ``model.eval()`` and ``model.train()`` return a view that runs the module in that
     mode (dropout off, BatchNorm on its running statistics) without changing the
@@ -140,6 +141,11 @@ class FunctionalModel:
         value = getattr(self.module, name)
         if isinstance(value, nn.Module) and name in self.module._modules:
             return self._sub(value)
+        if isinstance(value, Tensor) and (name in self.module._parameters or name in self.module._buffers):
+            root = self._slots.canonical.get(id(value))
+            for values in (self._params, self._buffers):
+                if root in values:
+                    return values[root]         # θ'_j's entry, not the user's tensor
         return value
 
     def __getitem__(self, index: Any) -> Any:

@@ -155,8 +155,9 @@ class GimliSolver:
         position in ``train_data``/``val_data`` are left as they were before the call,
         and the error is raised (a non-finite value as :class:`FloatingPointError`);
         with ``on_nonfinite="skip"`` a non-finite value is instead reported by a
-        warning and a :class:`StepResult` with ``skipped=True``. Under
-        ``torch.distributed`` every rank raises or skips together.
+        warning and a :class:`StepResult` with ``skipped=True``, and the batches the
+        step drew from ``train_data``/``val_data`` count as used (the run moves past
+        a bad batch). Under ``torch.distributed`` every rank raises or skips together.
 
         ``tasks``: a meta-batch, as for :meth:`hypergradient`; the result's losses are
         then averaged over the tasks (and the ranks).
@@ -196,7 +197,8 @@ class GimliSolver:
                 if on_nonfinite == "raise":
                     e.args = (f"{e}; nothing was changed",)
                     raise
-                saved.restore(self)
+                saved.restore(self, streams=False)      # a skipped step uses up its batches
+                saved.settle()
                 warnings.warn(f"GimliSolver.step skipped: {e}; nothing was changed",
                               RuntimeWarning, stacklevel=2)
                 if result is None:

@@ -86,7 +86,8 @@ class Snapshot(NamedTuple):
                    if commit else None,
                    {p: copy.deepcopy(s) for p, s in opt.state.items()} if commit else None)
 
-    def restore(self, solver: GimliSolver) -> None:
+    def restore(self, solver: GimliSolver, *, streams: bool = True) -> None:
+        """Put everything back (``streams=False``: all but the data streams' positions)."""
         if self.meta is not None and self.grads is not None:
             with torch.no_grad():
                 for p, value, grad in zip(solver.meta.parameters(), self.meta, self.grads):
@@ -99,7 +100,7 @@ class Snapshot(NamedTuple):
             _restore_group(group, saved)
         if self.scheduler is not None:
             solver.problem.scheduler.load_state_dict(copy.deepcopy(self.scheduler))
-        for stream, mark in self.streams:
+        for stream, mark in self.streams if streams else []:
             stream.rewind(mark)
         for obj, saved_state in self.extra:
             obj.restore(saved_state)

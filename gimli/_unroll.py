@@ -106,6 +106,17 @@ def _nonfinite(grads: list[Tensor | None]) -> int | None:
     return None
 
 
+def _finite_batch(batch: Any) -> bool:
+    """Whether every floating-point tensor in a batch (nested tuples, lists, dicts) is finite."""
+    if isinstance(batch, Tensor):
+        return not batch.is_floating_point() or bool(torch.isfinite(batch).all())
+    if isinstance(batch, (list, tuple)):
+        return all(_finite_batch(b) for b in batch)
+    if isinstance(batch, dict):
+        return all(_finite_batch(b) for b in batch.values())
+    return True
+
+
 def _describe(batch: Any) -> str:
     """A batch's structure, for an error message."""
     if isinstance(batch, Tensor):
@@ -157,6 +168,9 @@ class Unroll:
         try:
             loss = self.problem.train_loss(theta, buffers, self.batches[j])
         except NonFiniteError as e:
+            if not _finite_batch(self.batches[j]):
+                raise NonFiniteError(f"{e} at step {j} of the unroll: training batch {j} itself "
+                                     f"holds inf or NaN values") from e
             if j == 0:
                 raise
             largest = max(float(t.abs().max()) for t in point.theta)

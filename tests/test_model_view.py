@@ -1,0 +1,263 @@
+"""The model that loss_fn sees behaves like the user's module, and the unroll trains what
+torch.optim trains: frozen tensors (requires_grad=False) inside and outside the
+optimizer, a module registered under two names, tied weights, parameters listed by the
+optimizer in another order than the module's, submodules and eval mode.
+
+Oracles: the real torch.optim training loop on a copy of the model (the user's own
+loop), finite differences of that real training, the full autograd unroll, and the
+user's module called directly."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gimli
+from test_sweep import assert_hypergradients_close
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def batches(seed: int, n_in: int, n_out: int, count: int) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, n_in, generator=g, dtype=torch.float64),
+             torch.randn(8, n_out, generator=g, dtype=torch.float64)) for _ in range(count)]
+
+
+def real_training(model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer],
+                  loss: Callable[[Any, Batch], torch.Tensor], train: list[Batch]) -> nn.Module:
+    """The user's own loop with the real optimizer, on a copy of the model."""
+    twin = copy.deepcopy(model)
+    opt = make_opt(twin)
+    for batch in train:
+        opt.zero_grad()
+        loss(twin, batch).backward()
+        opt.step()
+    return twin
+
+
+def val_after(model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer],
+              loss: Callable[[Any, Batch], torch.Tensor], train: list[Batch], val: Batch) -> float:
+    trained = real_training(model, make_opt, loss, train)
+    with torch.no_grad():
+        return float(F.mse_loss(trained(val[0]), val[1]))
+
+
+def mse(m: Any, batch: Batch) -> torch.Tensor:
+    return F.mse_loss(m(batch[0]), batch[1])
+
+
+def assert_models_equal(a: nn.Module, b: nn.Module, atol: float = 1e-13) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=name)
+
+
+# --- 5: a frozen parameter inside the optimizer does not step --------------------------------
+@pytest.mark.parametrize("make", [
+    lambda m, lr=0.1: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=0.01),
+    lambda m, lr=0.1: torch.optim.Adam(m.parameters(), lr=lr, weight_decay=0.01),
+    lambda m, lr=0.1: torch.optim.AdamW([{"params": m[2].parameters()},
+                                         {"params": m[0].parameters(), "lr": 0.05}], lr=lr),
+], ids=["SGD", "Adam", "AdamW-groups"])
+def test_frozen_parameter_inside_the_optimizer_is_not_trained(make: Any) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model[0].requires_grad_(False)                      # a frozen first layer, still in the optimizer
+    data = batches(1, 3, 1, 5)
+    train, val = data[:4], data[4]
+    opt = make(model)
+    meta = gimli.MetaParams(opt, {"lr": "scalar"} if len(opt.param_groups) == 1 else {"lr": "group"})
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta)
+    hg = solver.hypergradient(train, val)
+    if len(opt.param_groups) == 1:                      # d/d lr of the real training loop
+        h = 1e-6
+        fd = (val_after(model, lambda m: make(m, 0.1 + h), mse, train, val)
+              - val_after(model, lambda m: make(m, 0.1 - h), mse, train, val)) / (2 * h)
+        assert abs(float(hg["hypers.lr"]) - fd) <= 1e-7 * abs(fd)
+    assert_hypergradients_close(hg, gimli.full_unroll_hypergradient(solver, train, val))
+    expected = real_training(model, make, mse, train)
+    solver.hypergradient(train, val, commit=True)       # the committed weights: the real loop's
+    assert_models_equal(model, expected)
+    assert all(not opt.state.get(p) for p in model[0].parameters())   # no state for frozen ones
+
+
+def test_commit_with_a_frozen_parameter_equals_real_training() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model[0].requires_grad_(False)
+
+    def make(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+
+    data = batches(2, 3, 1, 5)
+    expected = real_training(model, make, mse, data[:4])
+    opt = make(model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt,
+                               gimli.MetaParams(opt, {"lr": "scalar"}))
+    solver.hypergradient(data[:4], data[4], commit=True)
+    assert_models_equal(model, expected)
+    assert model[0].weight.requires_grad is False
+
+
+# --- 6: a frozen backbone under init= ------------------------------------------------------------
+@pytest.mark.parametrize("in_optimizer", [False, True])
+def test_frozen_backbone_with_init(in_optimizer: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model[0].requires_grad_(False)
+    params = model.parameters() if in_optimizer else model[2].parameters()
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.5)
+    meta = gimli.MetaParams(opt, {"lr": "scalar"}, init=model)
+    data = batches(3, 3, 1, 4)
+    meta_opt = torch.optim.Adam(meta.parameters(), lr=1e-2)     # holds the frozen ones too: fine
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, meta_opt=meta_opt)
+    hg = solver.hypergradient(data[:3], data[3])
+    assert set(hg) == {"hypers.lr", "init.2.weight", "init.2.bias"}     # frozen: no hypergradient
+    assert_hypergradients_close(hg, gimli.full_unroll_hypergradient(solver, data[:3], data[3]))
+    before = model[0].weight.detach().clone()
+    solver.step(data[:3], data[3])
+    assert torch.equal(model[0].weight, before) and model[0].weight.grad is None
+
+
+# --- 7: a module registered under two names, and tied weights -----------------------------------
+def test_module_under_two_names_is_left_intact() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 2).double()
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    weight = lin.weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(4, 2, 2, 4)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, gimli.MetaParams(opt, ["lr"]))
+    hg = solver.hypergradient(data[:3], data[3])
+    assert model[0].weight is weight and model[2].weight is weight      # not replaced
+    assert isinstance(model[0].weight, nn.Parameter)
+    h = 1e-6
+
+    def make(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+        return lambda m: torch.optim.SGD(m.parameters(), lr=lr)
+
+    fd = (val_after(model, make(0.1 + h), mse, data[:3], data[3])
+          - val_after(model, make(0.1 - h), mse, data[:3], data[3])) / (2 * h)
+    assert abs(float(hg["hypers.lr"]) - fd) <= 1e-7 * abs(fd)
+
+
+def test_module_under_two_names_with_init() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 2).double()
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = gimli.MetaParams(opt, ["lr"], init=model)
+    data = batches(5, 2, 2, 4)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta,
+                               meta_opt=torch.optim.SGD(meta.parameters(), lr=1e-2))
+    hg = solver.hypergradient(data[:3], data[3])
+    assert set(hg) == {"hypers.lr", "init.0.weight", "init.0.bias"}
+    assert gimli.check(solver, data[:3], data[3]).passed
+    solver.step(data[:3], data[3])
+    assert model[0].weight is model[2].weight
+
+
+def test_tied_weights_in_two_modules() -> None:
+    """An encoder and a decoder sharing one weight (as language models tie embeddings)."""
+    torch.manual_seed(0)
+    enc, dec = nn.Linear(3, 3, bias=False).double(), nn.Linear(3, 3).double()
+    dec.weight = enc.weight
+    model = nn.Sequential(enc, nn.Tanh(), dec)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    data = batches(6, 3, 3, 4)
+    meta = gimli.MetaParams(opt, ["lr"], init=model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta)
+    assert gimli.check(solver, data[:3], data[3]).passed
+    expected = real_training(model, lambda m: torch.optim.Adam(m.parameters(), lr=0.05), mse, data[:3])
+    plain = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, gimli.MetaParams(opt, ["lr"]))
+    plain.hypergradient(data[:3], data[3], commit=True)
+    assert_models_equal(model, expected)
+    assert model[2].weight is model[0].weight
+
+
+# --- 8: the optimizer's order is not the module's -----------------------------------------------
+def test_named_parameters_in_the_module_order() -> None:
+    """README example (b)'s pattern: per-layer coefficients zipped with the weights of
+    model.named_parameters(). The optimizer lists the layers in reverse: the committed
+    weights must still be those of the user's own training loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    coefficients = torch.tensor([0.3, 0.01, 0.1], dtype=torch.float64)
+
+    def loss(m: Any, batch: Batch) -> torch.Tensor:
+        weights = [p for name, p in m.named_parameters() if name.endswith("weight")]
+        return mse(m, batch) + sum(c * (w ** 2).sum() for c, w in zip(coefficients, weights))
+
+    def make(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(list(m.parameters())[::-1], lr=0.05, momentum=0.9)
+
+    data = batches(7, 3, 1, 5)
+    expected = real_training(model, make, loss, data[:4])
+    opt = make(model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: loss(m, b), opt, gimli.MetaParams(opt, ["lr"]))
+    solver.hypergradient(data[:4], data[4], commit=True)
+    assert_models_equal(model, expected)
+
+
+# --- the view behaves like the module ---------------------------------------------------------
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh())
+        self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(6, 2)
+        self.scale = 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.encoder(x))) * self.scale
+
+
+def test_view_has_the_module_structure() -> None:
+    torch.manual_seed(0)
+    net = Net().double()
+    params = {n: p.detach() * 1.5 for n, p in net.named_parameters()}
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    view = gimli.FunctionalModel(net, params, buffers)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert [n for n, _ in view.named_parameters()] == [n for n, _ in net.named_parameters()]
+    assert [n for n, _ in view.encoder.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert view.encoder[0].weight is params["encoder.0.weight"]     # θ'_j, not the user's tensor
+    assert view.encoder[1].running_mean is buffers["encoder.1.running_mean"]
+    assert next(view.head.parameters()) is params["head.weight"]
+    assert view.scale == 2.0 and view.training
+    assert list(view.state_dict()) == list(net.state_dict())
+    # a submodule view computes with the view's parameters, like the module's own submodule
+    reference = copy.deepcopy(net)
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            p.copy_(params[n])
+    torch.testing.assert_close(view.eval().encoder(x), reference.eval().encoder(x))
+    # eval mode: dropout off, BatchNorm on running statistics, the user's module unchanged
+    net.train()
+    net.encoder[1].eval()                   # the user's own per-submodule flags are kept
+    out = view.eval()(x)
+    torch.testing.assert_close(out, reference.eval()(x))
+    assert net.training and not net.encoder[1].training and net.encoder[0].training
+    assert view.eval().training is False and view.training is True
+
+
+def test_validation_loss_in_eval_mode() -> None:
+    """L^val in eval mode through the view; the unroll's training steps in training mode."""
+    torch.manual_seed(0)
+    net = Net().double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    meta = gimli.MetaParams(opt, ["lr"], init=net)
+    data = batches(8, 3, 2, 4)
+
+    def val_loss(m: Any, batch: Batch) -> torch.Tensor:
+        return mse(m.eval(), batch)
+
+    solver = gimli.GimliSolver(net, lambda m, b, meta: mse(m, b), opt, meta, val_loss_fn=val_loss)
+    assert gimli.check(solver, data[:3], data[3]).passed
+    assert net.training
