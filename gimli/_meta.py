@@ -1,4 +1,14 @@
-"""The meta-parameter container φ = (φ^opt, φ^loss, θ₀): Algorithm 1's split and join."""
+"""The meta-parameter container φ = (φ^opt, φ^loss, θ₀): Algorithm 1's split and join.
+
+A learned hyperparameter stays inside its valid range, the values ``torch.optim``'s
+constructor accepts (each rule's ``RANGES``, narrowed by its flags): it is either
+projected back after each meta-update (``"project"``), or learned through a map
+whose image lies inside (``"log"``: the meta-parameter is log x; ``"logit"``: it is
+log x − log(1 − x)). Either way the value the unroll uses and the value written
+into ``param_groups`` pass through one guard, a clamp onto the representable
+values inside the range (a σ(z) that rounds to 1.0 becomes the largest value
+below 1), so no value ``torch.optim`` would refuse is ever used or written.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from .optim import InnerOptimizer, bind
+from .optim._core import REAL, Interval, hyper_dtype
 
 GRANULARITIES = ("scalar", "group", "tensor", "element")
+# how a hyperparameter x is held by its meta-parameter z, and the values each map reaches
+TRANSFORMS = ("project", "log", "logit")
+_IMAGE = {"log": Interval(0.0, lo_open=True), "logit": Interval(0.0, 1.0, lo_open=True, hi_open=True)}
 
 
 class MetaParams(nn.Module):
@@ -28,6 +42,21 @@ class MetaParams(nn.Module):
             (``lr`` from ``initial_lr`` where an LR scheduler is attached: its base lr).
             A module-valued hyperparameter (``LearnedOptimizer``'s ``"net"``) takes
             ``"scalar"`` and contributes its own weights.
+        transform: how each hyperparameter is kept inside its valid range (the values
+            ``torch.optim``'s constructor accepts, ``meta.ranges[name]``), name → one of
+
+            * ``"project"`` (default): the meta-parameter is the value x itself; after
+              each meta-update (:meth:`constrain_`, called by ``GimliSolver.step``) it is
+              projected back into the range: onto a closed end, or onto the nearest
+              representable value inside an open one (β₂ ≤ 1 − 2⁻²⁴ in float32).
+            * ``"log"``: the meta-parameter is z = log x, and x = exp z > 0; for a range
+              that holds (0, ∞) (learning rates, weight decays, ε).
+            * ``"logit"``: z = log x − log(1 − x), x = σ(z) ∈ (0, 1); for a range that
+              holds (0, 1) (Adam's β, RMSprop's α, Adadelta's ρ).
+
+            A map whose image is not inside the range (log for a β), or that cannot
+            represent the initial value (log of 0), is refused with the reason. The
+            hypergradient ``hypers.<name>`` is with respect to what is learned: z.
         loss: φ^loss, name → tensor or ``nn.Module``, read by ``loss_fn`` as
             ``meta[name]``. A tensor is wrapped as an ``nn.Parameter`` (sharing
             its storage); a module contributes all its parameters.
@@ -35,19 +64,31 @@ class MetaParams(nn.Module):
             meta-parameters are then the model's own parameters.
 
     Parameters are named ``hypers.<name>``, ``loss.<name>[.<sub>]`` and
-    ``init.<model parameter name>``; hypergradients are keyed the same way.
+    ``init.<model parameter name>``; hypergradients are keyed the same way. A
+    hyperparameter's meta-parameter is kept in the model's dtype, but at least in
+    float32 (``torch.optim`` keeps hyperparameters as Python floats: a bfloat16 model
+    still steps with β₂ = 0.999, which bfloat16 would round to 1).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer | None = None,
                  hypers: Mapping[str, str] | Iterable[str] = (), *,
+                 transform: Mapping[str, str] | None = None,
                  loss: Mapping[str, Tensor | nn.Module] | None = None,
                  init: nn.Module | None = None):
         super().__init__()
-        granularity = dict(hypers) if isinstance(hypers, Mapping) else dict.fromkeys(hypers, "scalar")
+        granularity = dict(hypers) if isinstance(hypers, Mapping) else dict.fromkeys(
+            [hypers] if isinstance(hypers, str) else hypers, "scalar")   # "lr": one name
         if granularity and optimizer is None:
             raise ValueError("MetaParams: pass the inner optimizer to meta-learn its hyperparameters")
+        transforms = dict(transform or {})
+        unknown = sorted(set(transforms) - set(granularity))
+        if unknown:
+            raise ValueError(f"MetaParams: transform= names {', '.join(unknown)}, which hypers= "
+                             f"does not declare")
         self.inner: InnerOptimizer | None = None if optimizer is None else bind(optimizer)
         self.granularity: dict[str, str] = {}
+        self.transform: dict[str, str] = {}         # name → how it is kept in range
+        self.ranges: dict[str, Interval] = {}       # name → the values torch.optim accepts
         self.hypers = nn.Module()
         modules = {} if self.inner is None else self.inner.module_hypers()
         for name, per in granularity.items():
@@ -56,12 +97,20 @@ class MetaParams(nn.Module):
                 if per != "scalar":
                     raise ValueError(f"{name!r} is a module shared by every tensor: its granularity "
                                      f"is 'scalar', not {per!r}")
+                if name in transforms:
+                    raise ValueError(f"{name!r} is a module: its weights have no range and take no "
+                                     f"transform")
                 self.hypers.add_module(name, modules[name])
                 self.granularity.update({f"{name}.{n}": "scalar"
                                          for n, _ in modules[name].named_parameters()})
                 continue
-            self.hypers.register_parameter(name, nn.Parameter(_initial_value(self.inner, name, per)))
+            kind = transforms.get(name, "project")
+            start = _initial_value(self.inner, name, per)
+            self.ranges[name] = valid_range(self.inner, name)
+            _check_transform(self.inner, name, kind, self.ranges[name], start)
+            self.hypers.register_parameter(name, nn.Parameter(_inverse(kind, start)))
             self.granularity[name] = per
+            self.transform[name] = kind
         self.loss = nn.Module()
         self._loss_entries: dict[str, Tensor | nn.Module] = {}
         for name, value in (loss or {}).items():
@@ -87,19 +136,34 @@ class MetaParams(nn.Module):
                            f"{sorted(self._loss_entries)}") from None
 
     def hyper(self, name: str) -> Tensor:
-        """The meta-parameter holding hyperparameter ``name``."""
+        """The meta-parameter holding hyperparameter ``name``: the value itself, or its
+        log or logit under ``transform=`` (see :meth:`value`)."""
         return self.hypers.get_parameter(name)
+
+    def value(self, name: str) -> Tensor:
+        """Hyperparameter ``name``'s values, in its meta-parameter's shape (one per group,
+        tensor or element): the transform applied to the meta-parameter, then clamped
+        onto the representable values of its valid range; differentiable."""
+        raw = self.hyper(name)
+        kind = self.transform.get(name)
+        if kind is None:                                        # a module's weights
+            return raw
+        x = raw if kind == "project" else raw.exp() if kind == "log" else torch.sigmoid(raw)
+        lo, hi = self.ranges[name].representable(x.dtype)
+        return x.clamp(lo, hi)                                  # the guard (module doc)
 
     def expand(self, name: str) -> list[Tensor]:
         """Hyperparameter ``name`` as one tensor per parameter tensor (0-dim or the
-        parameter's shape), in the optimizer's order; differentiable."""
+        parameter's shape), in the optimizer's order; differentiable (with respect to
+        the meta-parameter, through the transform)."""
         assert self.inner is not None
-        value, per, params = self.hyper(name), self.granularity[name], self.inner.params
+        raw, per, params = self.hyper(name), self.granularity[name], self.inner.params
         shape = {"scalar": (), "group": (len(self.inner.groups),), "tensor": (len(params),),
                  "element": (sum(p.numel() for p in params),)}[per]
-        if "." not in name and tuple(value.shape) != shape:     # (a module's weights: their own)
-            raise ValueError(f"meta-parameter hypers.{name} has shape {tuple(value.shape)}, but "
+        if "." not in name and tuple(raw.shape) != shape:       # (a module's weights: their own)
+            raise ValueError(f"meta-parameter hypers.{name} has shape {tuple(raw.shape)}, but "
                              f"{per!r} granularity over this optimizer needs {shape}")
+        value = self.value(name)
         if per == "scalar":
             return [value] * len(params)
         if per == "group":
@@ -113,19 +177,83 @@ class MetaParams(nn.Module):
         return [v.detach() for v in self.expand(name)]
 
     def constrain_(self) -> None:
-        """Put every meta-parameter back into its valid set after a meta-update (in place)."""
+        """Put every meta-parameter back into its valid set after a meta-update (in place):
+        a ``"project"`` hyperparameter onto the representable values of its range (a NaN
+        stays NaN, for the solver to see); a log or logit one is valid by construction."""
+        with torch.no_grad():
+            for name, kind in self.transform.items():
+                if kind == "project":
+                    p = self.hyper(name)
+                    p.clamp_(*self.ranges[name].representable(p.dtype))
 
     def write_back(self) -> None:
         """Write scalar and per-group hyperparameters into the optimizer's param_groups,
-        so the user's own training loop uses the meta-learned values."""
+        so the user's own training loop uses the meta-learned values. A value outside
+        the range ``torch.optim`` accepts is never written (a ValueError instead)."""
         if self.inner is None:
             return
+        writes = []
         for name, per in self.granularity.items():
             if per not in ("scalar", "group") or "." in name:     # a module's own weights
                 continue
-            value = self.hyper(name).detach()
-            for g, group in enumerate(self.inner.torch_optimizer.param_groups):
-                _set_group_value(self.inner, group, name, float(value if per == "scalar" else value[g]))
+            value = self.value(name).detach()
+            for g in range(len(self.inner.groups)):
+                x = float(value if per == "scalar" else value[g])
+                if x not in self.ranges[name]:
+                    raise ValueError(f"refusing to write {name} = {x} into param group {g} of "
+                                     f"{self.inner.name}: torch.optim accepts {self.ranges[name]}")
+                writes.append((g, name, x))
+        groups = self.inner.torch_optimizer.param_groups
+        for g, name, x in writes:
+            _set_group_value(self.inner, groups[g], name, x)
+
+
+def valid_range(inner: InnerOptimizer, name: str) -> Interval:
+    """The values of hyperparameter ``name`` that ``torch.optim``'s constructor accepts
+    under every param group's flags (the rule's ``ranges(flags)`` or ``RANGES``; the
+    whole real line where a rule declares none, as a user's own optimizer)."""
+    rule = inner.rule
+    out = REAL
+    for flags in inner.flags:
+        table = rule.ranges(flags) if hasattr(rule, "ranges") else getattr(rule, "RANGES", {})
+        out = out & table.get(name, REAL)
+    return out
+
+
+def _check_transform(inner: InnerOptimizer, name: str, kind: str, valid: Interval,
+                     value: Tensor) -> None:
+    """Refuse a transform that is unknown, whose image leaves the valid range, or that
+    cannot hold the initial value; and an initial value outside the range."""
+    if kind not in TRANSFORMS:
+        raise ValueError(f"transform of {name!r} must be one of {TRANSFORMS}, not {kind!r}")
+    image = _IMAGE.get(kind, valid)                 # "project" reaches the range itself
+    if not valid.covers(image):
+        fits = ["project"] + [k for k, im in _IMAGE.items() if valid.covers(im)]
+        raise ValueError(f"transform {kind!r} maps onto {image}, which is not inside the values "
+                         f"{inner.name} accepts for {name}, {valid}: use "
+                         f"{' or '.join(repr(k) for k in fits)}")
+    bad = [x for x in value.reshape(-1).tolist() if x not in valid or x not in image]
+    if bad and bad[0] not in valid:
+        raise ValueError(f"{inner.name}'s {name} = {bad[0]} is outside the values torch.optim "
+                         f"accepts, {valid}, so it cannot be meta-learned from there")
+    if bad:
+        raise ValueError(f"transform {kind!r} cannot represent the initial {name} = {bad[0]} "
+                         f"(it reaches {image} only): start from a value inside, or use "
+                         f"'project'")
+    if kind != "project" and name == "lr" and \
+            all("initial_lr" in g for g in inner.torch_optimizer.param_groups):
+        raise ValueError(f"transform {kind!r} of lr with an LR scheduler attached: the scheduler is "
+                         f"re-based on the meta-parameter itself after each step, so learn lr "
+                         f"with 'project' there")
+
+
+def _inverse(kind: str, value: Tensor) -> Tensor:
+    """z such that the transform gives ``value`` back (up to rounding)."""
+    if kind == "log":
+        return value.log()
+    if kind == "logit":
+        return value.log() - (-value).log1p()
+    return value
 
 
 def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
@@ -142,17 +270,17 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
                          f"the hypergradient of a loss on θ is identically 0")
     inactive = getattr(inner.rule, "inactive_hypers", None)
     for g, flags in enumerate(inner.flags):
-        if inactive is not None and name in inactive(flags):
-            raise ValueError(f"{name} has no effect in param group {g} of {inner.name} "
-                             f"({inactive.__doc__}); build the optimizer so that it is used "
-                             f"before meta-learning it")
+        off = {} if inactive is None else inactive(flags)
+        if name in off:
+            why = off[name] if isinstance(off, Mapping) else f"has no effect there ({inactive.__doc__})"
+            raise ValueError(f"{inner.name}, param group {g}: {name} {why}")
     groups = inner.group_hypers()
     per_group = [float(groups[g][name]) for g in range(len(groups))]
     torch_groups = inner.torch_optimizer.param_groups
     if name == "lr" and all("initial_lr" in g for g in torch_groups):
         per_group = [float(g["initial_lr"]) for g in torch_groups]    # an LR scheduler's base lr
     ref = inner.params[0]
-    kw: dict[str, Any] = {"dtype": ref.dtype, "device": ref.device}
+    kw: dict[str, Any] = {"dtype": hyper_dtype(ref.dtype), "device": ref.device}
     if per == "scalar":
         if len(set(per_group)) > 1:
             raise ValueError(f"{name} differs between param groups ({per_group}); "

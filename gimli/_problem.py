@@ -19,6 +19,7 @@ from ._functional import FunctionalModel, Slots
 from ._meta import MetaParams
 from ._schedule import Schedule, base_lrs, build_schedule, check_scheduler
 from .optim import InnerOptimizer, bind
+from .optim._core import hyper_dtype
 
 LossFn = Callable[[FunctionalModel, Any, MetaParams], Tensor]
 ValLossFn = Callable[..., Tensor]        # (model, batch) or (model, batch, meta)
@@ -128,7 +129,7 @@ class Problem:
         hp = self.inner.constant_hypers()
         if self.scheduler is not None:      # the un-scheduled lr is the scheduler's base lr
             bases = base_lrs(self.inner)
-            hp["lr"] = [torch.tensor(bases[g], dtype=p.dtype, device=p.device)
+            hp["lr"] = [torch.tensor(bases[g], dtype=hyper_dtype(p.dtype), device=p.device)
                         for p, g in zip(self.inner.params, self.inner.group_of())]
         for name in self.meta.granularity:
             hp[name] = self.meta.expand(name) if differentiable else self.meta.hyper_values(name)
@@ -178,20 +179,30 @@ class Problem:
 
 
 def _check_dtypes(inner: InnerOptimizer, meta: MetaParams) -> None:
-    """Meta-parameters live where the model's parameters do, in their dtype."""
+    """Meta-parameters live where the model's parameters do, in their dtype; for a
+    reduced-precision model (bfloat16, float16) a hyperparameter's is float32, as
+    ``torch.optim`` keeps hyperparameters at full precision (bfloat16 rounds 0.999 to
+    1), and a loss parameter may be float32 too."""
     kinds = {(p.dtype, p.device) for p in inner.params}
     if len(kinds) != 1:
         return                  # a mixed model: each entry is the user's to place
     dtype, device = next(iter(kinds))
+    wide = hyper_dtype(dtype)
     for name, p in meta.named_parameters():
         if name.startswith("init."):
             continue
         if p.device != device:
             raise ValueError(f"meta-parameter {name} is on {p.device}, the model's parameters on "
                              f"{device}: move it (or the module holding it) with .to({str(device)!r})")
-        if p.dtype != dtype:
+        if name.removeprefix("hypers.") in meta.transform:
+            if p.dtype != wide:
+                raise ValueError(f"meta-parameter {name} is {p.dtype}, but a hyperparameter of a "
+                                 f"{dtype} model is kept in {wide} (as torch.optim keeps it at full "
+                                 f"precision): convert it with .to({wide})")
+        elif p.dtype not in (dtype, wide):
+            also = f" (or {wide})" if wide != dtype else ""
             raise ValueError(f"meta-parameter {name} is {p.dtype}, the model's parameters are {dtype}: "
-                             f"convert it (or the module holding it) with .to({dtype})")
+                             f"convert it (or the module holding it) with .to({dtype}){also}")
 
 
 def _scalar(loss: Any, who: str) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import learned
-from ._core import VJP, Hypers, autograd_vjp
+from ._core import VJP, Hypers, autograd_vjp, hyper_dtype, step_tensor
 from .custom import CustomRule, InitFn, StepFn, VjpFn
 from .learned import LearnedOptimizer
 
@@ -173,14 +173,28 @@ class InnerOptimizer:
         for key, values in zip(type(state)._fields, state):
             value = values[i]
             if key == "step":
-                out[key] = torch.tensor(float(value))
+                out[key] = step_tensor(int(value))
             elif value is not None:
                 out[key] = value
         return out
 
     def check_commit(self, granularity: dict[str, str]) -> None:
         """Raise if a commit under these meta-learned granularities would leave an
-        optimizer state that ``torch.optim`` cannot step."""
+        optimizer state that ``torch.optim`` cannot step: a state entry that
+        ``torch.optim`` keeps as one number per tensor (the rule's ``SCALAR_STATE``:
+        NAdam's ``mu_product``, ASGD's ``eta``) but that a hyperparameter learned per
+        element makes one per element."""
+        scalar_state = getattr(self.rule, "SCALAR_STATE", {})
+        for name, per in granularity.items():
+            if per == "element" and name in scalar_state:
+                key = scalar_state[name]
+                raise ValueError(
+                    f"commit=True cannot hand {self.name} its state back: {name} is learned per "
+                    f"element, so the unroll's {key!r} is one value per element, while "
+                    f"torch.optim.{self.name} keeps {key!r} as one number per tensor and its "
+                    f"step() fails on anything else. Learn {name} per 'tensor', 'group' or "
+                    f"'scalar' to commit, or call without commit=True (the unroll then leaves "
+                    f"the model and optimizer as they were)")
 
     def step(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
              hp: Hypers) -> tuple[list[Tensor], Any]:
@@ -253,7 +267,7 @@ def _hashable(flags: Any, group: int) -> Any:
 def _as_tensor(value: float | Tensor, like: Tensor) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach()
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
+    return torch.tensor(value, dtype=hyper_dtype(like.dtype), device=like.device)   # ≥ float32
 
 
 def bind(optimizer: torch.optim.Optimizer) -> InnerOptimizer:

@@ -19,6 +19,7 @@ call per operation; SGD and Adam do) or loop over the tensors.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -31,8 +32,17 @@ Hypers = dict[str, list[Tensor]]
 #       (Adam's "beta1" is group["betas"][0]);
 #   GRANULARITIES: dict[str, tuple[str, ...]]  granularities a hyperparameter allows where
 #       not all four make sense (a Newton–Schulz coefficient acts on a whole matrix);
-#   inactive_hypers(flags) -> frozenset[str]  hyperparameters with no effect under these
-#       flags (its docstring says why, for the error message);
+#   inactive_hypers(flags) -> dict[str, str]  hyperparameters that cannot be meta-learned
+#       under these flags, name → why, a phrase following the name ("has no effect there:
+#       …" for SGD's momentum at 0; "cannot be meta-learned there: …" for a value the
+#       constructor pins, as SGD's dampening under Nesterov);
+#   RANGES: dict[str, Interval]  each hyperparameter's valid values, exactly as the
+#       torch.optim constructor checks them (a learned value is kept inside: _meta.py);
+#   ranges(flags) -> dict[str, Interval]  the same where flags narrow it (a momentum
+#       built ≠ 0 must stay > 0, or torch.optim would stop keeping its buffer);
+#   SCALAR_STATE: dict[str, str]  hyperparameter → the state entry torch.optim keeps as
+#       one number per tensor that it shapes (NAdam's mu_product): learned per element,
+#       the state is per element and commit=True is refused (InnerOptimizer.check_commit);
 #   NO_HYPERGRADIENT: dict[str, str]  hyperparameters that never reach θ, so a loss on θ
 #       has no hypergradient for them (name → why); not offered as meta-parameters;
 #   INSENSITIVE_TO_G: str  the update does not depend differentiably on G (why), so φ^loss
@@ -54,6 +64,80 @@ class VJP(NamedTuple):
     state: Any
     grads: list[Tensor]
     hypers: Hypers
+
+
+class Interval(NamedTuple):
+    """The valid values of a hyperparameter: from ``lo`` to ``hi``, each end open or closed
+    (an infinite end is open). ``Interval()`` is the whole real line."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: object) -> bool:
+        if not isinstance(x, (int, float)) or math.isnan(x) or math.isinf(x):
+            return False
+        return (self.lo < x if self.lo_open else self.lo <= x) and \
+            (x < self.hi if self.hi_open else x <= self.hi)
+
+    def covers(self, other: Interval) -> bool:
+        """Whether every value of ``other`` is in this interval."""
+        lo_ok = self.lo < other.lo or (self.lo == other.lo and (other.lo_open or not self.lo_open))
+        hi_ok = other.hi < self.hi or (self.hi == other.hi and (other.hi_open or not self.hi_open))
+        return lo_ok and hi_ok
+
+    def __and__(self, other: Interval) -> Interval:
+        lo = max(self, other, key=lambda i: (i.lo, i.lo_open))
+        hi = min(self, other, key=lambda i: (i.hi, not i.hi_open))
+        return Interval(lo.lo, hi.hi, lo.lo_open, hi.hi_open)
+
+    def representable(self, dtype: torch.dtype) -> tuple[float, float]:
+        """The smallest and largest finite values of ``dtype`` inside: a closed end
+        itself, an open one the next representable value inward (so a β < 1 kept in
+        float32 is at most 1 − 2⁻²⁴, never a value that rounds to 1)."""
+        big = torch.finfo(dtype).max
+        lo, hi = max(self.lo, -big), min(self.hi, big)
+        if self.lo_open and lo == self.lo:
+            lo = _next(lo, math.inf, dtype)
+        if self.hi_open and hi == self.hi:
+            hi = _next(hi, -math.inf, dtype)
+        return lo, hi
+
+    def __str__(self) -> str:
+        def end(x: float) -> str:
+            return ("−∞" if x < 0 else "∞") if math.isinf(x) else f"{x:g}"
+        return f"{'(' if self.lo_open or math.isinf(self.lo) else '['}{end(self.lo)}, " \
+               f"{end(self.hi)}{')' if self.hi_open or math.isinf(self.hi) else ']'}"
+
+
+def _next(x: float, toward: float, dtype: torch.dtype) -> float:
+    return float(torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(toward, dtype=dtype)))
+
+
+REAL = Interval()                                       # not checked by the constructor
+NONNEGATIVE = Interval(0.0)                             # "if not 0.0 <= x: raise"
+POSITIVE = Interval(0.0, lo_open=True)
+BETA = Interval(0.0, 1.0, hi_open=True)                 # "if not 0.0 <= beta < 1.0: raise"
+
+
+def scalar_dtype() -> torch.dtype:
+    """The dtype ``torch.optim`` keeps its 0-dim state in (``step``, NAdam's
+    ``mu_product``, ASGD's ``eta``, ``mu``): ``torch.optim.optimizer._get_scalar_dtype``."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def step_tensor(count: int) -> Tensor:
+    """A tensor's step count as ``torch.optim`` keeps it in its state."""
+    return torch.tensor(float(count), dtype=scalar_dtype())
+
+
+def hyper_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gimli keeps hyperparameters in for parameters of ``dtype``: their own
+    dtype, but at least float32. ``torch.optim`` keeps hyperparameters as Python floats,
+    so a bfloat16 model still steps with β₂ = 0.999 (which bfloat16 rounds to 1)."""
+    return dtype if dtype in (torch.float32, torch.float64) or not dtype.is_floating_point \
+        else torch.float32
 
 
 def reduce_to(x: Tensor, like: Tensor) -> Tensor:

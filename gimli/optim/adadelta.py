@@ -26,9 +26,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, step_count
+from ._core import (NONNEGATIVE, VJP, Hypers, Interval, group_float, reduce_to, step_count,
+                    step_tensor)
 
 HYPERS = ("lr", "rho", "eps", "weight_decay")
+# as torch.optim.Adadelta's constructor checks them: 0 ≤ ρ ≤ 1, the rest ≥ 0
+RANGES = {"lr": NONNEGATIVE, "rho": Interval(0.0, 1.0), "eps": NONNEGATIVE,
+          "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -54,7 +58,7 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
 
 
 def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"step": torch.tensor(float(state.step[i])), "square_avg": state.square_avg[i],
+    return {"step": step_tensor(state.step[i]), "square_avg": state.square_avg[i],
             "acc_delta": state.acc_delta[i]}
 
 

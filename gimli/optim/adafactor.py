@@ -46,13 +46,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, step_count
+from ._core import (NONNEGATIVE, VJP, Hypers, Interval, group_float, reduce_to, step_count,
+                    step_tensor)
 
 HYPERS = ("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay")
 GROUP_KEYS = {"eps1": ("eps", 0), "eps2": ("eps", 1)}  # where param_groups keep them
 _PER_TENSOR = ("scalar", "group", "tensor")
 GRANULARITIES = {"beta2_decay": _PER_TENSOR, "eps1": _PER_TENSOR, "eps2": _PER_TENSOR,
                  "d": _PER_TENSOR}
+# as torch.optim.Adafactor's constructor checks them: τ ≤ 0, d ≥ 1, the rest ≥ 0
+RANGES = {"lr": NONNEGATIVE, "beta2_decay": Interval(hi=0.0), "eps1": NONNEGATIVE,
+          "eps2": NONNEGATIVE, "d": Interval(1.0), "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -105,7 +109,7 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
 
 
 def write_state(state: State, i: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": torch.tensor(float(state.step[i]))}
+    out: dict[str, Any] = {"step": step_tensor(state.step[i])}
     for key, field in (("row_var", state.row_var), ("col_var", state.col_var),
                        ("variance", state.variance)):
         if field[i] is not None:

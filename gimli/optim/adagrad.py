@@ -26,9 +26,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, step_count
+from ._core import NONNEGATIVE, VJP, Hypers, group_float, reduce_to, step_count, step_tensor
 
 HYPERS = ("lr", "lr_decay", "weight_decay", "eps")
+RANGES = dict.fromkeys(HYPERS, NONNEGATIVE)   # as torch.optim.Adagrad's constructor checks them
 
 
 class Flags(NamedTuple):
@@ -52,7 +53,7 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
 
 
 def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"step": torch.tensor(float(state.step[i])), "sum": state.sum[i]}
+    return {"step": step_tensor(state.step[i]), "sum": state.sum[i]}
 
 
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],

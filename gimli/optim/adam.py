@@ -32,11 +32,14 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, step_count
+from ._core import BETA, NONNEGATIVE, VJP, Hypers, group_float, step_count, step_tensor
 from ._lists import Tensors
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
+# as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
+RANGES = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+          "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -75,7 +78,7 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
 
 
 def write_state(state: State, i: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": torch.tensor(float(state.step[i])),
+    out: dict[str, Any] = {"step": step_tensor(state.step[i]),
                            "exp_avg": state.exp_avg[i], "exp_avg_sq": state.exp_avg_sq[i]}
     if state.max_exp_avg_sq[i] is not None:
         out["max_exp_avg_sq"] = state.max_exp_avg_sq[i]

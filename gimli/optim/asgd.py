@@ -46,12 +46,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, step_count
+from ._core import (NONNEGATIVE, REAL, VJP, Hypers, group_float, hyper_dtype, reduce_to,
+                    scalar_dtype, step_count, step_tensor)
 
 HYPERS = ("lr", "lambd", "alpha", "t0", "weight_decay")
 # t0 only moves the averaged iterate ax, which θ never reads: the hypergradient of any
 # loss on θ w.r.t. t0 is identically 0 (its VJP is still exact and tested locally)
 NO_HYPERGRADIENT = {"t0": "t0 only moves ASGD's averaged iterate ax, which θ never reads"}
+# as torch.optim.ASGD's constructor checks them (λ, α and t₀ it does not check)
+RANGES = {"lr": NONNEGATIVE, "lambd": REAL, "alpha": REAL, "t0": REAL, "weight_decay": NONNEGATIVE}
+# η' = R(γ D^{−α}) is per element where γ, λ or α is, but torch.optim keeps η as one number per tensor
+SCALAR_STATE = {"lr": "eta", "lambd": "eta", "alpha": "eta"}
 
 
 class Flags(NamedTuple):
@@ -66,25 +71,23 @@ class State(NamedTuple):
     ax: list[Tensor]
 
 
-def _scalar_dtype() -> torch.dtype:
-    """The dtype torch.optim gives η and μ (``torch.optim.optimizer._get_scalar_dtype``)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
-    return (Flags(bool(group["maximize"]), _scalar_dtype()),
+    return (Flags(bool(group["maximize"]), scalar_dtype()),
             {name: group_float(group, name) for name in HYPERS})
 
 
 def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:
+    # η and μ in the hyperparameters' dtype (the parameter's, at least float32, as torch's)
+    kw: dict[str, Any] = {"dtype": hyper_dtype(param.dtype), "device": param.device}
+
     def scalar(key: str) -> Tensor | None:
         value = torch_state.get(key)
-        return None if value is None else value.detach().clone().to(param)
+        return None if value is None else value.detach().to(**kw, copy=True)
 
     ax = torch_state.get("ax")
     mu = scalar("mu")
     return State([step_count(torch_state)], [scalar("eta")],
-                 [torch.ones((), dtype=param.dtype, device=param.device) if mu is None else mu],
+                 [torch.ones((), **kw) if mu is None else mu],
                  [torch.zeros_like(param) if ax is None else ax.detach().clone()])
 
 
@@ -92,8 +95,8 @@ def write_state(state: State, i: int) -> dict[str, Any]:
     eta = state.eta[i]
     if eta is None:                                             # torch has not created it yet
         return {}
-    return {"step": torch.tensor(float(state.step[i])), "eta": eta.to(_scalar_dtype()),
-            "mu": state.mu[i].to(_scalar_dtype()), "ax": state.ax[i]}
+    return {"step": step_tensor(state.step[i]), "eta": eta.to(scalar_dtype()),
+            "mu": state.mu[i].to(scalar_dtype()), "ax": state.ax[i]}
 
 
 def _stored(x: Tensor, flags: Flags) -> Tensor:

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._core import Hypers, group_float
+from ._core import BETA, NONNEGATIVE, Hypers, group_float
 
 HYPERS = ("lr", "beta")     # and the module-valued "net", one hyperparameter per weight
+RANGES = {"lr": NONNEGATIVE, "beta": BETA}     # as LearnedOptimizer's constructor checks them
 
 
 class Flags(NamedTuple):
@@ -93,6 +94,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], net: nn.Module | None = None, lr: float = 1e-2,
                  beta: float = 0.9):
+        if lr not in RANGES["lr"]:
+            raise ValueError(f"Invalid learning rate: {lr} (must be ≥ 0)")
+        if beta not in RANGES["beta"]:
+            raise ValueError(f"Invalid beta: {beta} (must be in [0, 1))")
         super().__init__(params, dict(lr=lr, beta=beta, net=default_net() if net is None else net))
 
     @torch.no_grad()

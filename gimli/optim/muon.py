@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to
+from ._core import NONNEGATIVE, REAL, VJP, Hypers, group_float, reduce_to
 
 HYPERS = ("lr", "weight_decay", "momentum", "ns_a", "ns_b", "ns_c", "eps")
 GROUP_KEYS = {"ns_a": ("ns_coefficients", 0), "ns_b": ("ns_coefficients", 1),
@@ -49,6 +49,9 @@ GROUP_KEYS = {"ns_a": ("ns_coefficients", 0), "ns_b": ("ns_coefficients", 1),
 _WHOLE_MATRIX = ("scalar", "group", "tensor")
 GRANULARITIES = {"ns_a": _WHOLE_MATRIX, "ns_b": _WHOLE_MATRIX, "ns_c": _WHOLE_MATRIX,
                  "eps": _WHOLE_MATRIX}
+# as torch.optim.Muon's constructor checks them (the coefficients and ε it does not check)
+RANGES = {"lr": NONNEGATIVE, "weight_decay": NONNEGATIVE, "momentum": NONNEGATIVE, "ns_a": REAL,
+          "ns_b": REAL, "ns_c": REAL, "eps": REAL}
 
 
 class Flags(NamedTuple):
@@ -66,9 +69,10 @@ def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
     return Flags(bool(group["nesterov"]), int(group["ns_steps"]), group["adjust_lr_fn"]), hypers
 
 
-def inactive_hypers(flags: Flags) -> frozenset[str]:
-    """ns_steps is 0 there, so no Newton–Schulz iteration reads the coefficients"""
-    return frozenset({"ns_a", "ns_b", "ns_c"}) if flags.ns_steps == 0 else frozenset()
+def inactive_hypers(flags: Flags) -> dict[str, str]:
+    """What cannot be meta-learned under these flags: name → why (a phrase after the name)."""
+    why = "has no effect there: ns_steps is 0, so no Newton–Schulz iteration reads the coefficients"
+    return dict.fromkeys(("ns_a", "ns_b", "ns_c"), why) if flags.ns_steps == 0 else {}
 
 
 def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:

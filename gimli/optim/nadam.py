@@ -44,10 +44,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, step_count
+from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, hyper_dtype, reduce_to,
+                    scalar_dtype, step_count, step_tensor)
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")
 GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
+# as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
+RANGES = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+          "weight_decay": NONNEGATIVE, "momentum_decay": NONNEGATIVE}
+# μ_t (so Π) is per element where β₁ or ψ is, but torch.optim keeps Π as one number per tensor
+SCALAR_STATE = {"beta1": "mu_product", "momentum_decay": "mu_product"}
 _LN_096 = math.log(0.96)
 
 
@@ -64,11 +70,6 @@ class State(NamedTuple):
     exp_avg_sq: list[Tensor]
 
 
-def _scalar_dtype() -> torch.dtype:
-    """The dtype ``torch.optim`` creates ``mu_product`` in (its ``_get_scalar_dtype``)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
     hypers = {
         "lr": group_float(group, "lr"),
@@ -79,7 +80,7 @@ def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
         "momentum_decay": group_float(group, "momentum_decay"),
     }
     flags = Flags(bool(group["maximize"]), bool(group.get("decoupled_weight_decay", False)),
-                  _scalar_dtype())
+                  scalar_dtype())
     return flags, hypers
 
 
@@ -88,14 +89,17 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
         value = torch_state.get(key)
         return torch.zeros_like(param) if value is None else value.detach().clone()
 
-    prod = torch_state.get("mu_product")                           # torch creates it as 1.0
-    prod = torch.ones((), dtype=param.dtype, device=param.device) if prod is None else \
-        prod.detach().to(dtype=param.dtype, device=param.device, copy=True)
+    # torch creates Π as 1.0 in its scalar dtype; here in the hyperparameters' dtype (the
+    # parameter's, at least float32: a bfloat16 Π would lose the product in a few steps)
+    prod = torch_state.get("mu_product")
+    kw: dict[str, Any] = {"dtype": hyper_dtype(param.dtype), "device": param.device}
+    prod = torch.ones((), **kw) if prod is None else prod.detach().to(**kw, copy=True)
     return State([step_count(torch_state)], [prod], [moment("exp_avg")], [moment("exp_avg_sq")])
 
 
 def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"step": torch.tensor(float(state.step[i])), "mu_product": state.mu_product[i],
+    return {"step": step_tensor(state.step[i]),
+            "mu_product": state.mu_product[i].to(scalar_dtype()),      # torch's dtype for it
             "exp_avg": state.exp_avg[i], "exp_avg_sq": state.exp_avg_sq[i]}
 
 

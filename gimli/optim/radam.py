@@ -40,10 +40,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, step_count
+from ._core import BETA, NONNEGATIVE, VJP, Hypers, group_float, reduce_to, step_count, step_tensor
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
+# as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
+RANGES = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+          "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -78,7 +81,7 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
 
 
 def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"step": torch.tensor(float(state.step[i])),
+    return {"step": step_tensor(state.step[i]),
             "exp_avg": state.exp_avg[i], "exp_avg_sq": state.exp_avg_sq[i]}
 
 

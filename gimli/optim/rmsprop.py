@@ -30,9 +30,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, step_count
+from ._core import (NONNEGATIVE, POSITIVE, VJP, Hypers, Interval, group_float, reduce_to,
+                    step_count, step_tensor)
 
 HYPERS = ("lr", "alpha", "eps", "weight_decay", "momentum")
+RANGES = dict.fromkeys(HYPERS, NONNEGATIVE)   # as torch.optim.RMSprop's constructor checks them
 
 
 class Flags(NamedTuple):
@@ -54,9 +56,17 @@ def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
     return flags, hypers
 
 
-def inactive_hypers(flags: Flags) -> frozenset[str]:
-    """momentum is 0 there, so torch.optim keeps no momentum buffer"""
-    return frozenset() if flags.momentum else frozenset({"momentum"})
+def inactive_hypers(flags: Flags) -> dict[str, str]:
+    """What cannot be meta-learned under these flags: name → why (a phrase after the name)."""
+    return {} if flags.momentum else {
+        "momentum": "has no effect there: it is 0, so torch.optim keeps no momentum buffer (build "
+                    "the optimizer with momentum > 0 to meta-learn it)"}
+
+
+def ranges(flags: Flags) -> dict[str, Interval]:
+    """RANGES, with a momentum built > 0 kept > 0: at 0 torch.optim would stop keeping
+    the buffer this unroll differentiates."""
+    return {**RANGES, "momentum": POSITIVE} if flags.momentum else RANGES
 
 
 def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:
@@ -70,7 +80,7 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
 
 
 def write_state(state: State, i: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": torch.tensor(float(state.step[i])),
+    out: dict[str, Any] = {"step": step_tensor(state.step[i]),
                            "square_avg": state.square_avg[i]}
     if state.momentum_buffer[i] is not None:
         out["momentum_buffer"] = state.momentum_buffer[i]

@@ -39,12 +39,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, step_count
+from ._core import (NONNEGATIVE, REAL, VJP, Hypers, Interval, group_float, reduce_to, step_count,
+                    step_tensor)
 
 INSENSITIVE_TO_G = "uses only the sign of the gradient (∂θ'/∂G = 0 almost everywhere)"
 HYPERS = ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")
 GROUP_KEYS = {"etaminus": ("etas", 0), "etaplus": ("etas", 1),      # where param_groups keep them
               "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)}
+# as torch.optim.Rprop's constructor checks them: 0 < η₋ < 1 < η₊ (the step sizes it does not check)
+RANGES = {"lr": NONNEGATIVE, "etaminus": Interval(0.0, 1.0, lo_open=True, hi_open=True),
+          "etaplus": Interval(1.0, lo_open=True), "step_size_min": REAL, "step_size_max": REAL}
 
 
 class Flags(NamedTuple):
@@ -74,7 +78,7 @@ def write_state(state: State, i: int) -> dict[str, Any]:
     size = state.step_size[i]
     if size is None:                                            # torch has not created it yet
         return {}
-    return {"step": torch.tensor(float(state.step[i])), "prev": state.prev[i], "step_size": size}
+    return {"step": step_tensor(state.step[i]), "prev": state.prev[i], "step_size": size}
 
 
 class _Forward(NamedTuple):

@@ -21,10 +21,12 @@ from typing import Any, NamedTuple, cast
 
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float
+from ._core import NONNEGATIVE, POSITIVE, REAL, VJP, Hypers, Interval, group_float
 from ._lists import Tensors
 
 HYPERS = ("lr", "momentum", "dampening", "weight_decay")
+# as torch.optim.SGD's constructor checks them (dampening it does not check)
+RANGES = {"lr": NONNEGATIVE, "momentum": NONNEGATIVE, "dampening": REAL, "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -43,9 +45,23 @@ def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
     return flags, hypers
 
 
-def inactive_hypers(flags: Flags) -> frozenset[str]:
-    """momentum is 0 there, so no momentum buffer is kept"""
-    return frozenset() if flags.momentum else frozenset({"momentum", "dampening"})
+def inactive_hypers(flags: Flags) -> dict[str, str]:
+    """What cannot be meta-learned under these flags: name → why (a phrase after the name)."""
+    if not flags.momentum:
+        why = ("has no effect there: momentum is 0, so torch.optim keeps no momentum buffer "
+               "(build the optimizer with momentum > 0 to meta-learn it)")
+        return {"momentum": why, "dampening": why}
+    if flags.nesterov:
+        return {"dampening": "cannot be meta-learned there: nesterov=True, and torch.optim.SGD "
+                             "requires dampening = 0 with Nesterov momentum (its constructor "
+                             "refuses any other value)"}
+    return {}
+
+
+def ranges(flags: Flags) -> dict[str, Interval]:
+    """RANGES, with a momentum built ≠ 0 kept > 0: at 0 torch.optim would stop keeping
+    the buffer this unroll differentiates (and Nesterov requires momentum > 0)."""
+    return {**RANGES, "momentum": POSITIVE} if flags.momentum else RANGES
 
 
 def substep(state: State, i: int) -> bool:
