@@ -87,6 +87,10 @@ class GimliSolver:
                  first_order: bool = False, truncate: int | None = None,
                  distributed: bool | None = None, process_group: Any = None):
         _check_arguments(model, loss_fn, opt, meta_params)
+        if meta_opt is not None and not isinstance(meta_opt, torch.optim.Optimizer):
+            raise TypeError(f"meta_opt must be a torch.optim optimizer over "
+                            f"meta_params.parameters(), e.g. torch.optim.Adam(meta.parameters(), "
+                            f"lr=1e-3), not {type(meta_opt).__name__}")
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if steps is None and train_data is not None:
@@ -346,9 +350,7 @@ class GimliSolver:
     def _check_meta_opt(self) -> None:
         meta_opt = self.meta_opt
         if not isinstance(meta_opt, torch.optim.Optimizer):
-            raise TypeError(f"meta_opt must be a torch.optim optimizer over "
-                            f"meta_params.parameters(), e.g. torch.optim.Adam(meta.parameters(), "
-                            f"lr=1e-3), not {type(meta_opt).__name__}")
+            raise TypeError(f"meta_opt must be a torch.optim optimizer, not {type(meta_opt).__name__}")
         held = {id(p) for g in meta_opt.param_groups for p in g["params"]}
         ours = {id(p) for p in self.meta.parameters()}
         if held - ours:

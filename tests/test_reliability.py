@@ -285,3 +285,175 @@ def test_a_thousand_steps_do_not_grow_memory() -> None:
         solver.step(commit=True)
     gc.collect()
     assert rss_mb() - before < 10.0
+
+
+# --- non-finite values: skipped or raised, and named where they arise -----------------------------
+@pytest.mark.parametrize("where", ["unroll", "validation"])
+def test_nonfinite_loss_is_skipped(where: str) -> None:
+    solver, train, val = setup()
+    before = everything(solver)
+    x, y = (train[2] if where == "unroll" else val)
+    bad = (x, y * float("nan"))
+    args = (train[:2] + [bad] + train[3:], val) if where == "unroll" else (train, bad)
+    with pytest.warns(RuntimeWarning, match="skipped.*non-finite loss"):
+        result = solver.step(*args, on_nonfinite="skip")
+    assert result.skipped
+    assert_same(before, everything(solver))
+    with pytest.raises(FloatingPointError, match="non-finite loss.*nothing was changed"):
+        solver.step(*args)
+    assert_same(before, everything(solver))
+
+
+def test_nonfinite_gradient_with_a_finite_loss_is_named_at_its_step() -> None:
+    """√|b| at b = 0 is finite, its gradient is not: the error names step 2 and the
+    tensor, and does not blame the optimizer's hyperparameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        model[2].bias.zero_()
+    opt = torch.optim.Adam(model[0].parameters(), lr=0.01)      # the bias stays 0
+    meta = gimli.MetaParams(opt, ["lr"])
+
+    def loss_fn(m: Any, batch: Any, meta: Any) -> torch.Tensor:
+        x, y, kink = batch
+        penalty = m[2].bias.abs().sqrt().sum() + (m[0].bias * 0).abs().sqrt().sum() if kink else 0.0
+        return F.mse_loss(m(x), y) + penalty
+
+    g = torch.Generator().manual_seed(1)
+    train = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+              torch.randn(8, 1, generator=g, dtype=torch.float64), j == 2) for j in range(4)]
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]),
+                               meta_opt=torch.optim.SGD(meta.parameters(), lr=0.1))
+    with pytest.raises(FloatingPointError, match=r"G_2 .* step 2 .*not finite in 0\.bias.*backward") as error:
+        solver.step(train, train[0][:2])
+    assert "hyperparameters" not in str(error.value)
+    with pytest.warns(RuntimeWarning, match="skipped.*G_2"):
+        assert solver.step(train, train[0][:2], on_nonfinite="skip").skipped
+
+
+# --- the meta-optimizer must hold exactly the meta-parameters -----------------------------------
+def test_meta_optimizer_over_the_wrong_tensors() -> None:
+    solver, train, val = setup(init=False)
+    model = solver.problem.module
+    before = everything(solver)
+    solver.meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)        # the model's, not φ
+    with pytest.raises(ValueError, match="not meta-parameters"):
+        solver.step(train, val)
+    some = [p for n, p in solver.meta.named_parameters() if n != "loss.l2"]
+    solver.meta_opt = torch.optim.Adam(some, lr=1e-3)
+    with pytest.raises(ValueError, match="does not hold the meta-parameter.*loss.l2"):
+        solver.step(train, val)
+    def mine(state: list[Any]) -> list[Any]:           # all but the meta-optimizer, swapped above
+        return [(n, v) for n, v in state if not n.startswith("3.")]
+
+    assert_same(mine(before), mine(everything(solver)))
+    with pytest.raises(TypeError, match="meta_opt must be a torch.optim optimizer.*not str"):
+        gimli.GimliSolver(model, solver.problem.loss_fn, solver.problem.inner.torch_optimizer,
+                          solver.meta, meta_opt="adam")  # type: ignore[arg-type]
+
+
+# --- a learned optimizer keeps its network; checkpoints load with weights_only ---------------------
+def learned_setup() -> tuple[gimli.GimliSolver, list[Any], Any]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    opt = gimli.LearnedOptimizer(model.parameters(), net=gimli.optim.learned.default_net().double(), lr=0.05)
+    meta = gimli.MetaParams(opt, {"net": "scalar", "lr": "scalar"})
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta,
+                               meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+                torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(5)]
+    return solver, batches[:4], batches[4]
+
+
+def test_learned_optimizer_keeps_its_network() -> None:
+    import io
+
+    solver, train, val = learned_setup()
+    opt = solver.problem.inner.torch_optimizer
+    net = solver.meta.hypers.net
+    assert opt.param_groups[0]["net"] is net
+    solver.step(train, val)
+    x, y = train[1]
+    with pytest.raises(FloatingPointError):
+        solver.step([train[0], (x, y * float("inf"))], val)             # a failed step
+    assert opt.param_groups[0]["net"] is net
+    buffer = io.BytesIO()
+    torch.save(solver.state_dict(), buffer)
+    solver.step(train, val)
+    buffer.seek(0)
+    solver.load_state_dict(torch.load(buffer, weights_only=True))       # a resume
+    assert opt.param_groups[0]["net"] is net
+    # the user's own training steps with the learned network, as gimli's unroll does
+    twin, hg = copy.deepcopy(solver), None
+    before = [p.detach().clone() for p in solver.problem.module.parameters()]
+    solver.hypergradient(train[:1], val, commit=True)
+    opt2 = twin.problem.inner.torch_optimizer
+    opt2.zero_grad()
+    F.mse_loss(twin.problem.module(train[0][0]), train[0][1]).backward()
+    opt2.step()
+    for p, q, b in zip(solver.problem.module.parameters(), twin.problem.module.parameters(), before):
+        assert not torch.equal(p, b)
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    del hg
+
+
+@pytest.mark.parametrize("kind", ["learned", "scheduler", "loss-module", "data"])
+def test_every_checkpoint_loads_with_weights_only(kind: str) -> None:
+    import io
+
+    if kind == "learned":
+        solver, train, val = learned_setup()
+        solver.step(train, val)
+    elif kind == "scheduler":
+        solver, train, val = setup()
+        solver.step(train, val)
+    elif kind == "data":
+        solver, _, _ = resumable(0)
+        solver.step(commit=True)
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        weigher = nn.Sequential(nn.Linear(1, 4), nn.Softplus(), nn.Linear(4, 1)).double()
+        meta = gimli.MetaParams(opt, ["lr"], loss={"weigher": weigher})
+
+        def loss_fn(m: Any, b: Any, meta: Any) -> torch.Tensor:
+            r = (m(b[0]) - b[1]) ** 2
+            return (meta["weigher"](r) * r).mean()
+
+        solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]),
+                                   meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-3))
+        train, val = setup()[1:]
+        solver.step(train, val)
+    buffer = io.BytesIO()
+    torch.save(solver.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    solver.load_state_dict(state)
+
+
+# --- load_state_dict checks everything first --------------------------------------------------------
+@pytest.mark.parametrize("damage,entry", [
+    (lambda s: s.pop("data"), "'data'"),
+    (lambda s: s["meta"].pop("hypers.lr"), r"state_dict\['meta'\]"),
+    (lambda s: s["meta"].__setitem__("hypers.lr", torch.zeros(3)), r"state_dict\['meta'\]\['hypers.lr'\]"),
+    (lambda s: s.__setitem__("meta_opt", None), r"state_dict\['meta_opt'\]"),
+    (lambda s: s.__setitem__("meta_steps", "3"), r"state_dict\['meta_steps'\]"),
+    (lambda s: s["data"].__setitem__("train", {"epoch": 0}), r"state_dict\['data'\]\['train'\]"),
+    (lambda s: s["data"].__setitem__("train", {"epoch": 0, "index": 99}), "fewer than the saved position"),
+    (lambda s: s.__setitem__("scheduler", None), r"state_dict\['scheduler'\]"),
+])
+def test_load_state_dict_is_all_or_nothing(damage: Any, entry: str) -> None:
+    solver, _, _ = resumable(0)
+    solver.step(commit=True)
+    state = copy.deepcopy(solver.state_dict())
+    state["param_groups"][0]["lr"] = 123.0              # would be loaded first if not checked
+    state["meta"]["hypers.momentum"] = torch.tensor(0.5, dtype=torch.float64)
+    damage(state)
+    before = everything(solver)
+    position = solver.state_dict()["data"]
+    with pytest.raises(ValueError, match=entry):
+        solver.load_state_dict(state)
+    assert_same(before, everything(solver))
+    assert solver.state_dict()["data"] == position
