@@ -91,6 +91,70 @@ def test_two_processes_equal_one(kind: str, tmp_path: Path) -> None:
                zip(build(kind)[0].meta.named_parameters(), ranks[0].values()))   # they moved
 
 
+def _faulty_worker(rank: int, world: int, init: str, fault: str, out: str) -> None:
+    """Three meta-steps; at the second, rank 1 alone meets a fault. Every rank must undo
+    (or skip) that step together and go on; the results and losses are recorded."""
+    import datetime
+    import warnings
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        solver, tasks = build("lrs")
+        mine = tasks[rank::world]
+        outcomes: list[Any] = []
+        for k in range(3):
+            batches = mine
+            if k == 1 and rank == 1:
+                train, val = mine[0]
+                if fault == "nan":
+                    x, y = train[1]
+                    batches = [([train[0], (x, y * float("nan"))] + train[2:], val)] + mine[1:]
+                else:
+                    batches = [([train[0], (x[:, :1], y)] + train[2:], val)  # a shape error
+                               for x, y in [train[1]]] + mine[1:]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    result = solver.step(tasks=batches, on_nonfinite="skip")
+                    outcomes.append(("skipped" if result.skipped else "ok", result.val_loss,
+                                     result.train_losses, [str(w.message) for w in caught]))
+                except Exception as e:          # noqa: BLE001 - recorded for the test
+                    outcomes.append(("raised", type(e).__name__, str(e), []))
+        solver.check_replicas()
+        torch.save({"meta": {n: p.detach() for n, p in solver.meta.named_parameters()},
+                    "outcomes": outcomes}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fault", ["nan", "exception"])
+def test_ranks_agree_on_a_failure(fault: str, tmp_path: Path) -> None:
+    """Oracle: one process stepping on all the tasks at the first and third meta-steps
+    only (the second is skipped or raised on every rank, never applied on some)."""
+    mp.spawn(_faulty_worker, args=(2, f"file://{tmp_path}/store", fault, str(tmp_path)), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    solver, tasks = build("lrs")
+    expected = [solver.step(tasks=tasks[0::2] + tasks[1::2]) for _ in range(2)]
+    for r, saved in enumerate(ranks):
+        first, second, third = saved["outcomes"]
+        if fault == "nan":
+            assert second[0] == "skipped", (r, second)
+            assert any("non-finite" in w for w in second[3]), (r, second)
+        else:
+            assert second[0] == "raised", (r, second)
+            assert (second[1] == "RuntimeError" and "rank(s) 1" in second[2]) if r == 0 else \
+                second[1] != "RuntimeError" or "rank(s)" not in second[2]
+        for got, want in ((first, expected[0]), (third, expected[1])):
+            assert got[0] == "ok"
+            assert got[1] == pytest.approx(want.val_loss, rel=1e-12)           # every rank's tasks
+            assert got[2] == pytest.approx(want.train_losses, rel=1e-12)       # (item 24)
+        for name, p in solver.meta.named_parameters():
+            assert torch.equal(saved["meta"][name], ranks[0]["meta"][name]), name
+            torch.testing.assert_close(saved["meta"][name], p.detach(), rtol=1e-12, atol=1e-14)
+
+
 def test_distributed_example_under_torchrun() -> None:
     """examples/distributed_maml.py --quick under torchrun with 2 CPU processes (gloo) gives
     the single-process run's post-adaptation MSE (adapted with the real torch.optim.SGD),
