@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._functional import FunctionalModel, Slots
 from ._meta import MetaParams
-from ._schedule import Schedule, base_lrs, build_schedule, check_scheduler
+from ._schedule import Schedule, Shadows, base_lrs, build_schedule, follow
 from .optim import InnerOptimizer, bind
 from .optim._core import hyper_dtype
 
@@ -58,6 +58,7 @@ class Problem:
     frozen: list[str]        # model parameters the optimizer does not hold
     scheduler: Any = None    # a torch.optim.lr_scheduler replayed inside the unroll
     slots: Slots | None = None          # where the module keeps its tensors
+    shadows: Shadows | None = None      # with lr meta-learned: the schedule's derivative (_schedule)
 
     @classmethod
     def build(cls, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
@@ -86,13 +87,15 @@ class Problem:
             warnings.warn(f"{inner.name} {blind}: φ^loss (loss=) changes θ'_J through no step, so its "
                           f"hypergradient is at most L^val's direct term (Requirement II of the "
                           f"paper: the update must be differentiable in G)", GimliWarning, stacklevel=3)
+        shadows = None
         if scheduler is not None:
-            check_scheduler(scheduler, inner)
+            shadows = follow(scheduler, inner, list(meta.granularity))
         elif "lr" in meta.granularity and any("initial_lr" in g for g in optimizer.param_groups):
             raise ValueError("the optimizer has an LR scheduler attached and lr is meta-learned: "
                              "pass the scheduler to GimliSolver(scheduler=...) so the unroll "
                              "follows it (the learned lr is then its base lr)")
-        return cls(model, loss_fn, val_loss_fn, meta, inner, names, frozen, scheduler, Slots(model))
+        return cls(model, loss_fn, val_loss_fn, meta, inner, names, frozen, scheduler, Slots(model),
+                   shadows)
 
     # --- the split of Algorithm 1, line 2 -------------------------------------------------
     def split(self, steps: int) -> Split:
@@ -105,7 +108,8 @@ class Problem:
     def schedule(self, steps: int) -> Schedule | None:
         if self.scheduler is None:
             return None
-        return build_schedule(self.scheduler, self.inner, steps, frozenset(self.meta.granularity))
+        return build_schedule(self.scheduler, self.inner, steps, frozenset(self.meta.granularity),
+                              self.shadows)
 
     def loss_leaves(self) -> list[Tensor]:
         """φ^loss as a list of leaf tensors: the loss meta-parameters and, when θ₀ is

@@ -1,48 +1,90 @@
 """Learning-rate schedules inside the unroll, without advancing the user's scheduler.
 
-Unroll step j uses the hyperparameters the real scheduler would set at step t+j
-(t: where the scheduler is now). The scheduler is replayed on a copy of it and
-of the optimizer, from its first step, with its base learning rates scaled by
-k = 1, 2 and 3: the learning rate at each step must be affine in k,
+Unroll step j uses the hyperparameters the user's scheduler will set at step t+j
+(t: where it is now). Two things are needed, each in O(J) per meta-step, never by
+replaying the schedule from its start:
 
-    lr_j,g(k) = c_j,g + a_j,g·k   (checked at k = 3),
+**The values.** A *light copy* of the user's (optimizer, scheduler) — deep-copied
+with the optimizer's parameters mapped to one empty placeholder and its state to an
+empty dict, so that only the param groups and the scheduler are copied — stepped
+J − 1 times from where the scheduler is. They are exactly the values the real
+scheduler will set (the same code on the same state), for any scheduler that can be
+deep-copied, composite ones (SequentialLR, ChainedScheduler, nested) included.
+Hyperparameters other than lr that a scheduler changes (OneCycleLR's and CyclicLR's
+momentum or β₁) are used as such and cannot be meta-learned with it.
 
-so with a meta-learned base learning rate φ_g (taking the place of the
-scheduler's base lr B_g), step j uses lr_j,g = (a_j,g / B_g)·φ_g + c_j,g: the
-scheduled factor times the meta-learned base. Other hyperparameters a scheduler
-changes (OneCycleLR's momentum or β₁) are replayed as constants and cannot be
-meta-learned with it.
+**The derivative with respect to a meta-learned base lr.** A torch schedule is affine
+in its base learning rates: scaling every lr-like entry (each scheduler's
+``base_lrs``, every group's ``lr``, ``initial_lr``, ``max_lr``, ``min_lr``) by k gives
+
+    lr_t,g(k) = c_t,g + a_t,g·k,                                          (1)
+
+where c collects what is not scaled (``eta_min``, CyclicLR's ``max_lr``). The
+solver keeps three *shadows*: light copies whose lr-like entries are k·R_g
+(k = 1, 2, 3; R_g the base lrs when it was built), at the user's step count. Each
+meta-step steps them by the steps the user's scheduler took since (its commits and
+the user's own training), then steps copies of them J − 1 steps ahead:
+a = lr(2) − lr(1), c = lr(1) − a, and lr(3) = c + 3a checks (1). A user whose base
+lr is B_g (meta-learned: φ_g) sits at k = B_g/R_g, so unroll step j uses
+
+    lr_j,g(φ) = lr_j,g + (a_j,g / R_g)·(φ_g − B_g)                          (2)
+
+with lr_j,g the value above: at φ = B the unroll uses the real scheduler's values
+bit for bit, and a/R is the derivative. The shadows are never re-based: they depend
+on the step count alone, so following the user costs only the steps taken.
+
+*Consistency.* The user's lr at each step must be c + a·B/R, to within 1e-8 of the
+scale of the problem (the base lr, the lr-like entries, the scheduled values, c:
+eta_min and the like) — never relative to an lr, which may pass through 0. When it
+is not, the optimizer's lr or the scheduler's state was changed outside the
+scheduler, and the error says that and what to do.
+
+*Where the shadows start* (when the solver is built with lr meta-learned): a single
+scheduler is replayed once from its start on the copies (O(t), once); a composite
+one that has not stepped is copied and scaled (at step 0 each child's lr is its base
+times a factor); a composite one that has stepped cannot be rewound (its children's
+construction steps interleave), so it is refused: build the solver before the first
+``step()``. They go into the solver's ``state_dict()`` (scheduler state dicts and
+param-group entries: plain data), and are part of a meta-step's transaction.
+
+:func:`rebase` moves the user's scheduler onto the meta-learned base lrs after a
+meta-step: every lr-like entry of every scheduler in it scaled by B_new/B_old, and
+the current lr set by (2).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .optim import InnerOptimizer
 
 # param-group entries that scale with the base learning rate (OneCycleLR keeps three)
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+SCALES = (1.0, 2.0, 3.0)        # the shadows' k
+TOLERANCE = 1e-8                # of the problem's lr scale: what rounding over a long run stays below
 
 
 class Schedule(NamedTuple):
-    """Per unroll step j: each scheduled hyperparameter, per tensor, as scale·v + shift,
-    where v is its un-scheduled value (for lr: the base lr, or φ where meta-learned)."""
+    """Per unroll step j, each scheduled hyperparameter per tensor as
+    value + scale·(v − origin), v its un-scheduled value (for lr: the base lr, or φ
+    where meta-learned), eq. (2)."""
 
+    value: list[dict[str, list[float]]]
     scale: list[dict[str, list[float]]]
-    shift: list[dict[str, list[float]]]
+    origin: dict[str, list[float]]
 
     def at(self, j: int, hp: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
         """The hyperparameters of step j."""
         out = dict(hp)
         for name, scale in self.scale[j].items():
-            out[name] = [s * v + c for s, v, c in zip(scale, hp[name], self.shift[j][name])]
+            out[name] = [c + s * (v - o) for c, s, v, o in
+                         zip(self.value[j][name], scale, hp[name], self.origin[name])]
         return out
 
     def pull_back(self, j: int, name: str,
@@ -53,95 +95,299 @@ class Schedule(NamedTuple):
         return [None if a is None else s * a for s, a in zip(self.scale[j][name], cotangents)]
 
 
-def check_scheduler(scheduler: Any, inner: InnerOptimizer) -> None:
+def base_lrs(inner: InnerOptimizer) -> list[float]:
+    """The scheduler's base learning rate of each group (what φ^lr replaces)."""
+    return [float(group["initial_lr"]) for group in inner.torch_optimizer.param_groups]
+
+
+# --- light copies ---------------------------------------------------------------------------
+Pair = tuple[torch.optim.Optimizer, Any]        # (optimizer, scheduler), copied together
+
+
+def _light_copy(opt: torch.optim.Optimizer, scheduler: Any) -> Pair:
+    """A deep copy of (optimizer, scheduler) without the parameters and the state: what
+    a scheduler reads and writes (the param groups' entries, its own attributes)."""
+    placeholder = torch.empty(0)
+    memo: dict[int, Any] = {id(opt.state): {}}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            memo[id(p)] = placeholder
+        for value in group.values():
+            if isinstance(value, nn.Module):        # a learned optimizer's network: shared
+                memo[id(value)] = value
+    return copy.deepcopy((opt, scheduler), memo)
+
+
+def _steps(scheduler: Any, n: int) -> None:
+    with warnings.catch_warnings():     # "lr_scheduler.step() before optimizer.step()"
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(n):
+            scheduler.step()
+
+
+def _walk(pair: Pair, steps: int, read: Callable[[dict[str, Any]], Any]) -> list[list[Any]]:
+    """``read`` of each group at unroll steps 0 … steps−1, stepping ``pair`` (a copy)."""
+    opt, scheduler = pair
+    out = [[read(group) for group in opt.param_groups]]
+    for _ in range(steps - 1):
+        _steps(scheduler, 1)
+        out.append([read(group) for group in opt.param_groups])
+    return out
+
+
+def _tree(scheduler: Any) -> Iterator[Any]:
+    """The scheduler and every scheduler inside it (SequentialLR, ChainedScheduler)."""
+    yield scheduler
+    for child in getattr(scheduler, "_schedulers", ()):
+        yield from _tree(child)
+
+
+def _position(scheduler: Any) -> int:
+    """How many times the scheduler has stepped (a ChainedScheduler steps all its
+    children at once and counts as its first)."""
+    if hasattr(scheduler, "last_epoch"):
+        return int(scheduler.last_epoch)
+    children = getattr(scheduler, "_schedulers", None)
+    if children:
+        return _position(children[0])
+    raise TypeError(f"{type(scheduler).__name__} keeps no step count (last_epoch)")
+
+
+def _times(value: Any, k: float) -> Any:
+    return value * k if isinstance(value, Tensor) else float(value) * k
+
+
+def _scale(pair: Pair, k: float) -> None:
+    """Every lr-like entry of the copy times k: eq. (1)'s k."""
+    opt, scheduler = pair
+    for group in opt.param_groups:
+        for key in LR_KEYS:
+            if key in group:
+                group[key] = _times(group[key], k)
+    for node in _tree(scheduler):
+        if hasattr(node, "base_lrs"):
+            node.base_lrs = [_times(b, k) for b in node.base_lrs]
+
+
+def _lr(group: dict[str, Any]) -> float:
+    return float(group["lr"])
+
+
+# --- the shadows ----------------------------------------------------------------------------
+class Shadows:
+    """Light copies of the user's (optimizer, scheduler) with every lr-like entry k·R
+    (k in SCALES), at the step count ``position``; kept by the solver, eq. (1).
+    Copy-on-step: a snapshot is the three references."""
+
+    def __init__(self, reference: list[float], position: int, copies: list[Pair]):
+        self.reference, self.position, self.copies = reference, position, copies
+
+    @classmethod
+    def start(cls, scheduler: Any, inner: InnerOptimizer) -> Shadows:
+        opt, name = inner.torch_optimizer, type(scheduler).__name__
+        reference = base_lrs(inner)
+        if any(r == 0 for r in reference):
+            raise ValueError(f"{name}'s base lr is 0 in param group {reference.index(0.0)}: a "
+                             f"meta-learned lr scales the schedule from it; start it from a "
+                             f"positive lr")
+        position = _position(scheduler)
+        composite = hasattr(scheduler, "_schedulers")
+        if composite and position != 0:
+            raise ValueError(
+                f"{name} has already stepped {position} times: with lr meta-learned, gimli must "
+                f"follow a composite scheduler from its first step (the derivative of each step's "
+                f"lr w.r.t. the base lr builds up step by step, and its children cannot be "
+                f"rewound). Build the GimliSolver right after the scheduler, before its first "
+                f"step(); to resume, build it on fresh objects, then load your optimizer's, your "
+                f"scheduler's and the solver's state_dict()")
+        copies = []
+        for k in SCALES:
+            pair = _light_copy(opt, scheduler)
+            _scale(pair, k)
+            if not composite:                           # replayed once from its start
+                copy_opt, copy_scheduler = pair
+                for group in copy_opt.param_groups:
+                    group["lr"] = group["initial_lr"]
+                copy_scheduler.last_epoch = -1
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    getattr(copy_scheduler, "_initial_step", copy_scheduler.step)()
+                _steps(copy_scheduler, position)
+            copies.append(pair)
+        return cls(reference, position, copies)
+
+    def follow(self, scheduler: Any, inner: InnerOptimizer) -> None:
+        """Step the shadows to where the user's scheduler is now."""
+        now = _position(scheduler)
+        if now == self.position:
+            return
+        if now < self.position:
+            if not hasattr(scheduler, "_schedulers"):
+                self.restore(Shadows.start(scheduler, inner).snapshot())
+                return
+            raise ValueError(f"{type(scheduler).__name__} is at step {now}, behind step "
+                             f"{self.position} where the solver followed it: was it loaded from "
+                             f"an older state_dict? Load the solver's state_dict() saved with it "
+                             f"too (GimliSolver.load_state_dict)")
+        copies = [_light_copy(*pair) for pair in self.copies]
+        for _, copy_scheduler in copies:
+            _steps(copy_scheduler, now - self.position)
+        self.copies, self.position = copies, now
+
+    def ahead(self, steps: int) -> list[list[list[float]]]:
+        """lr[k][j][g]: each shadow's lr of each group at unroll steps 0 … steps−1."""
+        return [_walk(_light_copy(*pair), steps, _lr) for pair in self.copies]
+
+    # --- transaction and checkpoint ---------------------------------------------------------
+    def snapshot(self) -> tuple[list[float], int, list[Pair]]:
+        return self.reference, self.position, self.copies
+
+    def restore(self, saved: tuple[list[float], int, list[Pair]]) -> None:
+        self.reference, self.position, self.copies = saved
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (for ``torch.load(..., weights_only=True)``)."""
+        return {"reference": list(self.reference), "position": self.position,
+                "shadows": [{"scheduler": copy.deepcopy(scheduler.state_dict()),
+                             "param_groups": [{k: copy.deepcopy(v) for k, v in group.items()
+                                               if k != "params" and _plain(v)}
+                                              for group in opt.param_groups]}
+                            for opt, scheduler in self.copies]}
+
+    @staticmethod
+    def check_state(state: Any, groups: int) -> None:
+        """Raise ``ValueError`` if ``state`` is not a :meth:`state_dict` for ``groups`` groups."""
+        ok = isinstance(state, dict) and set(state) == {"reference", "position", "shadows"} \
+            and isinstance(state["position"], int) and isinstance(state["reference"], list) \
+            and len(state["reference"]) == groups and isinstance(state["shadows"], list) \
+            and len(state["shadows"]) == len(SCALES) \
+            and all(isinstance(s, dict) and isinstance(s.get("scheduler"), dict)
+                    and isinstance(s.get("param_groups"), list) and len(s["param_groups"]) == groups
+                    for s in state["shadows"])
+        if not ok:
+            raise ValueError(f"state_dict['schedule'] is not the schedule of a solver over "
+                             f"{groups} param group(s) with lr meta-learned")
+
+    def load_state_dict(self, state: dict[str, Any], scheduler: Any, inner: InnerOptimizer) -> None:
+        """The shadows of ``state``, over light copies of the user's objects (for what a
+        state dict leaves out: the scheduler's functions and children)."""
+        copies = []
+        for saved in state["shadows"]:
+            opt, copy_scheduler = _light_copy(inner.torch_optimizer, scheduler)
+            copy_scheduler.load_state_dict(copy.deepcopy(saved["scheduler"]))
+            for group, entries in zip(opt.param_groups, saved["param_groups"]):
+                group.update(copy.deepcopy(entries))
+            copies.append((opt, copy_scheduler))
+        self.restore(([float(r) for r in state["reference"]], state["position"], copies))
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, Tensor))
+
+
+# --- the solver's entry points --------------------------------------------------------------
+def follow(scheduler: Any, inner: InnerOptimizer, learned: Sequence[str]) -> Shadows | None:
+    """Check the scheduler the solver is given; with lr meta-learned, start its shadows."""
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or \
             isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise TypeError(f"scheduler must be a torch.optim.lr_scheduler schedule of the step count, "
                         f"not {type(scheduler).__name__} (ReduceLROnPlateau reads a metric)")
     if scheduler.optimizer is not inner.torch_optimizer:
         raise ValueError("the scheduler drives a different optimizer than the solver's")
+    for node in _tree(scheduler):
+        if getattr(node, "cycle_momentum", False):
+            name = "beta1" if getattr(node, "use_beta1", False) else "momentum"
+            if name in learned:
+                raise ValueError(f"{type(node).__name__} changes {name} at every step, so it "
+                                 f"cannot be meta-learned with this scheduler")
+    return Shadows.start(scheduler, inner) if "lr" in learned else None
 
 
-def base_lrs(inner: InnerOptimizer) -> list[float]:
-    """The scheduler's base learning rate of each group (what φ^lr replaces)."""
-    return [float(group["initial_lr"]) for group in inner.torch_optimizer.param_groups]
+def build_schedule(scheduler: Any, inner: InnerOptimizer, steps: int, learned: frozenset[str],
+                   shadows: Shadows | None) -> Schedule:
+    """The hyperparameters of unroll steps 0 … steps−1: the values from a light copy of
+    the user's objects; with lr meta-learned, its derivative from the shadows, eq. (2)."""
+    name = type(scheduler).__name__
+    seen = _walk(_light_copy(inner.torch_optimizer, scheduler), steps,
+                 lambda group: inner.rule.read_group(group)[1])
+    groups, group_of = range(len(seen[0])), inner.group_of()
+    changed = [n for n, v in seen[0][0].items() if n != "lr" and isinstance(v, float)
+               and any(seen[j][g][n] != seen[0][g][n] for j in range(steps) for g in groups)]
+    for n in changed:
+        if n in learned:
+            raise ValueError(f"{name} changes {n} at every step, so it cannot be meta-learned "
+                             f"with this scheduler")
+    derivative = [[0.0 for _ in groups] for _ in range(steps)]       # ∂lr_j,g/∂B_g
+    if "lr" in learned:
+        assert shadows is not None
+        shadows.follow(scheduler, inner)
+        derivative = _derivative(name, shadows, inner, [[seen[j][g]["lr"] for g in groups]
+                                                        for j in range(steps)])
+    bases = base_lrs(inner)
+    value, scale = [], []
+    for j in range(steps):
+        value.append({n: [float(seen[j][g][n]) for g in group_of] for n in ["lr", *changed]})
+        scale.append({n: [derivative[j][g] if n == "lr" else 0.0 for g in group_of]
+                      for n in ["lr", *changed]})
+    origin = {n: [bases[g] if n == "lr" else 0.0 for g in group_of] for n in ["lr", *changed]}
+    return Schedule(value, scale, origin)
 
 
-def _replay(scheduler: Any, inner: InnerOptimizer, k: float, steps: int) -> list[list[dict[str, Any]]]:
-    """Each group's hyperparameters at unroll steps 0 … steps−1, on copies, with the
-    base learning rates scaled by k."""
-    opt, sched = copy.deepcopy((inner.torch_optimizer, scheduler))
-    for group in opt.param_groups:
-        for key in LR_KEYS:
-            if key in group:
-                group[key] = float(group[key]) * k
-        group["lr"] = group["initial_lr"]
-    sched.base_lrs = [float(b) * k for b in sched.base_lrs]
-    now = scheduler.last_epoch
-    sched.last_epoch = -1
+def _derivative(name: str, shadows: Shadows, inner: InnerOptimizer,
+                lrs: list[list[float]]) -> list[list[float]]:
+    """a_j,g / R_g of eq. (2), checking (1) on the shadows and the user's lrs against it."""
+    one, two, three = shadows.ahead(len(lrs))
+    bases, reference = base_lrs(inner), shadows.reference
     out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")             # "lr_scheduler.step() before optimizer.step()"
-        # the constructor's own first step (a chainable schedule does not decay on it)
-        getattr(sched, "_initial_step", sched.step)()
-        for epoch in range(now + steps):
-            if epoch > 0:
-                sched.step()
-            if epoch >= now:
-                out.append([inner.rule.read_group(group)[1] for group in opt.param_groups])
+    for j, user in enumerate(lrs):
+        row = []
+        for g, lr in enumerate(user):
+            a = two[j][g] - one[j][g]
+            c = one[j][g] - a
+            size = max(abs(one[j][g]), abs(two[j][g]), abs(three[j][g]), 3 * abs(reference[g]))
+            if abs(c + 3 * a - three[j][g]) > TOLERANCE * size:
+                raise ValueError(f"{name}'s learning rate is not affine in its base learning rate "
+                                 f"(group {g}, unroll step {j}), so a meta-learned base lr cannot "
+                                 f"be followed through it")
+            k = bases[g] / reference[g]
+            expected = c + a * k
+            group = inner.torch_optimizer.param_groups[g]
+            size = max([abs(bases[g]), abs(lr), abs(c), abs(a * k)]
+                       + [abs(float(group[key])) for key in LR_KEYS if key in group])
+            if abs(lr - expected) > TOLERANCE * size:
+                raise ValueError(
+                    f"param group {g}'s lr at unroll step {j} would be {lr!r}, but {name} run "
+                    f"from base lr {bases[g]!r} gives {expected!r}: the optimizer's lr (or the "
+                    f"scheduler's state: base_lrs, initial_lr, last_epoch) was changed outside "
+                    f"the scheduler since the solver was built. Change the lr only through "
+                    f"the scheduler, or build a new GimliSolver after changing it")
+            row.append(a / reference[g])
+        out.append(row)
     return out
 
 
-def build_schedule(scheduler: Any, inner: InnerOptimizer, steps: int,
-                   learned: frozenset[str]) -> Schedule:
-    runs = {k: _replay(scheduler, inner, k, steps) for k in (1.0, 2.0, 3.0)}
-    current = inner.group_hypers()
-    for g, values in enumerate(runs[1.0][0]):
-        for name, value in values.items():
-            if isinstance(value, float) and not math.isclose(value, float(current[g][name]),
-                                                             rel_tol=1e-12, abs_tol=1e-300):
-                raise ValueError(f"replaying {type(scheduler).__name__} from its start does not give "
-                                 f"the optimizer's current {name} ({value} vs {current[g][name]}); "
-                                 f"gimli needs a schedule that is a function of the step count")
-    bases = base_lrs(inner)
-    group_of = inner.group_of()
-    scale: list[dict[str, list[float]]] = []
-    shift: list[dict[str, list[float]]] = []
-    for j in range(steps):
-        one, two, three = runs[1.0][j], runs[2.0][j], runs[3.0][j]
-        a = [two[g]["lr"] - one[g]["lr"] for g in range(len(one))]
-        c = [one[g]["lr"] - a[g] for g in range(len(one))]
-        for g in range(len(one)):
-            if not math.isclose(c[g] + 3 * a[g], three[g]["lr"], rel_tol=1e-9, abs_tol=1e-15):
-                raise ValueError(f"{type(scheduler).__name__}'s learning rate is not affine in its "
-                                 f"base learning rate; gimli cannot replay it")
-        scale_j = {"lr": [a[g] / bases[g] for g in group_of]}
-        shift_j = {"lr": [c[g] for g in group_of]}
-        for name, value in one[0].items():
-            if name == "lr" or not isinstance(value, float):
-                continue
-            if all(one[g][name] == float(current[g][name]) for g in range(len(one))):
-                continue                            # not touched by the scheduler
-            if name in learned:
-                raise ValueError(f"{type(scheduler).__name__} changes {name} at every step, so it "
-                                 f"cannot be meta-learned with this scheduler")
-            scale_j[name] = [0.0 for _ in group_of]
-            shift_j[name] = [one[g][name] for g in group_of]
-        scale.append(scale_j)
-        shift.append(shift_j)
-    return Schedule(scale, shift)
-
-
 def rebase(scheduler: Any, inner: InnerOptimizer, new_bases: list[float], schedule: Schedule) -> None:
-    """After a meta-step: make the user's scheduler run from the meta-learned base
-    learning rates, and set each group's current lr to the scheduled value."""
-    old = base_lrs(inner)
+    """After a meta-step: make the user's scheduler (each scheduler inside it too) run
+    from the meta-learned base learning rates, and set each group's current lr by (2)."""
+    nodes = list(_tree(scheduler))
     for g, group in enumerate(inner.torch_optimizer.param_groups):
-        ratio = new_bases[g] / old[g]
-        for key in LR_KEYS[1:]:
+        old, new = float(group["initial_lr"]), new_bases[g]
+        i = inner.groups[g].start
+        group["lr"] = schedule.value[0]["lr"][i] + schedule.scale[0]["lr"][i] * (new - old)
+        if new == old:                  # (write_back put the base lr into group["lr"])
+            continue
+        if old == 0:
+            raise ValueError(f"param group {g}'s base lr is 0: the schedule cannot be re-based "
+                             f"onto the meta-learned lr {new!r}")
+        ratio = new / old
+        for key in LR_KEYS[2:]:
             if key in group:
                 group[key] = float(group[key]) * ratio
-        scheduler.base_lrs[g] = new_bases[g]
-        i = inner.groups[g].start
-        group["lr"] = schedule.scale[0]["lr"][i] * new_bases[g] + schedule.shift[0]["lr"][i]
+        for node in nodes:
+            if hasattr(node, "base_lrs"):
+                b = float(node.base_lrs[g])
+                node.base_lrs[g] = new if b == old else b * ratio
+        group["initial_lr"] = new
     scheduler._last_lr = [group["lr"] for group in inner.torch_optimizer.param_groups]

@@ -23,7 +23,7 @@ from ._data import Stream
 from ._distributed import Sums
 from ._meta import MetaParams
 from ._problem import GimliWarning, LossFn, NonFiniteError, Problem, ValLossFn
-from ._schedule import Schedule, rebase
+from ._schedule import Schedule, Shadows, rebase
 from ._sweep import Sweep, sweep
 from ._transaction import Snapshot, commit as commit_unroll
 from ._unroll import Point, Unroll
@@ -237,6 +237,7 @@ class GimliSolver:
             "param_groups": [{k: g[k] for k in self._written_keys() if k in g}
                              for g in self.problem.inner.torch_optimizer.param_groups],
             "scheduler": None if self.problem.scheduler is None else self.problem.scheduler.state_dict(),
+            "schedule": None if self.problem.shadows is None else self.problem.shadows.state_dict(),
             "meta_steps": self.meta_steps,
             "data": {name: None if stream is None else stream.position()
                      for name, stream in (("train", self.train_data), ("val", self.val_data))},
@@ -263,6 +264,12 @@ class GimliSolver:
                 group.update(copy.deepcopy(values))
             if self.problem.scheduler is not None and state["scheduler"] is not None:
                 self.problem.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
+            shadows = self.problem.shadows
+            if shadows is not None:         # an older checkpoint has none: start them anew
+                if state.get("schedule") is None:
+                    shadows.restore(Shadows.start(self.problem.scheduler, self.problem.inner).snapshot())
+                else:
+                    shadows.load_state_dict(state["schedule"], self.problem.scheduler, self.problem.inner)
         except BaseException:
             saved.restore(self)
             raise
@@ -309,6 +316,8 @@ class GimliSolver:
             raise ValueError("state_dict['scheduler']: the saved solver had "
                              + ("no " if state["scheduler"] is None else "a ")
                              + "scheduler and this one " + ("has" if self.problem.scheduler else "has none"))
+        if self.problem.shadows is not None and state.get("schedule") is not None:
+            Shadows.check_state(state["schedule"], len(groups))
         if not isinstance(state["meta_steps"], int):
             raise ValueError(f"state_dict['meta_steps'] is not an int: {state['meta_steps']!r}")
         data = state["data"]
@@ -375,8 +384,8 @@ class GimliSolver:
 
     def transactional(self) -> list[Any]:
         """Objects of the solver's own with ``snapshot()``/``restore()``, kept by a step's
-        transaction (none yet)."""
-        return []
+        transaction: the schedule's shadows, with lr meta-learned under a scheduler."""
+        return [] if self.problem.shadows is None else [self.problem.shadows]
 
     # --- the hypergradient -------------------------------------------------------------------
     def _batches(self, train_batches: Iterable[Any] | None, val_batch: Any) -> tuple[list[Any], Any]:
