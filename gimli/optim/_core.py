@@ -8,7 +8,7 @@ over lists of tensors, one entry per parameter tensor of one param group:
 * ``read_state(torch_state, param, group) -> State`` entries for one tensor;
 * ``step(flags, params, state, grads, hp) -> (params, state)``: one update;
 * ``vjp(flags, params, state, grads, hp, cot_params, cot_state, need) -> VJP``:
-  the four cotangents of DESIGN.md §2 at the same point.
+  the four cotangents of docs/design.md §2 at the same point.
 
 ``hp`` maps each hyperparameter name to a list (one tensor per parameter) of
 0-dim or parameter-shaped tensors; the step broadcasts them and ``vjp`` returns
@@ -19,8 +19,10 @@ call per operation; SGD and Adam do) or loop over the tensors.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -138,6 +140,69 @@ def hyper_dtype(dtype: torch.dtype) -> torch.dtype:
     so a bfloat16 model still steps with β₂ = 0.999 (which bfloat16 rounds to 1)."""
     return dtype if dtype in (torch.float32, torch.float64) or not dtype.is_floating_point \
         else torch.float32
+
+
+StepFn = TypeVar("StepFn", bound=Callable[..., tuple[list[Tensor], Any]])
+
+
+def stored_as_torch(step: StepFn) -> StepFn:
+    """A rule's ``step`` (``step(flags, params, state, grads, hp)``, or a method with
+    ``self`` first) whose θ' and state come out in the dtypes ``torch.optim`` stores them
+    in: θ' in its parameter's dtype, a state entry in the dtype it came in (one created
+    by this step, as SGD's first buffer, in its parameter's, unless 0-dim like ASGD's η).
+
+    The explicit guard for reduced-precision models: their hyperparameters are float32
+    (``hyper_dtype``), and one that has the parameter's shape (learned per element;
+    Rprop's first step size) would promote a bfloat16 θ' to float32. The update is thus
+    computed at the hyperparameters' precision and stored at the parameter's, as
+    ``torch.optim``'s ops do with a Python-float hyperparameter. The cast is the
+    identity everywhere else; its derivative is the identity (the VJPs need no change).
+    """
+    @functools.wraps(step)
+    def stored(*args: Any) -> tuple[list[Tensor], Any]:
+        params, state = args[-4], args[-3]
+        new_params, new_state = step(*args)
+        new_params = [_like(t, p.dtype) for t, p in zip(new_params, params)]
+        fields = [[_like(x, old.dtype if isinstance(old, Tensor) else
+                         p.dtype if isinstance(x, Tensor) and x.dim() > 0 else None)
+                   for x, old, p in zip(new_field, old_field, params)]
+                  if isinstance(old_field, list) else new_field
+                  for new_field, old_field in zip(new_state, state)]
+        return new_params, type(new_state)(*fields)
+    return stored  # type: ignore[return-value]
+
+
+VjpFn = TypeVar("VjpFn", bound=Callable[..., "VJP"])
+
+
+def swept_wide(vjp: VjpFn) -> VjpFn:
+    """A rule's closed-form ``vjp`` evaluated in the hyperparameters' dtype: for a
+    reduced-precision model, θ, the state, G and the cotangents are cast to float32 first
+    (``hyper_dtype``), so the cotangents it returns are float32 (autograd casts them back
+    where the sweep hands them to G_j's graph). It is the derivative of the same step at
+    the same point, computed without bfloat16's rounding or float16's range (Adafactor's
+    1/q^{3/2} overflows float16 where torch.optim's own float16 step is fine). The
+    identity for float32 and float64 models."""
+    @functools.wraps(vjp)
+    def wide(*args: Any) -> VJP:
+        head, (params, state, grads, hp, cot_params, cot_state, need) = args[:-7], args[-7:]
+        return vjp(*head, _wide(params), _wide_state(state), _wide(grads), hp, _wide(cot_params),
+                   _wide_state(cot_state), need)
+    return wide  # type: ignore[return-value]
+
+
+def _wide(xs: list[Any]) -> list[Any]:
+    return [_like(x, hyper_dtype(x.dtype)) if isinstance(x, Tensor) else x for x in xs]
+
+
+def _wide_state(state: Any) -> Any:
+    return type(state)(*(_wide(field) if isinstance(field, list) else field for field in state))
+
+
+def _like(x: Any, dtype: torch.dtype | None) -> Any:
+    if not isinstance(x, Tensor) or dtype is None or x.dtype == dtype or not x.is_floating_point():
+        return x
+    return x.to(dtype)
 
 
 def reduce_to(x: Tensor, like: Tensor) -> Tensor:

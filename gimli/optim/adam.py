@@ -17,7 +17,7 @@ The update of ``torch.optim.Adam``/``AdamW`` for one tensor at step t
 s = −1 if maximize else 1; γ = ``lr``, β = ``betas``, ε = ``eps``,
 λ = ``weight_decay``. AdamW is this file with ``decoupled=True``.
 
-Numerical guard (DESIGN.md §3): where an element's u is exactly 0 and the moments
+Numerical guard (docs/design.md §3): where an element's u is exactly 0 and the moments
 started at 0 with β₂ < 1, every past g₂ of that element was 0, so m' = 0 too and θ'
 does not depend on u there: the cotangent of u is set to its true value 0 instead
 of autograd's 0·∞ = NaN (proofs/adam.md §4). Where u = 0 but m' ≠ 0 (β₂ = 0, or a
@@ -32,7 +32,8 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import Tensor
 
-from ._core import BETA, NONNEGATIVE, VJP, Hypers, group_float, step_count, step_tensor
+from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, step_count, step_tensor,
+                    stored_as_torch, swept_wide)
 from ._lists import Tensors
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -121,6 +122,7 @@ def _forward(flags: Flags, params: list[Tensor], state: State, grads: list[Tenso
     return _Forward(g2, p1, m1, v1, u, c1, c2, r, r + eps)
 
 
+@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     f = _forward(flags, params, state, grads, hp)
@@ -129,6 +131,7 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
     return theta.ts, State([t + 1 for t in state.step], f.m1.ts, f.v1.ts, vmax)
 
 
+@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adam.md, eq. A8–A15)."""

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._core import BETA, NONNEGATIVE, Hypers, group_float
+from ._core import BETA, NONNEGATIVE, Hypers, group_float, hyper_dtype, stored_as_torch
 
 HYPERS = ("lr", "beta")     # and the module-valued "net", one hyperparameter per weight
 RANGES = {"lr": NONNEGATIVE, "beta": BETA}     # as LearnedOptimizer's constructor checks them
@@ -72,6 +72,7 @@ def write_state(state: State, i: int) -> dict[str, Any]:
     return {"momentum": state.momentum[i]}
 
 
+@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new_params, new_m = [], []
@@ -112,7 +113,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 continue
             flags, values = read_group(group)
             state = State([read_state(self.state[p], p, group).momentum[0] for p in params])
-            like = {"dtype": params[0].dtype, "device": params[0].device}
+            like = {"dtype": hyper_dtype(params[0].dtype), "device": params[0].device}
             hp = {"lr": [torch.tensor(values["lr"], **like)] * len(params),
                   "beta": [torch.tensor(values["beta"], **like)] * len(params)}
             hp.update({f"net.{n}": [w.detach()] * len(params) for n, w in flags.net.named_parameters()})

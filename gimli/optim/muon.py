@@ -40,7 +40,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import NONNEGATIVE, REAL, VJP, Hypers, group_float, reduce_to
+from ._core import (NONNEGATIVE, REAL, VJP, Hypers, group_float, reduce_to, stored_as_torch,
+                    swept_wide)
 
 HYPERS = ("lr", "weight_decay", "momentum", "ns_a", "ns_b", "ns_c", "eps")
 GROUP_KEYS = {"ns_a": ("ns_coefficients", 0), "ns_b": ("ns_coefficients", 1),
@@ -144,6 +145,7 @@ def _orthogonalize_vjp(ex: _Exact, o_bar: Tensor, a: Tensor, b: Tensor, c: Tenso
                        eps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Ū, ā, b̄, c̄, ε̄ from Ō by hand through (M5), (M4) backwards, (M3)."""
     x_bar = o_bar.mT if ex.tall else o_bar                      # (M7) X̄_K
+    x_bar = x_bar.to(ex.z.dtype)    # in U's dtype: a float32 γ per element meets a bfloat16 U
     a_bar = b_bar = c_bar = o_bar.new_zeros(())
     for x in reversed(ex.xs[:-1]):                              # (M8) one iteration, reversed
         gram = x @ x.mT                                         # A_k, recomputed
@@ -175,6 +177,8 @@ class _Forward(NamedTuple):
 
 
 def _momentum(flags: Flags, buf: Tensor, g: Tensor, mu: Tensor) -> _Forward:
+    if mu.dim() and mu.dtype != buf.dtype:  # a float32 μ per element of a bfloat16 matrix:
+        buf, g = buf.to(mu.dtype), g.to(mu.dtype)   # lerp takes one dtype (step() stores B')
     buf1 = torch.lerp(buf, g, 1 - mu)                           # (M1), torch's lerp_
     return _Forward(buf1, torch.lerp(g, buf1, mu) if flags.nesterov else buf1)   # (M2)
 
@@ -183,6 +187,7 @@ def _needs_grad(*xs: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new_params: list[Tensor] = []
@@ -201,6 +206,7 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
     return new_params, State(new_bufs)
 
 
+@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/muon.md, eq. M7–M13)."""

@@ -30,7 +30,7 @@ product Π·μ_t: the rounding residual is a constant (``.detach()`` in
 of no use; the identity is the derivative of the arithmetic torch means to do
 (proofs/nadam.md §3).
 
-Numerical guard (as adam.py, DESIGN.md §3): where an element's v' is exactly 0
+Numerical guard (as adam.py, docs/design.md §3): where an element's v' is exactly 0
 (a dead unit, moments started at 0, β₂ < 1), g₂ = 0 and m' = 0, θ' does not
 depend on v' there, and the cotangent of v' through √ is set to its true value 0
 instead of autograd's 0·∞ = NaN (proofs/nadam.md §4).
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, hyper_dtype, reduce_to,
-                    scalar_dtype, step_count, step_tensor)
+                    scalar_dtype, step_count, step_tensor, stored_as_torch, swept_wide)
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")
 GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
@@ -150,6 +150,7 @@ def _forward(flags: Flags, t: int, p: Tensor, prod: Tensor, m: Tensor, v: Tensor
                     theta)
 
 
+@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new = [_forward(flags, t + 1, p, prod, m, v, g, *hps)
@@ -160,6 +161,7 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
         [f.v1 for f in new])
 
 
+@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/nadam.md, eq. N8–N16)."""

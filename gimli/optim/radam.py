@@ -27,7 +27,7 @@ is a single value of β₂ per step (measure zero), and, as autograd does throug
 (proofs/radam.md §3). The branch not taken is evaluated at harmless values
 (ρ = 6, v' = 1) so that autograd on :func:`step` sees no 0·∞ there either.
 
-Numerical guard (as adam.py, DESIGN.md §3): where an element's v' is exactly 0
+Numerical guard (as adam.py, docs/design.md §3): where an element's v' is exactly 0
 in a rectified step (a dead unit, moments started at 0, β₂ < 1), m' = 0 too, θ'
 does not depend on v' there, and the cotangent of v' through √ is set to its
 true value 0 instead of autograd's 0·∞ = NaN (proofs/radam.md §4).
@@ -40,7 +40,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import BETA, NONNEGATIVE, VJP, Hypers, group_float, reduce_to, step_count, step_tensor
+from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, reduce_to, step_count, step_tensor,
+                    stored_as_torch, swept_wide)
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
@@ -125,6 +126,7 @@ def _forward(flags: Flags, t: int, p: Tensor, m: Tensor, v: Tensor, g: Tensor,
                     p1 - lr * (m1 / c1) * k)                        # (RA7)
 
 
+@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new = [_forward(flags, t + 1, p, m, v, g, *hps)
@@ -133,6 +135,7 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
         [t + 1 for t in state.step], [f.m1 for f in new], [f.v1 for f in new])
 
 
+@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/radam.md, eq. RA8–RA15)."""
