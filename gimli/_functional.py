@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -52,7 +54,9 @@ class FunctionalModel:
     ``parameters()`` give θ'_j in the module's own order (the optimizer's order does
     not matter), ``named_buffers()`` the buffers, and so does an attribute
     (``model.head.weight``); a submodule (``model.encoder``, ``model[0]``) is a view
-    of the same kind; other attributes are the module's.
+    of the same kind; a method or property of the module's own class
+    (``model.encode(x)``) runs with the view's tensors too; other attributes are the
+    module's.
 
     ``model.eval()`` and ``model.train()`` return a view that runs the module in that
     mode (dropout off, BatchNorm on its running statistics) without changing the
@@ -69,10 +73,20 @@ class FunctionalModel:
         self._mode = mode
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        values = {**self._params, **self._buffers}
-        tensors = {own: values[root] for own, root in self._slots.of(self.module) if root in values}
         with self._in_mode():
-            return functional_call(self.module, tensors, args, kwargs, tie_weights=False)
+            return functional_call(self.module, self._tensors(), args, kwargs, tie_weights=False)
+
+    def _tensors(self, prefix: str = "") -> dict[str, Tensor]:
+        """The view's tensors by the places of ``self.module`` they go into."""
+        values = {**self._params, **self._buffers}
+        return {prefix + own: values[root] for own, root in self._slots.of(self.module) if root in values}
+
+    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` with the module holding the view's tensors, as a call
+        does (``functional_call`` of a wrapper whose forward is ``fn``)."""
+        with self._in_mode():
+            return functional_call(_Run(self.module, fn), self._tensors("module."), args, kwargs,
+                                   tie_weights=False)
 
     @contextlib.contextmanager
     def _in_mode(self) -> Iterator[None]:
@@ -146,6 +160,11 @@ class FunctionalModel:
             for values in (self._params, self._buffers):
                 if root in values:
                     return values[root]         # θ'_j's entry, not the user's tensor
+        if isinstance(inspect.getattr_static(type(self.module), name, None), property):
+            return self._run(lambda: getattr(self.module, name))       # computed at θ'_j
+        if inspect.ismethod(value) and value.__self__ is self.module and \
+                getattr(type(self.module), name, None) is not getattr(nn.Module, name, None):
+            return functools.partial(self._run, value)                 # model.encode(x) at θ'_j
         return value
 
     def __getitem__(self, index: Any) -> Any:
@@ -171,5 +190,26 @@ class FunctionalModel:
             if sub is not None:
                 yield name, self._sub(sub)
 
+    def modules(self) -> Iterator[FunctionalModel]:
+        for _, view in self.named_modules():
+            yield view
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, FunctionalModel]]:
+        for name, sub in self.module.named_modules(prefix=prefix):
+            yield name, self._sub(sub)
+
     def __repr__(self) -> str:
         return f"FunctionalModel({self.module!r})"
+
+
+class _Run(nn.Module):
+    """A wrapper whose forward is a function of the wrapped module (one of its methods or
+    properties), so that ``functional_call`` runs it with the view's tensors."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]):
+        super().__init__()
+        self.module = module
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)

@@ -261,3 +261,53 @@ def test_validation_loss_in_eval_mode() -> None:
     solver = gimli.GimliSolver(net, lambda m, b, meta: mse(m, b), opt, meta, val_loss_fn=val_loss)
     assert gimli.check(solver, data[:3], data[3]).passed
     assert net.training
+
+
+class Autoencoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(3, 2)
+        self.dec = nn.Linear(2, 3)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.enc(x))
+
+    @property
+    def weight_norm(self) -> torch.Tensor:
+        return self.enc.weight.norm() + self.dec.weight.norm()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.encode(x))
+
+
+def test_methods_and_properties_of_the_module_run_at_the_views_weights() -> None:
+    """A loss written with the module's own methods (model.encode) and properties sees
+    θ'_j, as the user's training loop sees its module's current weights."""
+    torch.manual_seed(0)
+    net = Autoencoder().double()
+    params = {n: p.detach() * 0.5 for n, p in net.named_parameters()}
+    view = gimli.FunctionalModel(net, params, {})
+    x = torch.randn(4, 3, dtype=torch.float64)
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(view.encode(x), twin.encode(x))
+    torch.testing.assert_close(view.weight_norm, twin.weight_norm)
+    torch.testing.assert_close(view.forward(x), twin(x))
+    assert all(p is q for p, q in zip(net.parameters(), dict(net.named_parameters()).values()))
+    assert isinstance(net.enc.weight, nn.Parameter)
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+    def loss(m: Any, batch: torch.Tensor) -> torch.Tensor:
+        code = m.encode(batch)
+        return ((m.dec(code) - batch) ** 2).mean() + 1e-2 * m.weight_norm + 1e-2 * (code ** 2).mean()
+
+    data = [torch.randn(6, 3, dtype=torch.float64) for _ in range(4)]
+    expected = real_training(net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                             loss, data[:3])
+    solver = gimli.GimliSolver(net, lambda m, b, meta: loss(m, b), opt, gimli.MetaParams(opt, ["lr"]))
+    assert gimli.check(solver, data[:3], data[3]).passed
+    solver.hypergradient(data[:3], data[3], commit=True)
+    assert_models_equal(net, expected)
