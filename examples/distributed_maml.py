@@ -33,6 +33,7 @@ import gimli
 
 if str(Path(__file__).resolve().parent) not in sys.path:       # maml_sine.py sits beside this
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _support import one_thread  # noqa: E402
 from maml_sine import INNER_LR, TEST_SEED, loss_fn, mean_adapted_mse, sample_task  # noqa: E402
 
 
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=1, help="J, inner SGD steps per task")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    with one_thread():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     iterations = args.iterations or (20 if args.quick else 1000)
 
     launched = "RANK" in os.environ                                  # under torchrun

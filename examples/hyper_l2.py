@@ -33,19 +33,16 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-matplotlib.use("Agg")                       # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import gimli
 
-import gimli  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))    # examples/ is not a package
+if str(Path(__file__).resolve().parent) not in sys.path:     # examples/ is not a package
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _digits  # noqa: E402
+from _support import OUTPUT, Progress, one_thread, pyplot  # noqa: E402
 
 N_TRAIN, N_VAL = 100, 300   # images to train on, and held out for meta-training; the rest is test
 BATCH = 25                  # minibatch size (4 minibatches per epoch)
@@ -126,7 +123,7 @@ def train(seed: int, epochs: int, splits: list[_digits.Digits], mode: str, steps
     unroll_gen = torch.Generator().manual_seed(seed + 1)    # the meta-steps' own minibatches
     val_batch = (val_set.x, val_set.y)
     run = Run([], [], [], [])
-    for epoch in tqdm(range(1, epochs + 1), desc=f"{mode:>5}", disable=not progress, leave=False):
+    for epoch in Progress(range(1, epochs + 1), desc=f"{mode:>5} epochs", disable=not progress):
         for batch in _digits.batches(train_set, BATCH, batch_gen):
             loss = objective(model, batch, None if mode == "none" else log_l2.detach())
             opt.zero_grad()
@@ -143,6 +140,10 @@ def train(seed: int, epochs: int, splits: list[_digits.Digits], mode: str, steps
 
 
 def plot(runs: dict[str, Run], out: Path) -> list[Path]:
+    """The learned coefficients and the test loss per epoch; none without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return []
     out.mkdir(parents=True, exist_ok=True)
     epochs = range(1, len(runs["meta"].val_loss) + 1)
     paths = [out / "hyper_l2_coefficients.png", out / "hyper_l2_test_loss.png"]
@@ -180,17 +181,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--meta-every", type=int, default=1, help="epochs between meta-steps")
     parser.add_argument("--meta-lr", type=float, default=META_LR, help="Adam's step size on φ")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "figures",
-                        help="folder for the figures")
+    parser.add_argument("--out", type=Path, default=OUTPUT,
+                        help="folder for the figures (default examples/output/)")
     args = parser.parse_args(argv)
     epochs = args.epochs or (80 if args.quick else 300)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)    # a tiny MLP: more intra-op threads only add waiting (on a busy CPU, a lot)
-    try:
+    with one_thread():
         return experiment(args, epochs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def experiment(args: argparse.Namespace, epochs: int) -> dict[str, Any]:
@@ -215,6 +212,8 @@ def experiment(args: argparse.Namespace, epochs: int) -> dict[str, Any]:
         print(f"{mode:>5}: test cross-entropy {result['test_loss'][mode]:.4f}, "
               f"accuracy {result['test_accuracy'][mode]:.4f}, "
               f"validation cross-entropy {result['val_loss'][mode]:.4f}")
+    if figures:
+        print("figures: " + ", ".join(result["figures"]))
     return result
 
 

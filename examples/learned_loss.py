@@ -31,12 +31,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 import gimli
+
+if str(Path(__file__).resolve().parent) not in sys.path:     # examples/ is not a package
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _support import OUTPUT, Progress, one_thread, pyplot  # noqa: E402
 
 K_TRAIN, K_VAL, K_TEST = 20, 20, 100   # points per task: to train on, to meta-validate, to score
 AMPLITUDE = (0.1, 1.0)                 # A ~ U[0.1, 1]
@@ -146,10 +151,12 @@ def meta_step(meta: gimli.MetaParams, meta_opt: torch.optim.Optimizer, tasks: li
 
 
 def plot(curves: dict[str, list[float]], initial: nn.Module, learned: nn.Module, steps: int,
-         out: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+         out: Path) -> Path | None:
+    """Test MSE while training with each loss, and the losses themselves; None without
+    matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for label, curve in curves.items():
@@ -188,16 +195,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--test-tasks", type=int,
                         help=f"held-out tasks (default {TEST_TASKS}; quick 20)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "figures",
+    parser.add_argument("--out", type=Path, default=OUTPUT,
                         help="where the figure goes")
     args = parser.parse_args(argv)
     iterations = args.iterations or (25 if args.quick else 500)
     test_count = args.test_tasks or (20 if args.quick else TEST_TASKS)
     horizon = args.steps if args.quick else 2 * args.steps      # the figure looks past J
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)    # tiny tensors: parallel kernels only add overhead here
-    try:
+    with one_thread():
         torch.manual_seed(args.seed)                             # ℓ_φ's initial weights
         gen = torch.Generator().manual_seed(args.seed)           # training tasks and model inits
         test_tasks = [sample_task(torch.Generator().manual_seed(TEST_SEED + i), args.outliers)
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         meta = gimli.MetaParams(loss={"net": net})
         meta_opt = torch.optim.Adam(meta.parameters(), lr=META_LR)
 
-        for _ in tqdm(range(iterations), desc="meta-iterations"):
+        for _ in Progress(range(iterations), desc="meta-iterations"):
             tasks = [sample_task(gen, args.outliers) for _ in range(args.meta_batch)]
             seeds = [int(torch.randint(2**31, (), generator=gen)) for _ in tasks]
             meta_step(meta, meta_opt, tasks, seeds, args.steps)
@@ -215,8 +220,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         curves = {"initial ℓ_φ": mean_curve(frozen(initial), test_tasks, horizon),
                   "learned ℓ_φ": mean_curve(frozen(net), test_tasks, horizon),
                   "true loss (MSE)": mean_curve(F.mse_loss, test_tasks, horizon)}
-    finally:
-        torch.set_num_threads(threads)
 
     J = args.steps
     result: dict[str, Any] = {"untrained": curves["true loss (MSE)"][0],
@@ -230,8 +233,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        ("mse", "true loss (MSE)")):
         print(f"  {label:<18} {result[key]:.4f}")
     if not args.quick:
-        result["figure"] = str(plot(curves, initial, net, J, args.out))
-        print(f"figure: {result['figure']}")
+        figure = plot(curves, initial, net, J, args.out)
+        if figure is not None:
+            result["figure"] = str(figure)
+            print(f"figure: {figure}")
     return result
 
 

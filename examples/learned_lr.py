@@ -38,21 +38,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-matplotlib.use("Agg")           # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import gimli  # noqa: E402
+import gimli
 
 if str(Path(__file__).resolve().parent) not in sys.path:     # _digits.py sits beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _digits  # noqa: E402
+from _support import OUTPUT, Progress, one_thread, pyplot  # noqa: E402
 
 LR = 0.05           # the fixed run's lr, the schedule's base lr and the learned lrs' start
 MOMENTUM = 0.9
@@ -110,7 +105,12 @@ def accuracy(model: nn.Module, data: _digits.Digits) -> float:
 
 def plot(out: Path, acc: dict[str, list[float]], lrs: list[list[float]], names: list[str],
          fixed_lr: float, schedule_lrs: list[float]) -> list[Path]:
-    """The paper's Figure 1 (test accuracy per epoch) and Figure 2 (learned lrs)."""
+    """The paper's Figure 1 (test accuracy per epoch) and Figure 2 (learned lrs); none
+    without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    from matplotlib.ticker import MaxNLocator
     out.mkdir(parents=True, exist_ok=True)
     epochs = list(range(1, len(acc["fixed"]) + 1))
 
@@ -159,15 +159,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the fixed lr, the schedule's base lr and the learned lrs' start")
     parser.add_argument("--meta-lr", type=float, default=5e-3, help="Adam's lr on the learned lrs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "figures",
-                        help="folder for the PNG figures")
+    parser.add_argument("--out", type=Path, default=OUTPUT,
+                        help="folder for the PNG figures (default examples/output/)")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)    # tiny convolutions: extra threads only wait on a shared CPU
-    try:
+    with one_thread():
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     schedule_lrs: list[float] = []
     val_losses: list[float] = []
     clamped = 0
-    bar = tqdm(range(epochs), desc="epochs", disable=args.quick)
+    bar = Progress(range(epochs), desc="epochs", disable=args.quick)
     for epoch in bar:
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         batches = _digits.batches(inner_train, BATCH, gen)[:max_batches]
@@ -239,7 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           + ", ".join(f"{n} {v:.4f}" for n, v in zip(names, lrs[-1])))
     if clamped:
         print(f"(the learned lrs were clamped to stay positive in {clamped} meta-step(s))")
-    print("figures: " + ", ".join(str(p) for p in figures))
+    if figures:
+        print("figures: " + ", ".join(str(p) for p in figures))
     return {"final": final, "accuracy": acc, "lrs": lrs, "layers": names, "initial_lr": args.lr,
             "schedule_lrs": schedule_lrs, "val_losses": val_losses, "clamped": clamped,
             "figures": figures}

@@ -39,11 +39,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 if str(Path(__file__).resolve().parent) not in sys.path:      # examples/ is not a package
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _digits  # noqa: E402
+from _support import OUTPUT, Progress, one_thread, pyplot  # noqa: E402
 
 import gimli  # noqa: E402
 
@@ -191,11 +191,12 @@ def run(model_name: str, opt_name: str, args: argparse.Namespace, data: _digits.
     return {"before": before, "after": after, **history[-1]}, history
 
 
-def plot(histories: dict[str, list[dict[str, list[float]]]], out: Path) -> Path:
-    """The learned hyperparameters per layer over meta-training (cf. the paper's Fig. 2–3)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(histories: dict[str, list[dict[str, list[float]]]], out: Path) -> Path | None:
+    """The learned hyperparameters per layer over meta-training (cf. the paper's Fig. 2–3);
+    None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
 
     models = sorted({key.split("+")[0] for key in histories}, key=["mlp", "cnn"].index)
     fig, axes = plt.subplots(len(models), 3, figsize=(12, 3.2 * len(models)), squeeze=False)
@@ -238,28 +239,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--test-tasks", type=int,
                         help=f"held-out test tasks (default {TEST_TASKS}; quick 30)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "figures",
+    parser.add_argument("--out", type=Path, default=OUTPUT,
                         help="where the figure goes")
     args = parser.parse_args(argv)
     args.iterations = args.iterations or (15 if args.quick else 200)
     args.steps = args.steps or (3 if args.quick else 5)
     test_count = args.test_tasks or (30 if args.quick else TEST_TASKS)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)    # tiny tensors: parallel kernels only add overhead here
-    try:
+    with one_thread():
         data = _digits.load()
         test_tasks = [sample_task(data, TEST_CLASSES, torch.Generator().manual_seed(TEST_SEED + i))
                       for i in range(test_count)]
         runs = [(m, o) for m in args.models for o in args.optimizers]
         results: dict[str, Any] = {}
         histories: dict[str, list[dict[str, list[float]]]] = {}
-        with tqdm(total=len(runs) * args.iterations, desc="meta-iterations") as bar:
+        with Progress(total=len(runs) * args.iterations, desc="meta-iterations") as bar:
             for m, o in runs:
                 bar.set_postfix_str(f"{m}+{o}")
                 results[f"{m}+{o}"], histories[f"{m}+{o}"] = run(m, o, args, data, test_tasks, bar)
-    finally:
-        torch.set_num_threads(threads)
 
     print(f"\n{N_WAY}-way {K_SHOT}-shot query accuracy on {test_count} test tasks (classes "
           f"{TEST_CLASSES[0]}–{TEST_CLASSES[-1]}) after {args.steps} steps of torch.optim "
@@ -271,8 +268,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if b in r:
                 learned += f"   {b} " + " ".join(f"{v:.4f}" for v in r[b])
         print(f"{key:<10} {r['before']:7.3f} {r['after']:7.3f}   {learned}")
-    if not args.quick:
-        print(f"figure: {plot(histories, args.out)}")
+    figure = None if args.quick else plot(histories, args.out)
+    if figure is not None:
+        print(f"figure: {figure}")
     return results
 
 

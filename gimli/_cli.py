@@ -1,6 +1,7 @@
 """The ``gimli`` command line (also ``python -m gimli``).
 
-    gimli demo [ARGS...]   the main demo, examples/maml_sine.py, with a progress bar
+    gimli demo [ARGS...]   the main demo, examples/maml_sine.py; ARGS are the demo's own
+                           (``gimli demo --help`` lists them)
     gimli check            the verification zoo: every built-in optimizer × meta-parameter
                            kind against the full autograd unroll in float64
 """
@@ -17,14 +18,16 @@ from pathlib import Path
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "maml_sine.py"
 
 
-def _demo(args: argparse.Namespace, rest: list[str]) -> int:
+def _demo(args: list[str]) -> int:
+    """Every argument after ``demo`` goes to the demo's own parser, ``--help`` included
+    (a leading ``--`` is dropped), so its usage reads ``gimli demo ...``."""
     if not DEMO.exists():
         print(f"gimli demo runs examples/maml_sine.py from gimli's source tree, which is not "
               f"next to this installation ({DEMO} is missing): clone the repository and "
               f"`pip install -e .` there", file=sys.stderr)
         return 2
     module = runpy.run_path(str(DEMO), run_name="gimli_demo")
-    module["main"](rest)
+    module["main"](args[1:] if args[:1] == ["--"] else args, prog="gimli demo")
     return 0
 
 
@@ -60,11 +63,11 @@ def parser() -> argparse.ArgumentParser:
                                   "unrolled inner optimization (Algorithm 1 of Generalized Inner "
                                   "Loop Meta-Learning).")
     sub = top.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main demo: MAML on sine waves",
-                          description="MAML on sine waves (examples/maml_sine.py) with a progress "
-                          "bar; any further arguments go to the demo (e.g. --quick, --steps 5, "
-                          "--learn-lr; `gimli demo -- --help` lists them).")
-    demo.set_defaults(run=_demo)
+    # the demo parses its own arguments (main() hands it all of them, --help included);
+    # this entry lists it in `gimli --help`
+    demo = sub.add_parser("demo", help="run the main demo: MAML on sine waves (gimli demo --help)",
+                          add_help=False)
+    demo.set_defaults(run=lambda args, rest: _demo(rest))
     check = sub.add_parser("check", help="verify every built-in optimizer against autograd",
                            description="The verification zoo: for every built-in optimizer and "
                            "granularity, gimli's hypergradient of every learnable hyperparameter "
@@ -82,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return _demo(argv[1:])
     args, rest = parser().parse_known_args(argv)
     if rest and rest[0] == "--":
         rest = rest[1:]

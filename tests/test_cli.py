@@ -54,15 +54,31 @@ def test_bad_arguments() -> None:
         main(["frobnicate"])
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["check"]])
+@pytest.mark.parametrize("command", [[], ["check"]])
 def test_help(command: list[str]) -> None:
     out = subprocess.run([sys.executable, "-m", "gimli", *command, "--help"],
                          capture_output=True, text=True, check=True).stdout
-    assert out.startswith("usage: gimli")
+    assert out.startswith(" ".join(["usage: gimli", *command]))
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--", "--help"]])
+def test_demo_help_is_the_demos_own(args: list[str]) -> None:
+    """`gimli demo --help` (and `-- --help`) shows the demo's usage and flags, not gimli's."""
+    out = subprocess.run([sys.executable, "-m", "gimli", "demo", *args],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: gimli demo ")
+    for flag in ("--quick", "--full", "--iterations", "--steps", "--learn-lr", "--out"):
+        assert flag in out
+
+
+def test_demo_passes_bad_arguments_to_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--no-such-flag"])
+    assert "usage: gimli demo" in capsys.readouterr().err
 
 
 def test_demo_runs_the_maml_example(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
     assert main(["demo", "--quick", "--iterations", "3", "--out", f"{tmp_path}/demo.png"]) == 0
     out = capsys.readouterr().out
-    assert "post-adaptation MSE" in out
+    assert "Mean squared error on 100 new sine tasks" in out and "(lower is better)" in out
