@@ -1,6 +1,6 @@
 """The reverse sweep, Algorithm 1 lines 8–15, with the optimizer-state adjoint.
 
-Reads top to bottom like the algorithm (DESIGN.md §2; proofs/sweep.md):
+Reads top to bottom like the algorithm (docs/design.md §2; proofs/sweep.md):
 
     B_J = ∇L^val(θ'_J),  S_J = 0
     for j = J−1 … 0:

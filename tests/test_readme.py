@@ -1,12 +1,15 @@
-"""The README stays true: its snippets run as written, and CI runs its set-up commands as
-written.
+"""The README and the project's documents stay true: the README's snippets run as written,
+CI runs its set-up commands as written, and every document a file points to is in the
+repository (the design document's sections and every markdown link included).
 
 Oracles: the README itself (each ```python block is executed in a fresh namespace);
-``.ci/run`` run with a python3 that records what it is asked to do.
+``.ci/run`` run with a python3 that records what it is asked to do; the repository's
+own files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -18,6 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DESIGN = ROOT / "docs/design.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
@@ -119,3 +123,79 @@ def test_every_example_and_notebook_is_linked() -> None:
     unlinked = [p.name for p in scripts + notebooks if f"]({p.relative_to(ROOT)})" not in README]
     assert not unlinked, unlinked
 
+
+def project_files() -> list[Path]:
+    """The repository's text files: tracked, or new and not ignored (else every file
+    outside hidden folders and the virtual environment)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True) if shutil.which("git") else None
+    if listed is not None and listed.returncode == 0:
+        paths = [ROOT / name for name in listed.stdout.splitlines()]
+    else:
+        paths = [p for p in ROOT.rglob("*") if not any(part.startswith(".") for part in
+                                                        p.relative_to(ROOT).parts)]
+    texts = []
+    for path in paths:
+        try:
+            path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, IsADirectoryError, FileNotFoundError):
+            continue                                            # images, folders, deleted files
+        texts.append(path)
+    return texts
+
+
+def markdown(path: Path) -> str:
+    """A document's markdown: the file, or a notebook's markdown cells."""
+    if path.suffix == ".ipynb":
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    return path.read_text(encoding="utf-8")
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped,
+    spaces to hyphens."""
+    headings = re.findall(r"^#+ (.*?)\s*$", path.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_cited_document_is_in_the_repository() -> None:
+    """A file that names a document (``proofs/adam.md``, ``README.md``, a design
+    document) names one that exists, next to it or from the repository root."""
+    missing = []
+    for path in project_files():
+        for name in set(re.findall(r"(?<![\w./-])((?:[\w.-]+/)*[\w-]+\.md)\b", path.read_text())):
+            if not ((path.parent / name).exists() or (ROOT / name).exists()):
+                missing.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, missing
+
+
+def test_design_sections_cited_exist() -> None:
+    """Every ``docs/design.md §N`` names a numbered section of the design document."""
+    sections = set(re.findall(r"^## (\d+)\. ", DESIGN.read_text(), flags=re.M))
+    assert {"2", "3", "5"} <= sections          # the sweep, the guards, the ladder
+    cited = {(path.relative_to(ROOT), n) for path in project_files()
+             for n in re.findall(r"design\.md`?\]?\s*§\s*(\d+)", path.read_text())}
+    assert len(cited) >= 10
+    wrong = [f"{path}: §{n}" for path, n in cited if n not in sections]
+    assert not wrong, wrong
+
+
+def test_every_markdown_link_resolves() -> None:
+    """In every markdown file and notebook: a relative link leads to a file, and an
+    anchor into a markdown file to one of its headings."""
+    broken = []
+    documents = [p for p in project_files() if p.suffix in (".md", ".ipynb")]
+    assert DESIGN in documents
+    for path in documents:
+        text = re.sub(r"```.*?```", "", markdown(path), flags=re.S)   # not inside code blocks
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue                                               # https:, mailto:
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists() or ROOT not in dest.parents:
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, broken

@@ -255,7 +255,7 @@ def test_bad_batches_and_setup() -> None:
 
 def test_default_validation_loss_reads_loss_parameters() -> None:
     """Without val_loss_fn, L^val is loss_fn itself, which reads φ^loss directly:
-    that direct gradient joins A^loss (DESIGN.md §2, end)."""
+    that direct gradient joins A^loss (docs/design.md §2)."""
     p = small(torch.optim.SGD, momentum=0.5)
     meta = gimli.MetaParams(p.opt, {"lr": "group"}, loss={"l2": torch.tensor(0.05, dtype=torch.float64)})
     solver = gimli.GimliSolver(p.model, loss_fn, p.opt, meta)
