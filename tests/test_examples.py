@@ -13,7 +13,6 @@ import importlib.util
 import math
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -107,25 +106,13 @@ def test_default_outputs_are_git_ignored(name: str, monkeypatch: pytest.MonkeyPa
     assert paths or name == "distributed_maml"                    # it writes nothing
 
 
-def test_maml_sine_default_run_is_short(maml_sine: ModuleType, monkeypatch: pytest.MonkeyPatch,
-                                        tmp_path: Path) -> None:
-    """The default run must finish in well under 2 minutes on a shared 2-core machine.
-    Its meta-training, extrapolated from the quick run's CPU time per task, must fit
-    in 45 CPU-seconds (it takes about 20 here); the long run is behind --full."""
-    spent, tasks = [0.0], [0]
-    step = maml_sine.meta_step
-
-    def timed(solver: Any, batch: list[Any], steps: int) -> float:
-        start = time.process_time()
-        loss = float(step(solver, batch, steps))
-        spent[0] += time.process_time() - start
-        tasks[0] += len(batch)
-        return loss
-
-    monkeypatch.setattr(maml_sine, "meta_step", timed)
-    maml_sine.main(["--quick", "--out", str(tmp_path / "maml_sine.png")])
+def test_maml_sine_default_run_is_short(maml_sine: ModuleType) -> None:
+    """The default run must finish in well under 2 minutes on a shared 2-core machine:
+    its meta-training is capped at 6,400 task unrolls (800 × 8 measured 26 CPU-seconds
+    here, one thread); the long run is behind --full. (Counts, not times: tests assert
+    no timings.)"""
     default, full = maml_sine.BUDGETS["default"], maml_sine.BUDGETS["full"]
-    assert spent[0] / tasks[0] * default.iterations * default.meta_batch < 45
+    assert default.iterations * default.meta_batch <= 6400
     assert full.iterations * full.meta_batch > 2 * default.iterations * default.meta_batch
 
 
