@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._functional import FunctionalModel, Slots
 from ._meta import MetaParams
-from ._schedule import Schedule, Shadows, base_lrs, build_schedule, follow
+from ._schedule import Schedule, Shadows, attach, base_lrs, build_schedule
 from .optim import InnerOptimizer, bind
 from .optim._core import hyper_dtype
 
@@ -89,7 +89,7 @@ class Problem:
                           f"paper: the update must be differentiable in G)", GimliWarning, stacklevel=3)
         shadows = None
         if scheduler is not None:
-            shadows = follow(scheduler, inner, list(meta.granularity))
+            shadows = attach(scheduler, inner, list(meta.granularity))
         elif "lr" in meta.granularity and any("initial_lr" in g for g in optimizer.param_groups):
             raise ValueError("the optimizer has an LR scheduler attached and lr is meta-learned: "
                              "pass the scheduler to GimliSolver(scheduler=...) so the unroll "

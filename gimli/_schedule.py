@@ -184,6 +184,8 @@ class Shadows:
 
     @classmethod
     def start(cls, scheduler: Any, inner: InnerOptimizer) -> Shadows:
+        """At the user's step count, R = the current base lrs: a single scheduler replayed
+        from its start on the scaled copies; a composite one only before its first step."""
         opt, name = inner.torch_optimizer, type(scheduler).__name__
         reference = base_lrs(inner)
         if any(r == 0 for r in reference):
@@ -288,7 +290,7 @@ def _plain(value: Any) -> bool:
 
 
 # --- the solver's entry points --------------------------------------------------------------
-def follow(scheduler: Any, inner: InnerOptimizer, learned: Sequence[str]) -> Shadows | None:
+def attach(scheduler: Any, inner: InnerOptimizer, learned: Sequence[str]) -> Shadows | None:
     """Check the scheduler the solver is given; with lr meta-learned, start its shadows."""
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or \
             isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -374,9 +376,9 @@ def rebase(scheduler: Any, inner: InnerOptimizer, new_bases: list[float], schedu
     nodes = list(_tree(scheduler))
     for g, group in enumerate(inner.torch_optimizer.param_groups):
         old, new = float(group["initial_lr"]), new_bases[g]
-        i = inner.groups[g].start
+        i = inner.groups[g].start        # (write_back put the base lr into group["lr"])
         group["lr"] = schedule.value[0]["lr"][i] + schedule.scale[0]["lr"][i] * (new - old)
-        if new == old:                  # (write_back put the base lr into group["lr"])
+        if new == old:
             continue
         if old == 0:
             raise ValueError(f"param group {g}'s base lr is 0: the schedule cannot be re-based "
