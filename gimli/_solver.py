@@ -8,22 +8,20 @@ and several processes (``_distributed.py``).
 
 from __future__ import annotations
 
-import copy
-import inspect
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
+from . import _arguments, _checkpoint, _distributed
 from ._data import Stream
 from ._distributed import Sums
 from ._meta import MetaParams
 from ._problem import GimliWarning, LossFn, NonFiniteError, Problem, ValLossFn
-from ._schedule import Schedule, Shadows, rebase
+from ._schedule import Schedule, rebase
 from ._sweep import Sweep, sweep
 from ._transaction import Snapshot, commit as commit_unroll
 from ._unroll import Point, Unroll
@@ -86,11 +84,9 @@ class GimliSolver:
                  scheduler: Any = None, memory: str = "retain", snapshots: int | None = None,
                  first_order: bool = False, truncate: int | None = None,
                  distributed: bool | None = None, process_group: Any = None):
-        _check_arguments(model, loss_fn, opt, meta_params)
-        if meta_opt is not None and not isinstance(meta_opt, torch.optim.Optimizer):
-            raise TypeError(f"meta_opt must be a torch.optim optimizer over "
-                            f"meta_params.parameters(), e.g. torch.optim.Adam(meta.parameters(), "
-                            f"lr=1e-3), not {type(meta_opt).__name__}")
+        _arguments.check_positional(model, loss_fn, opt, meta_params)
+        if meta_opt is not None:
+            _arguments.check_meta_opt_type(meta_opt)
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if steps is None and train_data is not None:
@@ -108,8 +104,8 @@ class GimliSolver:
         self.memory, self.snapshots = memory, snapshots
         self.first_order, self.truncate = first_order, truncate
         self.last_forward_steps = 0     # optimizer steps the last unroll evaluated
-        self.problem = Problem.build(model, loss_fn, opt, meta_params, _val_loss(val_loss_fn),
-                                     scheduler)
+        self.problem = Problem.build(model, loss_fn, opt, meta_params,
+                                     _arguments.val_loss(val_loss_fn), scheduler)
         self.meta = meta_params
         self.meta_opt = meta_opt
         if meta_opt is not None:
@@ -227,21 +223,11 @@ class GimliSolver:
         """Everything needed to resume meta-training, for ``torch.save`` (it loads with
         ``torch.load(..., weights_only=True)``): the meta-parameters, the
         meta-optimizer's state, the hyperparameters gimli writes into the optimizer's
-        param groups, the scheduler, the number of meta-steps, and the position in
-        ``train_data``/``val_data``. The model's weights and the inner optimizer's state
-        are the user's, saved as usual (with ``init=``, the meta-parameters are the
-        model's weights and are saved here too)."""
-        return {
-            "meta": self.meta.state_dict(),
-            "meta_opt": None if self.meta_opt is None else self.meta_opt.state_dict(),
-            "param_groups": [{k: g[k] for k in self._written_keys() if k in g}
-                             for g in self.problem.inner.torch_optimizer.param_groups],
-            "scheduler": None if self.problem.scheduler is None else self.problem.scheduler.state_dict(),
-            "schedule": None if self.problem.shadows is None else self.problem.shadows.state_dict(),
-            "meta_steps": self.meta_steps,
-            "data": {name: None if stream is None else stream.position()
-                     for name, stream in (("train", self.train_data), ("val", self.val_data))},
-        }
+        param groups, the scheduler (and what gimli keeps of it), the number of
+        meta-steps, and the position in ``train_data``/``val_data``. The model's weights
+        and the inner optimizer's state are the user's, saved as usual (with ``init=``,
+        the meta-parameters are the model's weights and are saved here too)."""
+        return _checkpoint.save(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the following hypergradients and meta-steps
@@ -249,95 +235,7 @@ class GimliSolver:
         weights, optimizer state and data, and the same random-number state where the
         model draws random numbers). Everything is checked before anything is loaded;
         on any error nothing changes and the message names the entry."""
-        self._check_state(state)
-        streams = {}
-        for stream, name in ((self.train_data, "train"), (self.val_data, "val")):
-            if stream is not None and state["data"][name] is not None:
-                streams[name] = stream.moved_to(state["data"][name])    # a new Stream: ours kept
-        saved = Snapshot.take(self)
-        try:
-            self.meta.load_state_dict(state["meta"])
-            if self.meta_opt is not None:
-                self.meta_opt.load_state_dict(copy.deepcopy(state["meta_opt"]))
-            for group, values in zip(self.problem.inner.torch_optimizer.param_groups,
-                                     state["param_groups"]):
-                group.update(copy.deepcopy(values))
-            if self.problem.scheduler is not None and state["scheduler"] is not None:
-                self.problem.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
-            shadows = self.problem.shadows
-            if shadows is not None:         # an older checkpoint has none: start them anew
-                if state.get("schedule") is None:
-                    shadows.restore(Shadows.start(self.problem.scheduler, self.problem.inner).snapshot())
-                else:
-                    shadows.load_state_dict(state["schedule"], self.problem.scheduler, self.problem.inner)
-        except BaseException:
-            saved.restore(self)
-            raise
-        saved.settle()
-        self.train_data = streams.get("train", self.train_data)
-        self.val_data = streams.get("val", self.val_data)
-        self.meta_steps = state["meta_steps"]
-
-    def _check_state(self, state: Any) -> None:
-        """Raise ``ValueError`` naming the entry of ``state`` that does not fit this solver."""
-        if not isinstance(state, dict):
-            raise ValueError(f"a solver state_dict is a dict, not {type(state).__name__}")
-        missing = [k for k in ("meta", "meta_opt", "param_groups", "scheduler", "meta_steps", "data")
-                   if k not in state]
-        if missing:
-            raise ValueError(f"the state_dict has no {', '.join(repr(k) for k in missing)} entry: "
-                             f"is it a GimliSolver.state_dict()?")
-        ours = self.meta.state_dict()
-        theirs = state["meta"]
-        if not isinstance(theirs, dict) or set(theirs) != set(ours):
-            raise ValueError(f"state_dict['meta'] holds other meta-parameters "
-                             f"({sorted(theirs) if isinstance(theirs, dict) else theirs!r}) than "
-                             f"this solver's ({sorted(ours)})")
-        for name, value in ours.items():
-            if not isinstance(theirs[name], Tensor) or theirs[name].shape != value.shape:
-                raise ValueError(f"state_dict['meta'][{name!r}] has shape "
-                                 f"{getattr(theirs[name], 'shape', None)}, this solver's {tuple(value.shape)}")
-        if (self.meta_opt is None) != (state["meta_opt"] is None):
-            raise ValueError("state_dict['meta_opt']: the saved solver had "
-                             + ("no " if state["meta_opt"] is None else "a ")
-                             + "meta-optimizer and this one " + ("has" if self.meta_opt else "has none"))
-        if self.meta_opt is not None:
-            groups = state["meta_opt"].get("param_groups") if isinstance(state["meta_opt"], dict) else None
-            if groups is None or [len(g["params"]) for g in groups] != \
-                    [len(g["params"]) for g in self.meta_opt.param_groups]:
-                raise ValueError("state_dict['meta_opt'] does not fit this meta-optimizer "
-                                 "(other param groups)")
-        groups = self.problem.inner.torch_optimizer.param_groups
-        if not isinstance(state["param_groups"], list) or len(groups) != len(state["param_groups"]):
-            n = len(state["param_groups"]) if isinstance(state["param_groups"], list) else "no"
-            raise ValueError(f"state_dict['param_groups']: the saved optimizer had {n} param "
-                             f"groups, this one {len(groups)}")
-        if (self.problem.scheduler is None) != (state["scheduler"] is None):
-            raise ValueError("state_dict['scheduler']: the saved solver had "
-                             + ("no " if state["scheduler"] is None else "a ")
-                             + "scheduler and this one " + ("has" if self.problem.scheduler else "has none"))
-        if self.problem.shadows is not None and state.get("schedule") is not None:
-            Shadows.check_state(state["schedule"], len(groups))
-        if not isinstance(state["meta_steps"], int):
-            raise ValueError(f"state_dict['meta_steps'] is not an int: {state['meta_steps']!r}")
-        data = state["data"]
-        if not isinstance(data, dict) or set(data) != {"train", "val"}:
-            raise ValueError("state_dict['data'] must hold the 'train' and 'val' positions")
-        for stream, name in ((self.train_data, "train"), (self.val_data, "val")):
-            if stream is not None and data[name] is not None:
-                try:
-                    stream.check(data[name])
-                except ValueError as e:
-                    raise ValueError(f"state_dict['data'][{name!r}]: {e}") from None
-
-    def _written_keys(self) -> list[str]:
-        """The param-group entries gimli writes: learned hyperparameters and, with a
-        scheduler, its learning-rate entries."""
-        keys = {getattr(self.problem.inner.rule, "GROUP_KEYS", {}).get(name, (name, None))[0]
-                for name in self.meta.granularity if "." not in name}
-        if self.problem.scheduler is not None:
-            keys |= {"lr", "initial_lr", "max_lr", "min_lr"}
-        return sorted(keys)
+        _checkpoint.load(self, state)
 
     # --- several processes -------------------------------------------------------------------
     def check_replicas(self) -> None:
@@ -357,19 +255,7 @@ class GimliSolver:
         return [(n, p) for n, p in self.meta.named_parameters() if p.requires_grad]
 
     def _check_meta_opt(self) -> None:
-        meta_opt = self.meta_opt
-        if not isinstance(meta_opt, torch.optim.Optimizer):
-            raise TypeError(f"meta_opt must be a torch.optim optimizer, not {type(meta_opt).__name__}")
-        held = {id(p) for g in meta_opt.param_groups for p in g["params"]}
-        ours = {id(p) for p in self.meta.parameters()}
-        if held - ours:
-            raise ValueError(f"meta_opt holds {len(held - ours)} tensor(s) that are not "
-                             f"meta-parameters: build it over meta_params.parameters()")
-        missing = [n for n, p in self._learned() if id(p) not in held]
-        if missing:
-            raise ValueError(f"meta_opt does not hold the meta-parameter(s) {', '.join(missing)}, "
-                             f"so they would never be learned: build it over "
-                             f"meta_params.parameters()")
+        _arguments.check_meta_opt(self.meta_opt, self.meta, [n for n, _ in self._learned()])
 
     def _check_commit(self, commit: bool, tasks: Any = None) -> None:
         if commit and (tasks is not None or self._group() is not None):
@@ -395,7 +281,7 @@ class GimliSolver:
                 raise ValueError("no training batches: pass train_batches or give train_data=")
             taken = self.train_data.take(self.steps or 0)
         else:
-            _check_batches(train_batches)
+            _arguments.check_batches(train_batches)
             taken = list(itertools.islice(train_batches, self.steps)) if self.steps else list(train_batches)
         if not taken or (self.steps is not None and len(taken) < self.steps):
             raise ValueError(f"need {self.steps or 'at least 1'} training batches for the unroll, "
@@ -519,63 +405,3 @@ class _Result(NamedTuple):
 
 def _norms(grads: dict[str, Tensor]) -> dict[str, float]:
     return {name: g.norm().item() for name, g in grads.items()}
-
-
-# --- arguments a newcomer may get wrong ---------------------------------------------------
-_ORDER = "GimliSolver(model, loss_fn, opt, meta_params, ...)"
-
-
-def _check_arguments(model: Any, loss_fn: Any, opt: Any, meta: Any) -> None:
-    """Each positional argument's type, with the order spelled out when they are swapped."""
-    expected = [("model", model, nn.Module, "an nn.Module"),
-                ("loss_fn", loss_fn, None, "a function loss_fn(model, batch, meta)"),
-                ("opt", opt, torch.optim.Optimizer, "a torch.optim optimizer"),
-                ("meta_params", meta, MetaParams, "a gimli.MetaParams")]
-    for position, (name, value, kind, what) in enumerate(expected, 1):
-        wrong = (not callable(value) or isinstance(value, (torch.optim.Optimizer, MetaParams))) \
-            if kind is None else not isinstance(value, kind)
-        if wrong:
-            raise TypeError(f"{_ORDER}: argument {position} ({name}) must be {what}, not "
-                            f"{type(value).__name__} (are the arguments in this order?)")
-    if not _accepts(loss_fn, 3):
-        raise TypeError(f"loss_fn is called as loss_fn(model, batch, meta) (meta reads the loss "
-                        f"meta-parameters: meta[name]), but it does not take three arguments")
-
-
-def _accepts(fn: Callable[..., Any], n: int) -> bool:
-    """Whether ``fn`` can be called with ``n`` positional arguments (True when unknown)."""
-    try:
-        inspect.signature(fn).bind(*range(n))
-    except TypeError:
-        return False
-    except ValueError:          # no signature (a builtin): assume it fits
-        return True
-    return True
-
-
-def _val_loss(fn: Callable[..., Any] | None) -> ValLossFn | None:
-    """``val_loss_fn`` as ``(model, batch, meta)``: one written as ``(model, batch)`` is
-    called without ``meta``."""
-    if fn is None:
-        return None
-    if not callable(fn):
-        raise TypeError(f"val_loss_fn must be a function val_loss_fn(model, batch), not "
-                        f"{type(fn).__name__}")
-    if _accepts(fn, 2):
-        return lambda model, batch, meta: fn(model, batch)
-    if _accepts(fn, 3):
-        return fn
-    raise TypeError("val_loss_fn is called as val_loss_fn(model, batch) or "
-                    "val_loss_fn(model, batch, meta), but it takes neither")
-
-
-def _check_batches(train_batches: Any) -> None:
-    """A single batch given where a list of J batches is expected."""
-    if isinstance(train_batches, Tensor):
-        raise TypeError("train_batches must be a list of batches, one per inner step, not a "
-                        "tensor: for one step on a batch b, pass [b]")
-    if isinstance(train_batches, tuple) and train_batches and \
-            all(isinstance(b, Tensor) for b in train_batches):
-        raise TypeError(f"train_batches is a tuple of {len(train_batches)} tensors, which looks "
-                        f"like one batch (x, y); pass a list of batches, one per inner step: "
-                        f"[(x, y)] for one step, [(x, y)] * J to take J steps on it")
