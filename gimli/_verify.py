@@ -8,38 +8,116 @@ per meta-parameter, with two independent references:
   steps differentiated end to end by autograd;
 * central finite differences of the validation loss after the unroll, with
   Richardson extrapolation (error O(h⁴)), on a few elements of each
-  meta-parameter (the largest by the autograd reference, then random ones).
+  meta-parameter (the largest, then random ones). With ``first_order`` or
+  ``truncate`` they difference the same stopped function the hypergradient is
+  the derivative of: each G_j evaluated on the unperturbed trajectory, or the
+  first J − K steps held at their unperturbed values.
+
+The checker must never call a correct result wrong, nor a wrong one right.
+Four things stand between an exact hypergradient and its references:
+
+1. Rounding, where the hypergradient cancels to (near) zero: both exact values
+   are then rounding noise, and a plain relative error is 1 or ∞. Every error is
+   therefore relative to max(|reference|, floor), with the floor
+
+       floor_p = ρ · |L^val| / s_p,     s_p = max(max_i |φ_p,i|, 10⁻²),
+
+   the hypergradient that would move L^val by ρ·|L^val| when φ_p moves by its own
+   size (ρ = ``floor``, 10⁻⁴ by default): below it, φ_p does not matter at the
+   problem's scale. Against the autograd unroll the allowance is then
+   rtol·floor_p = 10⁻¹²·|L^val|/s_p, some 10⁴ times the rounding of either value.
+2. Rounding of L^val itself, in finite differences (step h = 10⁻⁵·max(|x|, 10⁻²),
+   at most |x|/2 so that x ± h keeps its sign): an evaluation is off by
+   δ ≤ κ·ε·|L^val| (ε the dtype's epsilon, κ = 64 for the rounding the unroll
+   accumulates), so the Richardson estimate (4·D(h/2) − D(h))/3 carries up to
+   3δ/h of noise. That, plus twice the estimate's measured inconsistency (below),
+   is its error bar: an element passes within fd_rtol of the scale or within it.
+3. Non-smoothness (a ReLU, a max, Rprop's sign, a hyperparameter clamped on the
+   boundary of its range) within h of the point: there finite differences need not
+   agree with the exact derivative. A smooth L^val has |D(h) − D(h/2)| = O(h²) and
+   |S(h) − 4·S(h/2)|/h = O(h³), S(h) the second difference f(x+h) − 2f(x) + f(x−h);
+   a kink within h makes one of them O(jump), and bounds the estimate's error by
+   their maximum (one kink: 7/6 of it). Where they exceed half the tolerance (or
+   the rounding noise they carry), the element is tried again with h/16, h/256 and
+   h/4096 (a kink at distance d is out of reach once h < d; so is a curvature that
+   is merely fast). At each of those step sizes L^val may instead have a kink at the
+   point itself (a ReLU at exactly 0, a hyperparameter clamped on its range's
+   boundary): one-sided differences (Richardson on f(x ± t) − f(x), t = h, h/2, h/4,
+   smooth on a side where their two extrapolations agree) give the derivative on
+   each side. There autograd's conventions need not pick either side (ReLU'(0) = 0
+   for every sample at 0 at once), so a smooth side that agrees with the
+   hypergradient confirms it, and none refutes it: an element where no step size is
+   smooth and no side agrees is skipped. A hypergradient can thus escape finite
+   differences only at an element where L^val itself is not smooth within h/4096
+   (found from L^val alone). The report counts the skipped (and the one-sided)
+   elements, and replaces skipped ones with others.
+4. √0 under Adam-like optimizers: at a dead unit autograd's √ backward gives
+   0·∞ = NaN, while gimli's closed-form VJPs take the true limit. Where the
+   autograd reference is not finite the comparison means nothing: the report says
+   "autograd NaN" and those entries are judged by finite differences alone, on
+   elements chosen among them. A non-finite hypergradient from gimli always fails.
+
+A meta-parameter fails when a reference disagrees beyond its tolerance (or gimli's
+value is not finite), and passes otherwise. It is marked "unverified" when some of
+its entries have no usable reference: the autograd reference is not finite there and
+finite differences are off or found L^val differentiable at none of the elements
+tried (every one a kink). That is reported, not failed: no reference disagrees, and
+where L^val is not differentiable there is no derivative to disagree with
+(``CheckReport.verified`` is False).
+
+The copy computes locally (``distributed=False``): under an initialized
+torch.distributed process group the check compares this process's own
+hypergradient, on the batches it is given, and communicates with no other rank.
+It computes in ``dtype`` throughout (the default dtype is set to it while it
+runs, so that NAdam's and ASGD's scalars are not rounded to float32), and the
+warnings the user's own solver gives (``GimliWarning``) are not repeated.
 
 Nothing of the user's is changed: not the model, its buffers or gradients, the
-optimizer or its state, the meta-parameters, nor the global random-number state.
+optimizer or its state, the meta-parameters, the default dtype, nor the global
+random-number state.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._oracle import full_unroll_hypergradient
+from ._problem import GimliWarning
 from ._unroll import Point, Unroll
+from .optim import bind
 
 if TYPE_CHECKING:
     from ._solver import GimliSolver
+
+KAPPA = 64              # δ ≤ κ·ε·|L^val|: the rounding of one evaluation of L^val
+H_REL = 1e-5            # the finite-difference step, relative to max(|φ_i|, 10⁻²)
+RETRY = 16              # a non-smooth element is tried again with h / RETRY, …
+LEVELS = 4              # … down to h / RETRY³
 
 
 class ParamCheck(NamedTuple):
     """One meta-parameter's verdict."""
 
     name: str
-    autograd_error: float       # max |g − g_ad| / max |g_ad| over the whole tensor
-    fd_error: float             # over the checked elements: max |g_i − fd_i| / max |fd|; nan if none
+    autograd_error: float       # max |g − g_ad| / max(max |g_ad|, floor) where g_ad is finite;
+                                # nan if nowhere
+    fd_error: float             # max over the checked elements of |g_i − fd_i| / max(max |fd|, floor,
+                                # fd_i's error bar / fd_rtol); nan if none
     elements: int               # elements checked by finite differences
-    zero: bool                  # the autograd reference is identically zero
-    passed: bool
+    zero: bool                  # the hypergradient is zero to within the autograd allowance
+    passed: bool                # no reference disagrees (status "pass" or "unverified")
+    nonfinite: int = 0          # entries where the autograd reference is NaN or ±∞
+    skipped: int = 0            # elements where L^val is smooth at no step size: not judged
+    one_sided: int = 0          # elements judged by one-sided differences (a kink at the point)
+    floor: float = 0.0          # floor_p, in the hypergradient's units
+    status: str = "pass"        # "pass", "FAIL" or "unverified"
 
 
 class CheckReport(NamedTuple):
@@ -50,7 +128,13 @@ class CheckReport(NamedTuple):
 
     @property
     def passed(self) -> bool:
+        """No meta-parameter fails."""
         return all(p.passed for p in self.params)
+
+    @property
+    def verified(self) -> bool:
+        """Every meta-parameter passed with a reference for each of its entries."""
+        return all(p.status == "pass" for p in self.params)
 
     def __str__(self) -> str:
         def fmt(e: float) -> str:
@@ -58,61 +142,85 @@ class CheckReport(NamedTuple):
 
         rows = [("meta-parameter", "vs autograd", "vs finite diff.", "verdict")]
         for p in self.params:
-            verdict = ("pass" if p.passed else "FAIL") + (" (zero hypergradient)" if p.zero else "")
-            rows.append((p.name, fmt(p.autograd_error), f"{fmt(p.fd_error)} ({p.elements})", verdict))
+            autograd = fmt(p.autograd_error)
+            if p.nonfinite:
+                autograd = "autograd NaN" if math.isnan(p.autograd_error) else f"{autograd}, {p.nonfinite} NaN"
+            notes = [f"{p.one_sided} one-sided"] * bool(p.one_sided) + [f"{p.skipped} kink"] * bool(p.skipped)
+            fd = f"{fmt(p.fd_error)} ({', '.join([str(p.elements)] + notes)})"
+            verdict = p.status + (" (zero hypergradient)" if p.zero else "")
+            rows.append((p.name, autograd, fd, verdict))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
+        unverified = [p.name for p in self.params if p.status == "unverified"]
         lines.append(f"{'PASS' if self.passed else 'FAIL'}: relative tolerance {self.rtol:.0e} against "
-                     f"the autograd unroll, {self.fd_rtol:.0e} against finite differences ({self.dtype})")
+                     f"the autograd unroll, {self.fd_rtol:.0e} against finite differences ({self.dtype})"
+                     + (f"; unverified: {', '.join(unverified)}" if unverified else ""))
+        if any(p.nonfinite for p in self.params):
+            lines.append("autograd NaN: the autograd reference is not finite there (√ of 0 at a dead "
+                         "unit: 0·∞); those entries are judged by finite differences alone")
+        if any(p.one_sided or p.skipped for p in self.params):
+            lines.append("one-sided: L^val has a kink at the point, judged by a one-sided derivative; "
+                         "kink: smooth on no side within the finite-difference step, not judged")
         return "\n".join(lines)
 
 
 def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
           dtype: torch.dtype | None = torch.float64, finite_differences: bool = True,
-          elements: int = 4, rtol: float = 1e-8, fd_rtol: float = 1e-5, seed: int = 0) -> CheckReport:
+          elements: int = 4, rtol: float = 1e-8, fd_rtol: float = 1e-5, floor: float = 1e-4,
+          seed: int = 0) -> CheckReport:
     """Compare the solver's hypergradient with the full autograd unroll and with
     finite differences, per meta-parameter, on a copy (nothing of the user's changes).
+
+    Errors are relative to max(|reference|, floor_p), floor_p = ``floor``·|L^val|/s_p
+    with s_p = max(max |φ_p|, 10⁻²); finite differences also allow for their own error
+    (rounding of L^val, measured truncation) and skip elements where L^val is not smooth
+    within the step; where the autograd reference is not finite (√0 at a dead unit
+    under Adam-like optimizers) the entries are judged by finite differences alone;
+    a non-finite hypergradient always fails. The module docstring derives each of these.
+    The copy computes locally: under torch.distributed it checks this process's own
+    hypergradient on these batches and communicates with no other rank.
 
     Args:
         solver: the user's solver (its model, optimizer, scheduler, meta-parameters,
             losses, memory mode, ``first_order``/``truncate``).
         train_batches, val_batch: a few batches, as for :meth:`GimliSolver.hypergradient`.
         dtype: the floating dtype the copy computes in (``None``: as they are).
-            Floating tensors in the batches are converted too.
+            Floating tensors in the batches are converted too, and the default dtype
+            is set to it while the check runs.
         finite_differences: also compare with central finite differences (Richardson)
             of the unroll's validation loss on ``elements`` entries per meta-parameter.
-            Not meaningful with ``first_order`` or ``truncate``, whose hypergradients are
-            deliberately not the loss's derivative; then skipped.
+            With ``first_order`` or ``truncate`` they difference the same stopped
+            function (G_j on the unperturbed trajectory; the first J − K steps fixed).
         rtol: tolerance against the autograd unroll (both exact: rounding only).
-        fd_rtol: tolerance against finite differences (their own error is ~1e-8 in float64
-            where the unroll is smooth; a ReLU kink or a max within h of the point breaks it).
+        fd_rtol: tolerance against finite differences (whose own error is ~1e-9 in
+            float64 where L^val is smooth).
+        floor: ρ, the change of L^val, relative to |L^val|, below which a meta-parameter
+            moved by its own size counts as not mattering (the floor of every error's scale).
         seed: the random-number state every evaluation starts from (dropout masks).
     """
     rng = torch.get_rng_state()
+    default = torch.get_default_dtype()
     try:
-        twin = _twin(solver, dtype)
-        batches: list[Any] = _cast(list(train_batches), dtype)
-        val_batch = _cast(val_batch, dtype)
-        torch.manual_seed(seed)
-        ours = twin.hypergradient(batches, val_batch)
-        torch.manual_seed(seed)
-        reference = full_unroll_hypergradient(twin, batches, val_batch)
-        exact = twin.truncate is None and not twin.first_order
-        gen = torch.Generator().manual_seed(seed)
-        params = []
-        for name, p in twin.meta.named_parameters():
-            g, ref = ours[name], reference[name]
-            ad_error = _relative(g, ref)
-            fd_error, count = float("nan"), 0
-            if finite_differences and exact and elements > 0:
-                idx = _elements(ref, elements, gen)
-                fd = torch.tensor([_derivative(twin, p, i, batches, val_batch, seed) for i in idx],
-                                  dtype=torch.float64)
-                fd_error, count = _relative(g.detach().reshape(-1)[idx].double(), fd), len(idx)
-            passed = ad_error <= rtol and (count == 0 or fd_error <= fd_rtol)
-            params.append(ParamCheck(name, ad_error, fd_error, count, not bool(ref.any()), passed))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GimliWarning)   # the user's own solver warns
+            if dtype in (torch.float32, torch.float64):
+                torch.set_default_dtype(dtype)
+            twin = _twin(solver, dtype)
+            batches: list[Any] = _cast(list(train_batches), dtype)
+            val_batch = _cast(val_batch, dtype)
+            torch.manual_seed(seed)
+            ours = twin.hypergradient(batches, val_batch)
+            torch.manual_seed(seed)
+            reference = full_unroll_hypergradient(twin, batches, val_batch)
+            objective = _Objective(twin, batches, val_batch, seed)
+            use_fd = finite_differences and elements > 0
+            gen = torch.Generator().manual_seed(seed)
+            params = [_judge(name, p, ours[name], reference[name], objective, use_fd, elements,
+                             rtol, fd_rtol, floor, gen)
+                      for name, p in twin.meta.named_parameters()]
     finally:
+        torch.set_default_dtype(default)
         torch.set_rng_state(rng)
     return CheckReport(params, rtol, fd_rtol, dtype or next(iter(ours.values())).dtype)
 
@@ -127,10 +235,168 @@ def assert_hypergradients_correct(solver: GimliSolver, train_batches: Sequence[A
     return report
 
 
-# --- the copy ---------------------------------------------------------------------------
+# --- one meta-parameter's verdict ---------------------------------------------------------
+def _judge(name: str, p: Tensor, ours: Tensor, reference: Tensor, objective: _Objective, use_fd: bool,
+           elements: int, rtol: float, fd_rtol: float, rho: float, gen: torch.Generator) -> ParamCheck:
+    g = ours.detach().reshape(-1).double()
+    ref = reference.detach().reshape(-1).double()
+    scale = max(float(p.detach().abs().max()), 1e-2) if p.numel() else 1.0      # s_p
+    floor = rho * abs(objective.f0) / scale                                      # floor_p
+    finite = torch.isfinite(ref)
+    nonfinite = int((~finite).sum())
+    if finite.any():
+        want = ref[finite]
+        ad_error = _error(g[finite], want, max(float(want.abs().max()), floor))
+    else:
+        ad_error = float("nan")
+    allowance = rtol * max(float(ref[finite].abs().max()) if finite.any() else 0.0, floor)
+    zero = bool(torch.isfinite(g).all()) and not bool((g.abs() > allowance).any())
+    if not bool(torch.isfinite(g).all()):
+        return ParamCheck(name, ad_error, float("nan"), 0, False, False, nonfinite, 0, 0, floor, "FAIL")
+    fd_error, one_sided, skipped = float("nan"), 0, 0
+    judged: list[int] = []
+    if use_fd and p.numel():
+        fd_error, judged, one_sided, skipped = _fd_check(p, g, ref, objective, elements, fd_rtol, floor, gen)
+    count = len(judged)
+    ad_ok = math.isnan(ad_error) or ad_error <= rtol
+    fd_ok = count == 0 or fd_error <= fd_rtol
+    if not (ad_ok and fd_ok):
+        status = "FAIL"
+    elif nonfinite and all(bool(finite[i]) for i in judged):
+        status = "unverified"       # no element without an autograd reference judged, none disagrees
+    else:
+        status = "pass"
+    return ParamCheck(name, ad_error, fd_error, count, zero, status != "FAIL", nonfinite, skipped,
+                      one_sided, floor, status)
+
+
+def _error(got: Tensor, want: Tensor, scale: float) -> float:
+    diff = float((got - want).abs().max()) if want.numel() else 0.0
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _fd_check(p: Tensor, g: Tensor, ref: Tensor, objective: _Objective, elements: int, fd_rtol: float,
+              floor: float, gen: torch.Generator) -> tuple[float, list[int], int, int]:
+    """Finite differences on up to ``elements`` elements where L^val is smooth enough to
+    judge (trying up to twice as many): the largest error relative to
+    max(max |fd|, floor, error bar / fd_rtol), so that an element passes within fd_rtol
+    of the scale or within its estimate's own error bar; the elements judged, how many
+    of them by a one-sided derivative, and how many were skipped."""
+    judged: list[tuple[int, _Estimate]] = []
+    skipped = 0
+    for i in _elements(g, ref, elements, gen):
+        if len(judged) == min(elements, p.numel()):
+            break
+        value = float(g[i])
+
+        def agrees(e: _Estimate) -> bool:
+            return abs(value - e.value) <= max(fd_rtol * max(abs(e.value), floor), e.bar)
+
+        est = _derivative(objective, p, i, floor, fd_rtol, agrees)
+        if est is None:
+            skipped += 1
+        else:
+            judged.append((i, est))
+    if not judged:
+        return float("nan"), [], 0, skipped
+    scale = max(max(abs(e.value) for _, e in judged), floor)
+    worst = max(_error(g[i:i + 1], torch.tensor([e.value], dtype=g.dtype), max(scale, e.bar / fd_rtol))
+                for i, e in judged)
+    return worst, [i for i, _ in judged], sum(e.kind != "central" for _, e in judged), skipped
+
+
+def _elements(g: Tensor, ref: Tensor, k: int, gen: torch.Generator) -> list[int]:
+    """Candidates, best first: the largest entries (of gimli's value and the finite
+    reference), some where the autograd reference is not finite if any, then random
+    others; 2k in all, so that skipped ones can be replaced."""
+    n = g.numel()
+    size = torch.maximum(g.abs(), torch.nan_to_num(ref.abs(), nan=0.0, posinf=0.0))
+    order = [int(i) for i in torch.randperm(n, generator=gen)]
+    largest = [int(i) for i in torch.topk(size, min((k + 1) // 2, n)).indices]
+    bad = [i for i in order if not math.isfinite(float(ref[i]))][:max(1, k // 2)]
+    out: list[int] = []
+    for i in largest + bad + order:
+        if i not in out:
+            out.append(i)
+        if len(out) == min(2 * k, n):
+            break
+    return out
+
+
+class _Estimate(NamedTuple):
+    value: float        # the derivative's estimate
+    bar: float          # its error bar: rounding, plus twice the measured inconsistency
+    kind: str           # "central", "forward" or "backward"
+
+
+def _derivative(objective: _Objective, p: Tensor, i: int, floor: float, fd_rtol: float,
+                agrees: Callable[[_Estimate], bool]) -> _Estimate | None:
+    """∂L^val/∂p_i where L^val is smooth enough to tell (module docstring, 2–3): central
+    differences at h, h/16, h/256, h/4096, the first smooth one; at each step size that
+    is not, a smooth one-sided derivative that ``agrees`` with gimli's value (at a kink
+    at x, or where L^val curves too fast on one side). None where there is neither: the
+    element is skipped. An evaluation whose unroll is not finite (a perturbation past
+    where the optimizer breaks) is nan, and makes its stencil unusable."""
+    x = float(p.detach().reshape(-1)[i])
+    h0 = H_REL * max(abs(x), 1e-2)    # small: a β₂ of 0.999 is 1e-3 from where Adam breaks
+    if x != 0:
+        h0 = min(h0, abs(x) / 2)      # x ± h keeps x's sign (an eps of 1e-8 stays positive)
+    values = {0.0: objective.f0}
+
+    def f(t: float) -> float:         # L^val with p_i = x + t; nan where the unroll is not finite
+        if t not in values:
+            with torch.no_grad():
+                p.view(-1)[i] = x + t
+            try:
+                values[t] = objective()
+            except FloatingPointError:
+                values[t] = math.nan
+            finally:
+                with torch.no_grad():
+                    p.view(-1)[i] = x
+        return values[t]
+
+    def delta() -> float:             # the rounding of one evaluation, δ = κ·ε·|L^val|
+        return KAPPA * objective.eps * max(abs(v) for v in values.values() if math.isfinite(v))
+
+    def smooth(inconsistency: float, value: float, noise: float) -> bool:
+        return math.isfinite(value) and inconsistency <= max(fd_rtol * max(abs(value), floor) / 2, noise)
+
+    def central(h: float) -> _Estimate | None:
+        fp, fm, fp2, fm2 = f(h), f(-h), f(h / 2), f(-h / 2)
+        d1, d2 = (fp - fm) / (2 * h), (fp2 - fm2) / h
+        value = (4 * d2 - d1) / 3                               # Richardson: O(h⁴)
+        s1, s2 = fp - 2 * values[0.0] + fm, fp2 - 2 * values[0.0] + fm2
+        kink = max(abs(d1 - d2), abs(s1 - 4 * s2) / h)          # O(h²) and O(h³) where smooth
+        d = delta()
+        return _Estimate(value, 3 * d / h + 2 * kink, "central") if smooth(kink, value, 16 * d / h) else None
+
+    def one_sided(s: int, h: float) -> _Estimate | None:
+        def slope(t: float) -> float:
+            return (f(s * t) - values[0.0]) / (s * t)
+        r1, r2 = 2 * slope(h / 2) - slope(h), 2 * slope(h / 4) - slope(h / 2)   # Richardson: O(h²)
+        d = delta()
+        kind = "forward" if s > 0 else "backward"
+        if not smooth(abs(r1 - r2), r2, 18 * d / h):
+            return None
+        return _Estimate(r2, 16 * d / h + 2 * abs(r1 - r2), kind)
+
+    for k in range(LEVELS):
+        h = h0 / RETRY ** k
+        est = central(h)
+        if est is not None:
+            return est
+        for side in (one_sided(1, h), one_sided(-1, h)):
+            if side is not None and agrees(side):
+                return side
+    return None
+
+
+# --- the copy and the function it differentiates --------------------------------------------
 def _twin(solver: GimliSolver, dtype: torch.dtype | None) -> GimliSolver:
     """A solver over deep copies of the user's objects, copied together so that the
-    copied optimizer holds the copied model's parameters."""
+    copied optimizer holds the copied model's parameters. It computes locally
+    (``distributed=False``): the check is of this process's own hypergradient."""
     from ._solver import GimliSolver
 
     problem = solver.problem
@@ -147,9 +413,11 @@ def _twin(solver: GimliSolver, dtype: torch.dtype | None) -> GimliSolver:
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.is_floating_point() and key != "step":
                     state[key] = value.to(dtype)
+        if meta.inner is not None:      # flags read again under the default dtype (NAdam's, ASGD's scalars)
+            meta.inner = bind(opt)
     return GimliSolver(model, problem.loss_fn, opt, meta, val_loss_fn=problem.val_loss_fn,
                        scheduler=scheduler, memory=solver.memory, snapshots=solver.snapshots,
-                       first_order=solver.first_order, truncate=solver.truncate)
+                       first_order=solver.first_order, truncate=solver.truncate, distributed=False)
 
 
 def _cast(batch: Any, dtype: torch.dtype | None) -> Any:
@@ -165,50 +433,48 @@ def _cast(batch: Any, dtype: torch.dtype | None) -> Any:
     return batch
 
 
-# --- finite differences -----------------------------------------------------------------
-def _relative(got: Tensor, want: Tensor) -> float:
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    diff = float((got - want).abs().max()) if want.numel() else 0.0
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+class _Objective:
+    """L^val(θ'_J) after the unroll as a function of the meta-parameters' current values
+    (forward only, no graphs), with the solver's stop-gradients: under ``first_order``
+    each G_j is evaluated on the unperturbed trajectory θ̄_j (its dependence on θ is
+    cut, its dependence on φ^loss kept), and under ``truncate=K`` the first J − K steps
+    are those of the unperturbed unroll. Its derivative is what the solver computes."""
 
+    def __init__(self, solver: GimliSolver, batches: list[Any], val_batch: Any, seed: int):
+        self.problem, self.batches, self.val_batch, self.seed = solver.problem, batches, val_batch, seed
+        self.first_order = solver.first_order
+        J = len(batches)
+        self.cut = 0 if solver.truncate is None else max(0, J - solver.truncate)
+        self.eps = torch.finfo(self.problem.inner.params[0].dtype).eps
+        self.trajectory: list[Point] = []            # θ̄_j, σ̄_j and buffers, j = 0 … J
+        self.rng: list[Tensor] = []                  # the random-number state entering step j
+        self.f0 = self._run(record=True)
 
-def _elements(ref: Tensor, k: int, gen: torch.Generator) -> list[int]:
-    """The k largest entries of the reference, then random others, up to k in all."""
-    flat = ref.detach().abs().reshape(-1)
-    k = min(k, flat.numel())
-    largest = torch.topk(flat, (k + 1) // 2).indices.tolist()
-    rest = [i for i in torch.randperm(flat.numel(), generator=gen).tolist() if i not in largest]
-    return largest + rest[:k - len(largest)]
+    def __call__(self) -> float:
+        return self._run(record=False)
 
-
-def _derivative(solver: GimliSolver, p: Tensor, i: int, train_batches: list[Any], val_batch: Any,
-                seed: int) -> float:
-    """∂L^val/∂p_i by central differences at h and h/2, Richardson-extrapolated."""
-    x = float(p.detach().reshape(-1)[i])
-    h = 1e-5 * max(abs(x), 1e-2)     # small: a β₂ of 0.999 is 1e-3 from where Adam breaks
-
-    def f(value: float) -> float:
-        with torch.no_grad():
-            p.view(-1)[i] = value
-        try:
-            return _val_loss(solver, train_batches, val_batch, seed)
-        finally:
-            with torch.no_grad():
-                p.view(-1)[i] = x
-
-    def central(step: float) -> float:
-        return (f(x + step) - f(x - step)) / (2 * step)
-
-    return (4 * central(h / 2) - central(h)) / 3
-
-
-def _val_loss(solver: GimliSolver, train_batches: list[Any], val_batch: Any, seed: int) -> float:
-    """L^val(θ'_J) after the unroll, with no graphs (the forward pass only)."""
-    torch.manual_seed(seed)
-    problem = solver.problem
-    hypers = problem.split(len(train_batches)).per_step(len(train_batches))
-    with torch.enable_grad():
-        run = Unroll(problem, hypers, train_batches, memory="recompute", graph=False)
-        final = run.advance(0, run.start, run.J)
-        assert isinstance(final, Point)
-        return float(problem.val_loss(final.theta, final.buffers, val_batch).detach())
+    def _run(self, record: bool) -> float:
+        problem, J = self.problem, len(self.batches)
+        run = Unroll(problem, problem.split(J).per_step(J), self.batches, memory="recompute", graph=False)
+        first = 0 if record else self.cut
+        if first == 0:
+            torch.manual_seed(self.seed)
+            point = run.start                       # θ₀ as it is now (a perturbed init. entry)
+        else:
+            point = self.trajectory[first]
+            torch.set_rng_state(self.rng[first])
+        with torch.enable_grad():
+            for j in range(first, J):
+                if record:
+                    self.trajectory.append(point)
+                    self.rng.append(torch.get_rng_state())
+                if self.first_order and not record:     # G_j on θ̄_j, the step from θ'_j
+                    step, buffers = run.grads(j, self.trajectory[j], graph=False)
+                    G = [None if g is None else g.detach() for g in step.grads]
+                    theta, state = problem.inner.step(point.theta, point.state, G, run.hypers[j])
+                    point = Point(theta, state, buffers)
+                else:
+                    point = run.run(j, point, graph=False)[1]
+            if record:
+                self.trajectory.append(point)
+            return float(problem.val_loss(point.theta, point.buffers, self.val_batch).detach())

@@ -1,19 +1,31 @@
 """gimli.check, the user-facing checker: it passes on a correct setup, fails on a
 deliberately corrupted hypergradient (against both of its references), and changes
 nothing of the user's. Its references are the full autograd unroll and central
-finite differences of the unroll's validation loss."""
+finite differences of the unroll's validation loss.
+
+It never calls a correct result wrong: where the autograd reference is NaN (√0 at a
+dead unit), where the hypergradient is zero up to rounding (a bias feeding BatchNorm),
+where L^val has a kink within the finite-difference step, under first_order/truncate,
+and under torch.distributed (two gloo processes) — while corrupted hypergradients in
+each of these settings still fail."""
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import gimli
-from gimli.optim import adam
+from gimli.optim import adagrad, adam, rmsprop
+from strategies import mlp, mse, regression_batches
 from test_solver import assert_same, snapshot
 
 
@@ -48,16 +60,14 @@ def test_check_passes_and_changes_nothing() -> None:
     assert all(not p.zero for p in report.params)
     assert_same(before, snapshot(solver.problem.module, solver.problem.inner.torch_optimizer,
                                  solver.meta, solver.meta_opt))
-    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.get_default_dtype() == torch.float32
     assert next(solver.problem.module.parameters()).dtype == torch.float32   # the copy was float64
     assert "PASS" in str(report) and "init.0.weight" in str(report)
 
 
-@pytest.mark.parametrize("scale", [1.0 + 1e-4, 0.0])
-def test_check_catches_a_corrupted_hypergradient(monkeypatch: pytest.MonkeyPatch, scale: float) -> None:
-    """The lr cotangent of Adam's VJP scaled by 1 + 1e-4 (or dropped): both references object."""
-    solver, batches = setup()
-    original = adam.vjp
+def corrupt_lr(monkeypatch: pytest.MonkeyPatch, rule: Any, scale: float) -> None:
+    """Scale the lr cotangent of an optimizer rule's VJP (a wrong hypergradient)."""
+    original = rule.vjp
 
     def corrupted(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
@@ -65,7 +75,14 @@ def test_check_catches_a_corrupted_hypergradient(monkeypatch: pytest.MonkeyPatch
             out.hypers["lr"] = [scale * a for a in out.hypers["lr"]]
         return out
 
-    monkeypatch.setattr(adam, "vjp", corrupted)
+    monkeypatch.setattr(rule, "vjp", corrupted)
+
+
+@pytest.mark.parametrize("scale", [1.0 + 1e-4, 0.0])
+def test_check_catches_a_corrupted_hypergradient(monkeypatch: pytest.MonkeyPatch, scale: float) -> None:
+    """The lr cotangent of Adam's VJP scaled by 1 + 1e-4 (or dropped): both references object."""
+    solver, batches = setup()
+    corrupt_lr(monkeypatch, adam, scale)
     report = gimli.check(solver, batches[:3], batches[3])
     verdicts = {p.name: p for p in report.params}
     assert not report.passed and not verdicts["hypers.lr"].passed
@@ -75,8 +92,192 @@ def test_check_catches_a_corrupted_hypergradient(monkeypatch: pytest.MonkeyPatch
         gimli.assert_hypergradients_correct(solver, batches[:3], batches[3])
 
 
-def test_finite_differences_skipped_where_the_hypergradient_is_not_the_derivative() -> None:
-    solver, batches = setup(dropout=0.0)
-    solver.first_order = True
+
+
+@pytest.mark.parametrize("mode", [dict(first_order=True), dict(truncate=2)], ids=["first_order", "truncate"])
+def test_first_order_and_truncate_against_the_stopped_function(monkeypatch: pytest.MonkeyPatch,
+                                                               mode: dict[str, Any]) -> None:
+    """Finite differences of the function the hypergradient is the derivative of: G_j on
+    the unperturbed trajectory, or the first J − K steps held; a corrupted lr fails."""
+    solver, batches = setup()
+    for key, value in mode.items():
+        setattr(solver, key, value)
     report = gimli.check(solver, batches[:3], batches[3])
-    assert report.passed and all(p.elements == 0 for p in report.params)
+    assert report.passed, str(report)
+    assert all(p.elements > 0 and p.fd_error <= 1e-6 for p in report.params)
+    if "truncate" in mode:          # θ₀ cannot reach L^val through a truncated sweep: exactly 0
+        assert all(p.zero for p in report.params if p.name.startswith("init."))
+    corrupt_lr(monkeypatch, adam, 1.0 + 1e-4)
+    verdicts = {p.name: p for p in gimli.check(solver, batches[:3], batches[3]).params}
+    assert not verdicts["hypers.lr"].passed and verdicts["hypers.lr"].fd_error > 5e-5
+
+
+# --- (a) the autograd reference is NaN at √0 (dead ReLU units under Adam-like optimizers) ----
+DEAD = {"Adam": (torch.optim.Adam, dict(betas=(0.8, 0.95), eps=1e-3), ["lr", "beta1", "beta2", "eps"], adam),
+        "RMSprop": (torch.optim.RMSprop, dict(alpha=0.9, eps=1e-3, momentum=0.5, centered=True),
+                    ["lr", "alpha", "eps", "momentum"], rmsprop),
+        "Adagrad": (torch.optim.Adagrad, dict(eps=1e-3), ["lr", "lr_decay", "eps"], adagrad)}
+
+
+def dead_units(kind: str) -> tuple[gimli.GimliSolver, list[Any]]:
+    """A ReLU unit that never fires: its weights get G = 0 at every step, v = 0 under √."""
+    cls, kwargs, names, _ = DEAD[kind]
+    torch.manual_seed(0)
+    model = mlp([2, 4, 1], "relu")
+    with torch.no_grad():
+        model[0].bias[0] = -100.0
+    opt = cls(model.parameters(), lr=0.02, **kwargs)
+    meta = gimli.MetaParams(opt, names, init=model)
+    return gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta), regression_batches(3, 2, 1, 4)
+
+
+@pytest.mark.parametrize("kind", sorted(DEAD))
+def test_dead_units_judged_by_finite_differences(kind: str) -> None:
+    """Every meta-parameter whose autograd reference is NaN is judged by finite
+    differences alone, on elements that are checked, and passes."""
+    solver, batches = dead_units(kind)
+    report = gimli.check(solver, batches[:3], batches[3])
+    assert report.passed, str(report)
+    nan_rows = [p for p in report.params if p.nonfinite]
+    assert {"hypers.lr", "init.0.weight"} <= {p.name for p in nan_rows}      # the motivation
+    assert all(p.elements > 0 and p.fd_error <= 1e-6 and p.status == "pass" for p in nan_rows)
+    assert "autograd NaN" in str(report)
+
+
+@pytest.mark.parametrize("scale", [1.0 + 1e-4, 0.0, float("nan")])
+@pytest.mark.parametrize("kind", ["Adam", "RMSprop"])
+def test_dead_units_a_corrupted_or_nonfinite_hypergradient_fails(monkeypatch: pytest.MonkeyPatch,
+                                                                 kind: str, scale: float) -> None:
+    """With the autograd reference NaN, finite differences alone still catch an lr
+    hypergradient off by 1e-4 or dropped; a NaN from gimli always fails."""
+    solver, batches = dead_units(kind)
+    corrupt_lr(monkeypatch, DEAD[kind][3], scale)
+    verdicts = {p.name: p for p in gimli.check(solver, batches[:3], batches[3]).params}
+    lr = verdicts.pop("hypers.lr")
+    assert lr.nonfinite and lr.status == "FAIL"
+    assert scale != scale or lr.fd_error > 5e-5
+    assert all(p.passed for p in verdicts.values()), verdicts
+
+
+# --- (b) hypergradients that are zero up to rounding ---------------------------------------
+def batchnorm(kind: str, seed: int) -> tuple[gimli.GimliSolver, list[Any]]:
+    """A Linear bias feeding BatchNorm (its hypergradient is 0, computed as rounding noise
+    in both gimli and autograd), and a loss parameter that reaches nothing (exactly 0)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, nesterov=True) if kind == "SGD"
+           else torch.optim.Adadelta(model.parameters(), lr=0.5))
+    meta = gimli.MetaParams(opt, {"lr": "scalar"}, loss={"c": torch.tensor(0.5, dtype=torch.float64)},
+                            init=model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]) + meta["c"], opt, meta,
+                               val_loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    g = torch.Generator().manual_seed(seed)
+    return solver, [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+                     torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+
+
+@pytest.mark.parametrize("kind,seed", [("SGD", 2), ("Adadelta", 0)])
+def test_zero_up_to_rounding_passes_and_a_wrong_one_fails(monkeypatch: pytest.MonkeyPatch,
+                                                          kind: str, seed: int) -> None:
+    solver, batches = batchnorm(kind, seed)
+    report = gimli.check(solver, batches[:3], batches[3])
+    assert report.passed, str(report)
+    rows = {p.name: p for p in report.params}
+    assert rows["init.0.bias"].zero and rows["loss.c"].zero and rows["init.0.bias"].elements == 4
+    assert not any(p.zero for n, p in rows.items() if n not in ("init.0.bias", "loss.c"))
+    # the same bias hypergradient off by a millionth of its weight's: no longer zero at this scale
+    original = gimli.GimliSolver.hypergradient
+
+    def corrupted(self: gimli.GimliSolver, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = original(self, *args, **kwargs)
+        out["init.0.bias"] = out["init.0.bias"] + 1e-6 * out["init.0.weight"].abs().max()
+        return out
+
+    monkeypatch.setattr(gimli.GimliSolver, "hypergradient", corrupted)
+    rows = {p.name: p for p in gimli.check(solver, batches[:3], batches[3]).params}
+    assert not rows["init.0.bias"].passed
+    assert rows["init.0.bias"].autograd_error > 1e-4 and rows["init.0.bias"].fd_error > 1e-4
+
+
+# --- kinks within the finite-difference step -------------------------------------------------
+def test_kinks_are_resolved_judged_one_sidedly_or_skipped_not_failed() -> None:
+    """Three ReLU kinks in θ₀, in the pre-activations of the training batch: unit 0's on
+    sample 0 is 0.3·h below 0 (central differences at h straddle it; one-sided ones on the
+    side away from it do not, nor do central ones at h/16); unit 1's on samples 1 and 2 are
+    ±1e-12 (every step size, on either side, straddles one: skipped, and counted); unit 2's
+    on sample 3 is exactly 0 (the derivative there is one-sided, and gimli's, like
+    autograd's, is the inactive side's)."""
+    h = 1e-5 * 0.8                  # the step for θ₀ entries of size 0.8
+    model = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    x = torch.tensor([[1.0], [(1.35 + 1e-12) / 0.9], [(1.35 - 1e-12) / 0.9], [0.5], [-1.0], [2.0]],
+                     dtype=torch.float64)
+    y = torch.tensor([[1.0], [0.0], [-1.0], [0.5], [0.3], [-0.2]], dtype=torch.float64)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.8], [0.9], [-0.6]], dtype=torch.float64))
+        model[0].bias.copy_(torch.tensor([-0.8 - 0.3 * h, -1.35, 0.3], dtype=torch.float64))
+        model[2].weight.copy_(torch.tensor([[0.7, -0.4, 0.5]], dtype=torch.float64))
+        pre = model[0](x)
+    assert abs(pre[0, 0] + 0.3 * h) < 1e-15 and abs(pre[1, 1]) < 2e-12 and pre[1, 1] * pre[2, 1] < 0
+    assert pre[3, 2] == 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, gimli.MetaParams(init=model))
+    val = (torch.tensor([[1.5], [0.7]], dtype=torch.float64), torch.tensor([[0.2], [0.9]], dtype=torch.float64))
+    report = gimli.check(solver, [(x, y)], val)
+    assert report.passed, str(report)
+    rows = {p.name: p for p in report.params}
+    for name in ("init.0.weight", "init.0.bias"):
+        assert (rows[name].elements, rows[name].one_sided, rows[name].skipped) == (2, 2, 1), str(report)
+        assert rows[name].fd_error <= 1e-6
+    assert rows["init.2.weight"].skipped == 0 and "2 one-sided, 1 kink" in str(report)
+
+
+# --- the copy computes in float64 and locally -------------------------------------------
+def test_float32_setup_checked_in_float64_scalars() -> None:
+    """NAdam keeps its μ-product in the default dtype: the float64 copy runs under a float64
+    default (else finite differences see float32 rounding steps), restored afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.NAdam(model.parameters(), lr=0.01, momentum_decay=4e-3)
+    meta = gimli.MetaParams(opt, ["momentum_decay", "beta1"])
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta)
+    batches = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
+    report = gimli.check(solver, batches[:3], batches[3])
+    assert report.passed and all(p.elements > 0 and p.fd_error <= 1e-6 for p in report.params), str(report)
+    assert torch.get_default_dtype() == torch.float32
+
+
+def _rank_solver(distributed: bool | None) -> gimli.GimliSolver:
+    torch.manual_seed(0)
+    model = mlp([2, 3, 1], "tanh")
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    meta = gimli.MetaParams(opt, {"lr": "scalar"}, init=model)
+    return gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, distributed=distributed)
+
+
+def _check_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))    # a check that communicates fails fast
+    try:
+        batches = regression_batches(rank, 2, 1, 3)        # each rank its own data
+        report = gimli.check(_rank_solver(False), batches[:2], batches[2])
+        Path(out, f"every{rank}").write_text(str(report))
+        done = Path(out, "alone")
+        if rank == 0:                                       # rank 1 is not in any collective
+            report = gimli.check(_rank_solver(None), batches[:2], batches[2])
+            done.write_text(str(report))
+        else:
+            deadline = time.monotonic() + 120
+            while not done.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_check_under_torch_distributed_is_local(tmp_path: Path) -> None:
+    """Two gloo processes: check on every rank with different data passes on each (it
+    compares each rank's own hypergradient), and check on one rank only returns."""
+    mp.spawn(_check_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    for name in ("every0", "every1", "alone"):
+        text = (tmp_path / name).read_text()
+        assert any(line.startswith("PASS:") for line in text.splitlines()), text
