@@ -53,8 +53,11 @@ HYPERS = ("lr", "lambd", "alpha", "t0", "weight_decay")
 # t0 only moves the averaged iterate ax, which θ never reads: the hypergradient of any
 # loss on θ w.r.t. t0 is identically 0 (its VJP is still exact and tested locally)
 NO_HYPERGRADIENT = {"t0": "t0 only moves ASGD's averaged iterate ax, which θ never reads"}
-# as torch.optim.ASGD's constructor checks them (λ, α and t₀ it does not check)
-RANGES = {"lr": NONNEGATIVE, "lambd": REAL, "alpha": REAL, "t0": REAL, "weight_decay": NONNEGATIVE}
+# as torch.optim.ASGD's constructor checks them (α and t₀ it does not check); λ it does not
+# check either, but a negative λ makes D = 1 + λγt negative within a few steps, where
+# torch.optim.ASGD's own η = γ/D^α is complex (λ is a decay): kept ≥ 0
+RANGES = {"lr": NONNEGATIVE, "lambd": NONNEGATIVE, "alpha": REAL, "t0": REAL,
+          "weight_decay": NONNEGATIVE}
 # η' = R(γ D^{−α}) is per element where γ, λ or α is, but torch.optim keeps η as one number per tensor
 SCALAR_STATE = {"lr": "eta", "lambd": "eta", "alpha": "eta"}
 

@@ -79,7 +79,8 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
     for i, (p, m, g) in enumerate(zip(params, state.momentum, grads)):
         lr, beta = hp["lr"][i], hp["beta"][i]
         weights = {k[len("net."):]: v[i] for k, v in hp.items() if k.startswith("net.")}
-        m1 = beta * m + (1 - beta) * g                                          # (L1)
+        m1 = (beta * m + (1 - beta) * g).to(m.dtype)    # (L1), stored as m (a float32 β per
+                                                         # element of a bfloat16 model)
         u = functional_call(flags.net, weights, (torch.stack([g, m1], -1),))[..., 0]  # (L2)
         new_params.append(p - lr * u)                                           # (L3)
         new_m.append(m1)

@@ -1,0 +1,36 @@
+"""One small problem per optimizer of ``gimli.optim.capabilities()``: a tanh MLP (bias-free
+for Muon, which steps matrices only) and the optimizer at typical settings (every option
+that keeps a hyperparameter in play on, test_capabilities.TYPICAL) over two param groups,
+the second with its own lr unless the granularity is 'scalar' (one value for all)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import gimli
+from gimli.optim.learned import default_net
+from strategies import mlp
+from test_capabilities import TYPICAL
+
+SETTINGS: dict[str, dict[str, Any]] = {**TYPICAL, "LearnedOptimizer": dict(lr=0.05, beta=0.9)}
+
+
+def optimizer_class(name: str) -> Any:
+    if name == "LearnedOptimizer":
+        return lambda params, **kw: gimli.LearnedOptimizer(params, net=default_net().double(), **kw)
+    return getattr(torch.optim, name)
+
+
+def setup(name: str, per: str, settings: dict[str, Any] | None = None, dtype: torch.dtype = torch.float64,
+          seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = mlp([3, 4, 2], "tanh", bias=name != "Muon").to(dtype)
+    kwargs = dict(SETTINGS[name] if settings is None else settings)
+    params = list(model.parameters())
+    half = len(params) // 2
+    second = {} if per == "scalar" else {"lr": kwargs["lr"] * 0.5}
+    return model, optimizer_class(name)([{"params": params[:half]}, {"params": params[half:], **second}],
+                                        **kwargs)
