@@ -163,8 +163,9 @@ def _cases() -> list[tuple[str, str, str]]:
 def test_a_meta_step_never_leaves_the_range(opt_name: str, hyper: str, per: str) -> None:
     """The issue's case, everywhere: a meta-step that throws the hyperparameter far out of
     its range (Rprop's first step is ±1000 per element, by the hypergradient's sign), in
-    either direction. Afterwards every value the unroll uses is in the range, and every
-    param group is accepted by the real constructor and steps with the real optimizer."""
+    either direction. Afterwards every param group is accepted by the real constructor and
+    steps with the real optimizer, the constructor accepts every value the unroll uses (per
+    tensor and per element too, which are not written back), and those are in the range."""
     moved = False
     for maximize in (False, True):
         model, opt = setup(opt_name, per)
@@ -182,7 +183,9 @@ def test_a_meta_step_never_leaves_the_range(opt_name: str, hyper: str, per: str)
         opt.zero_grad()
         mse(model, val).backward()
         opt.step()                                  # the user's optimizer still steps
-        values = torch.cat([v.reshape(-1) for v in meta.hyper_values(hyper)]).tolist()
+        values = sorted(set(torch.cat([v.reshape(-1) for v in meta.hyper_values(hyper)]).tolist()))
+        for v in values:
+            assert accepted(opt_name, kwargs_with(opt_name, SETTINGS[opt_name], hyper, v)), (hyper, v)
         assert all(v in meta.ranges[hyper] for v in values), (values, str(meta.ranges[hyper]))
     assert moved, "the hypergradient was 0: this case tests nothing"
 
