@@ -12,10 +12,10 @@ inner steps, the initial weights θ₀, one inner lr per layer (a param group pe
 and, for Adam, one β₁ and one β₂ per layer; the meta-optimizer is Adam. The inner
 optimizers start from their textbook settings (SGD lr 0.1; Adam lr 1e-3, β = (0.9,
 0.999)), from which a randomly initialised model learns next to nothing in J steps.
-gimli does not keep a learned hyperparameter in its valid range, so after each
-meta-step the learned lrs are clamped to ≥ 0 and the betas to [0, 0.9999] (at β₂ ≥ 1
-Adam's bias correction 1 − β₂ᵗ is ≤ 0); the hypergradient drives β₂ to that bound
-at once (in the full run some layers later come back below it).
+After each meta-step ``meta.constrain_()`` puts the learned values back where
+``torch.optim.Adam`` accepts them: lrs ≥ 0, betas in [0, 1) (β₂ at most 1 − 2⁻²⁴ in
+float32; at β₂ ≥ 1 Adam's bias correction 1 − β₂ᵗ is ≤ 0); the hypergradient drives
+β₂ to that bound at once (in the full run some layers later come back below it).
 
 The final score is independent of gimli: on held-out test tasks, copy the model, take
 J steps of the real ``torch.optim.SGD`` or ``torch.optim.Adam`` on the support set
@@ -52,7 +52,7 @@ TRAIN_CLASSES = (0, 1, 2, 3, 4, 5)      # meta-training tasks
 TEST_CLASSES = (6, 7, 8, 9)             # held-out classes of the test tasks
 INNER_LR = {"sgd": 0.1, "adam": 1e-3}   # initial inner lr of every layer (textbook defaults)
 BETAS = (0.9, 0.999)                    # initial inner Adam betas of every layer (torch's default)
-BETA_MAX = 0.9999                       # guard: a learned β is kept in [0, BETA_MAX]
+BETA_MAX = 1.0                          # a learned β stays in [0, BETA_MAX), Adam's range
 META_LR = 1e-3                          # meta-Adam's step on θ₀ and on the betas
 HYPER_META_LR = 0.1                     # … and on a learned lr, relative to its initial value
 TEST_TASKS = 200                        # held-out tasks of the final evaluation
@@ -150,11 +150,7 @@ def meta_step(solver: gimli.GimliSolver, meta: gimli.MetaParams, meta_opt: torch
     for name, p in meta.named_parameters():
         p.grad = torch.stack([g[name] for g in grads]).mean(0)  # ∇_φ (1/B) Σ_i L^val_i(θ'_J)
     meta_opt.step()
-    with torch.no_grad():       # explicit guards: lr ≥ 0; β ∈ [0, BETA_MAX] keeps 1 − βᵗ > 0
-        meta.hyper("lr").clamp_(min=0.0)
-        for name in ("beta1", "beta2"):
-            if name in meta.granularity:
-                meta.hyper(name).clamp_(0.0, BETA_MAX)
+    meta.constrain_()           # back into torch.optim's ranges: lr ≥ 0, β ∈ [0, 1)
     meta.write_back()           # learned lrs and betas into inner_opt.param_groups
 
 
