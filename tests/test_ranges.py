@@ -369,3 +369,16 @@ def test_default_is_project_and_real_ranges_are_untouched() -> None:
         meta.hyper("lr").fill_(-3.0)
     meta.constrain_()
     assert meta.hyper("dampening").item() == -3.0 and meta.hyper("lr").item() == 0.0
+
+
+def test_gimli_check_with_transforms() -> None:
+    """gimli.check reads the transformed values through the solver: log and logit
+    meta-parameters pass against the autograd unroll and finite differences in z."""
+    model, opt = setup("Adam", "group", dict(lr=0.02, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.01))
+    meta = gimli.MetaParams(opt, {"lr": "tensor", "beta2": "group", "weight_decay": "scalar"},
+                            transform={"lr": "log", "beta2": "logit", "weight_decay": "log"})
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta)
+    batches = regression_batches(6, 3, 2, 4)
+    report = gimli.assert_hypergradients_correct(solver, batches[:3], batches[3])
+    assert {p.name for p in report.params} == {"hypers.lr", "hypers.beta2", "hypers.weight_decay"}
+    assert all(p.elements > 0 for p in report.params)
