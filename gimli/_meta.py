@@ -12,6 +12,7 @@ below 1), so no value ``torch.optim`` would refuse is ever used or written.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -178,13 +179,17 @@ class MetaParams(nn.Module):
 
     def constrain_(self) -> None:
         """Put every meta-parameter back into its valid set after a meta-update (in place):
-        a ``"project"`` hyperparameter onto the representable values of its range (a NaN
-        stays NaN, for the solver to see); a log or logit one is valid by construction."""
+        a ``"project"`` hyperparameter onto the representable values of its range; a log
+        or logit one is valid by construction. A NaN stays NaN and an infinite value
+        infinite where the range is unbounded, for the solver to report as non-finite."""
         with torch.no_grad():
             for name, kind in self.transform.items():
-                if kind == "project":
-                    p = self.hyper(name)
-                    p.clamp_(*self.ranges[name].representable(p.dtype))
+                valid = self.ranges[name]
+                if kind != "project" or valid == REAL:
+                    continue
+                p = self.hyper(name)
+                lo, hi = valid.representable(p.dtype)
+                p.clamp_(lo if math.isfinite(valid.lo) else None, hi if math.isfinite(valid.hi) else None)
 
     def write_back(self) -> None:
         """Write scalar and per-group hyperparameters into the optimizer's param_groups,
@@ -232,7 +237,7 @@ def _check_transform(inner: InnerOptimizer, name: str, kind: str, valid: Interva
         raise ValueError(f"transform {kind!r} maps onto {image}, which is not inside the values "
                          f"{inner.name} accepts for {name}, {valid}: use "
                          f"{' or '.join(repr(k) for k in fits)}")
-    bad = [x for x in value.reshape(-1).tolist() if x not in valid or x not in image]
+    bad = [x for x in value.unique().tolist() if x not in valid or x not in image]
     if bad and bad[0] not in valid:
         raise ValueError(f"{inner.name}'s {name} = {bad[0]} is outside the values torch.optim "
                          f"accepts, {valid}, so it cannot be meta-learned from there")

@@ -382,3 +382,19 @@ def test_gimli_check_with_transforms() -> None:
     report = gimli.assert_hypergradients_correct(solver, batches[:3], batches[3])
     assert {p.name for p in report.params} == {"hypers.lr", "hypers.beta2", "hypers.weight_decay"}
     assert all(p.elements > 0 for p in report.params)
+
+
+def test_an_infinite_meta_update_is_reported_not_projected() -> None:
+    """Projection does not hide a diverged meta-update: an lr thrown to +∞ stays ∞, so the
+    solver reports a non-finite meta-parameter (and skips the step, changing nothing)."""
+    model, opt = setup("SGD", "scalar")
+    meta = gimli.MetaParams(opt, {"lr": "scalar"})
+    batches = regression_batches(8, 3, 2, 4)
+    grad = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta) \
+        .hypergradient(batches[:3], batches[3])["hypers.lr"]
+    meta_opt = torch.optim.SGD(meta.parameters(), lr=math.inf, maximize=bool(grad > 0))
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, meta_opt=meta_opt)
+    with pytest.warns(RuntimeWarning, match="non-finite meta-parameter"):
+        result = solver.step(batches[:3], batches[3], on_nonfinite="skip")
+    assert result.skipped
+    assert opt.param_groups[0]["lr"] == SETTINGS["SGD"]["lr"] == meta.hyper("lr").item()
