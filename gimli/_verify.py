@@ -25,32 +25,36 @@ Four things stand between an exact hypergradient and its references:
    the hypergradient that would move L^val by ρ·|L^val| when φ_p moves by its own
    size (ρ = ``floor``, 10⁻⁴ by default): below it, φ_p does not matter at the
    problem's scale. Against the autograd unroll the allowance is then
-   rtol·floor_p = 10⁻¹²·|L^val|/s_p, some 10⁴ times the rounding of either value.
+   rtol·floor_p = 10⁻¹²·|L^val|/s_p, well above the rounding of either value (at
+   most 4·10⁻¹¹·floor_p apart over our stress runs, BatchNorm under Adam the worst).
 2. Rounding of L^val itself, in finite differences (step h = 10⁻⁵·max(|x|, 10⁻²),
-   at most |x|/2 so that x ± h keeps its sign): an evaluation is off by
-   δ ≤ κ·ε·|L^val| (ε the dtype's epsilon, κ = 64 for the rounding the unroll
-   accumulates), so the Richardson estimate (4·D(h/2) − D(h))/3 carries up to
-   3δ/h of noise. That, plus twice the estimate's measured inconsistency (below),
+   at most |x|/2 so that x ± h keeps its sign, and half the way to the end of a
+   hyperparameter's range): an evaluation is off by δ ≤ κ·ε·|L^val| (ε the dtype's
+   epsilon, κ = 64 for the rounding the unroll accumulates; we measured up to 8), so
+   the Richardson estimate (4·D(h/2) − D(h))/3 carries up to 3δ/h of noise. That, plus twice the estimate's measured inconsistency (below),
    is its error bar: an element passes within fd_rtol of the scale or within it.
-3. Non-smoothness (a ReLU, a max, Rprop's sign, a hyperparameter clamped on the
-   boundary of its range) within h of the point: there finite differences need not
-   agree with the exact derivative. A smooth L^val has |D(h) − D(h/2)| = O(h²) and
-   |S(h) − 4·S(h/2)|/h = O(h³), S(h) the second difference f(x+h) − 2f(x) + f(x−h);
-   a kink within h makes one of them O(jump), and bounds the estimate's error by
-   their maximum (one kink: 7/6 of it). Where they exceed half the tolerance (or
-   the rounding noise they carry), the element is tried again with h/16, h/256 and
-   h/4096 (a kink at distance d is out of reach once h < d; so is a curvature that
-   is merely fast). At each of those step sizes L^val may instead have a kink at the
-   point itself (a ReLU at exactly 0, a hyperparameter clamped on its range's
-   boundary): one-sided differences (Richardson on f(x ± t) − f(x), t = h, h/2, h/4,
-   smooth on a side where their two extrapolations agree) give the derivative on
-   each side. There autograd's conventions need not pick either side (ReLU'(0) = 0
-   for every sample at 0 at once), so a smooth side that agrees with the
-   hypergradient confirms it, and none refutes it: an element where no step size is
-   smooth and no side agrees is skipped. A hypergradient can thus escape finite
-   differences only at an element where L^val itself is not smooth within h/4096
-   (found from L^val alone). The report counts the skipped (and the one-sided)
-   elements, and replaces skipped ones with others.
+3. Non-smoothness (a ReLU, a max, Rprop's sign) within h of the point: there finite
+   differences need not agree with the exact derivative. A smooth L^val has
+   |D(h) − D(h/2)| = O(h²) and |S(h) − 4·S(h/2)|/h = O(h³), S(h) the second difference
+   f(x+h) − 2f(x) + f(x−h); a kink within h makes one of them O(jump), and bounds the
+   estimate's error by their maximum (one kink: 7/6 of it). Where they exceed half
+   the tolerance (or the rounding noise they carry), the element is tried again with
+   h/16, h/256 and h/4096 (a kink at distance d is out of reach once h < d; so is a
+   curvature that is merely fast). At each of those step sizes L^val may instead have
+   a kink at the point itself (a ReLU at exactly 0): one-sided differences
+   (Richardson on f(x ± t) − f(x), t = h, h/2, h/4, smooth on a side where their two
+   extrapolations agree) give the derivative on each side. There autograd's
+   conventions need not pick either side (ReLU'(0) = 0 for every sample at 0 at
+   once), so a smooth side that agrees with the hypergradient confirms it, and none
+   refutes it: an element where no step size is smooth and no side agrees is
+   skipped. A hypergradient can thus escape finite differences only at an element
+   where L^val itself is not smooth down to h/4096 (found from L^val alone). The
+   report counts the skipped (and the one-sided) elements, and replaces skipped ones
+   with others. A hyperparameter held directly by its meta-parameter
+   (``transform="project"``) is perturbed only inside its valid range; on an end of
+   it (a weight decay of 0) the derivative is the one-sided one into the range, what
+   gimli and autograd compute (the range's clamp passes the gradient at its ends;
+   outside, L^val is flat), and it is judged like a central one.
 4. √0 under Adam-like optimizers: at a dead unit autograd's √ backward gives
    0·∞ = NaN, while gimli's closed-form VJPs take the true limit. Where the
    autograd reference is not finite the comparison means nothing: the report says
@@ -217,7 +221,7 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
             use_fd = finite_differences and elements > 0
             gen = torch.Generator().manual_seed(seed)
             params = [_judge(name, p, ours[name], reference[name], objective, use_fd, elements,
-                             rtol, fd_rtol, floor, gen)
+                             rtol, fd_rtol, floor, gen, _range(twin.meta, name, p))
                       for name, p in twin.meta.named_parameters()]
     finally:
         torch.set_default_dtype(default)
@@ -237,7 +241,8 @@ def assert_hypergradients_correct(solver: GimliSolver, train_batches: Sequence[A
 
 # --- one meta-parameter's verdict ---------------------------------------------------------
 def _judge(name: str, p: Tensor, ours: Tensor, reference: Tensor, objective: _Objective, use_fd: bool,
-           elements: int, rtol: float, fd_rtol: float, rho: float, gen: torch.Generator) -> ParamCheck:
+           elements: int, rtol: float, fd_rtol: float, rho: float, gen: torch.Generator,
+           bounds: tuple[float, float]) -> ParamCheck:
     g = ours.detach().reshape(-1).double()
     ref = reference.detach().reshape(-1).double()
     scale = max(float(p.detach().abs().max()), 1e-2) if p.numel() else 1.0      # s_p
@@ -256,7 +261,8 @@ def _judge(name: str, p: Tensor, ours: Tensor, reference: Tensor, objective: _Ob
     fd_error, one_sided, skipped = float("nan"), 0, 0
     judged: list[int] = []
     if use_fd and p.numel():
-        fd_error, judged, one_sided, skipped = _fd_check(p, g, ref, objective, elements, fd_rtol, floor, gen)
+        fd_error, judged, one_sided, skipped = _fd_check(p, g, ref, objective, elements, fd_rtol, floor, gen,
+                                                         bounds)
     count = len(judged)
     ad_ok = math.isnan(ad_error) or ad_error <= rtol
     fd_ok = count == 0 or fd_error <= fd_rtol
@@ -270,13 +276,24 @@ def _judge(name: str, p: Tensor, ours: Tensor, reference: Tensor, objective: _Ob
                       one_sided, floor, status)
 
 
+def _range(meta: Any, name: str, p: Tensor) -> tuple[float, float]:
+    """The values meta-parameter ``name`` may take: a hyperparameter's valid range where
+    the meta-parameter holds the value itself (``transform="project"``), else all reals."""
+    hyper = name[len("hypers."):] if name.startswith("hypers.") else None
+    if hyper is None or getattr(meta, "transform", {}).get(hyper) != "project":
+        return -math.inf, math.inf
+    lo, hi = meta.ranges[hyper].representable(p.dtype)
+    return float(lo), float(hi)
+
+
 def _error(got: Tensor, want: Tensor, scale: float) -> float:
     diff = float((got - want).abs().max()) if want.numel() else 0.0
     return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
 
 
 def _fd_check(p: Tensor, g: Tensor, ref: Tensor, objective: _Objective, elements: int, fd_rtol: float,
-              floor: float, gen: torch.Generator) -> tuple[float, list[int], int, int]:
+              floor: float, gen: torch.Generator,
+              bounds: tuple[float, float]) -> tuple[float, list[int], int, int]:
     """Finite differences on up to ``elements`` elements where L^val is smooth enough to
     judge (trying up to twice as many): the largest error relative to
     max(max |fd|, floor, error bar / fd_rtol), so that an element passes within fd_rtol
@@ -292,7 +309,7 @@ def _fd_check(p: Tensor, g: Tensor, ref: Tensor, objective: _Objective, elements
         def agrees(e: _Estimate) -> bool:
             return abs(value - e.value) <= max(fd_rtol * max(abs(e.value), floor), e.bar)
 
-        est = _derivative(objective, p, i, floor, fd_rtol, agrees)
+        est = _derivative(objective, p, i, floor, fd_rtol, agrees, *bounds)
         if est is None:
             skipped += 1
         else:
@@ -330,17 +347,26 @@ class _Estimate(NamedTuple):
 
 
 def _derivative(objective: _Objective, p: Tensor, i: int, floor: float, fd_rtol: float,
-                agrees: Callable[[_Estimate], bool]) -> _Estimate | None:
+                agrees: Callable[[_Estimate], bool], lo: float = -math.inf,
+                hi: float = math.inf) -> _Estimate | None:
     """∂L^val/∂p_i where L^val is smooth enough to tell (module docstring, 2–3): central
     differences at h, h/16, h/256, h/4096, the first smooth one; at each step size that
     is not, a smooth one-sided derivative that ``agrees`` with gimli's value (at a kink
     at x, or where L^val curves too fast on one side). None where there is neither: the
     element is skipped. An evaluation whose unroll is not finite (a perturbation past
-    where the optimizer breaks) is nan, and makes its stencil unusable."""
+    where the optimizer breaks) is nan, and makes its stencil unusable.
+
+    [lo, hi] is the range of p's values (a hyperparameter's valid range, where the
+    meta-parameter holds it directly): the differences stay inside, and at an end of it
+    the derivative is the one-sided one into the range, judged like a central one (it is
+    what gimli and autograd compute: the range's clamp passes the gradient at its ends;
+    outside, L^val is flat)."""
     x = float(p.detach().reshape(-1)[i])
     h0 = H_REL * max(abs(x), 1e-2)    # small: a β₂ of 0.999 is 1e-3 from where Adam breaks
-    if x != 0:
-        h0 = min(h0, abs(x) / 2)      # x ± h keeps x's sign (an eps of 1e-8 stays positive)
+    for room in (abs(x), x - lo, hi - x):
+        if room > 0:                  # x ± h keeps x's sign (an eps of 1e-8 stays positive)
+            h0 = min(h0, room / 2)    # and stays inside the range
+    inward = 1 if x <= lo else -1 if x >= hi else 0     # at an end of the range
     values = {0.0: objective.f0}
 
     def f(t: float) -> float:         # L^val with p_i = x + t; nan where the unroll is not finite
@@ -383,12 +409,14 @@ def _derivative(objective: _Objective, p: Tensor, i: int, floor: float, fd_rtol:
 
     for k in range(LEVELS):
         h = h0 / RETRY ** k
-        est = central(h)
+        if inward:
+            est = one_sided(inward, h)
+        else:
+            est = central(h)
+            sides = [] if est is not None else [one_sided(1, h), one_sided(-1, h)]
+            est = next((e for e in sides if e is not None and agrees(e)), est)
         if est is not None:
             return est
-        for side in (one_sided(1, h), one_sided(-1, h)):
-            if side is not None and agrees(side):
-                return side
     return None
 
 

@@ -92,8 +92,6 @@ def test_check_catches_a_corrupted_hypergradient(monkeypatch: pytest.MonkeyPatch
         gimli.assert_hypergradients_correct(solver, batches[:3], batches[3])
 
 
-
-
 @pytest.mark.parametrize("mode", [dict(first_order=True), dict(truncate=2)], ids=["first_order", "truncate"])
 def test_first_order_and_truncate_against_the_stopped_function(monkeypatch: pytest.MonkeyPatch,
                                                                mode: dict[str, Any]) -> None:
@@ -157,6 +155,35 @@ def test_dead_units_a_corrupted_or_nonfinite_hypergradient_fails(monkeypatch: py
     assert lr.nonfinite and lr.status == "FAIL"
     assert scale != scale or lr.fd_error > 5e-5
     assert all(p.passed for p in verdicts.values()), verdicts
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_weight_decay_at_zero_differenced_into_its_range(monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
+    """A weight decay of 0 is on the end of its valid range: outside, the range's clamp
+    makes L^val flat, so only the one-sided derivative into the range is gimli's. With
+    dead units (autograd NaN) it alone judges it: it passes, and a zeroed hypergradient
+    (the flat side's value) fails."""
+    torch.manual_seed(0)
+    model = mlp([2, 4, 1], "relu")
+    with torch.no_grad():
+        model[0].bias[0] = -100.0
+    opt = cls(model.parameters(), lr=0.02, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.0)
+    meta = gimli.MetaParams(opt, ["lr", "weight_decay"])
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta)
+    batches = regression_batches(3, 2, 1, 4)
+    rows = {p.name: p for p in gimli.check(solver, batches[:3], batches[3]).params}
+    wd = rows["hypers.weight_decay"]
+    assert wd.nonfinite and wd.status == "pass" and wd.one_sided == wd.elements == 1 and not wd.zero
+    original = gimli.GimliSolver.hypergradient
+
+    def corrupted(self: gimli.GimliSolver, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = original(self, *args, **kwargs)
+        out["hypers.weight_decay"] = torch.zeros_like(out["hypers.weight_decay"])
+        return out
+
+    monkeypatch.setattr(gimli.GimliSolver, "hypergradient", corrupted)
+    rows = {p.name: p for p in gimli.check(solver, batches[:3], batches[3]).params}
+    assert rows["hypers.weight_decay"].status == "FAIL" and rows["hypers.lr"].passed
 
 
 # --- (b) hypergradients that are zero up to rounding ---------------------------------------
