@@ -48,8 +48,9 @@ construction steps interleave), so it is refused: build the solver before the fi
 param-group entries: plain data), and are part of a meta-step's transaction.
 
 :func:`rebase` moves the user's scheduler onto the meta-learned base lrs after a
-meta-step: every lr-like entry of every scheduler in it scaled by B_new/B_old, and
-the current lr set by (2).
+meta-step: every lr-like entry of every scheduler in it set to the k = 1 shadow's
+times B_new/R (so a base lr that reached 0 can move up again), and the current lr
+set by (2).
 """
 
 from __future__ import annotations
@@ -356,7 +357,7 @@ def _derivative(name: str, shadows: Shadows, inner: InnerOptimizer,
             k = bases[g] / reference[g]
             expected = c + a * k
             group = inner.torch_optimizer.param_groups[g]
-            size = max([abs(bases[g]), abs(lr), abs(c), abs(a * k)]
+            size = max([abs(bases[g]), abs(reference[g]), abs(lr), abs(c), abs(a * k)]
                        + [abs(float(group[key])) for key in LR_KEYS if key in group])
             if abs(lr - expected) > TOLERANCE * size:
                 raise ValueError(
@@ -370,26 +371,29 @@ def _derivative(name: str, shadows: Shadows, inner: InnerOptimizer,
     return out
 
 
-def rebase(scheduler: Any, inner: InnerOptimizer, new_bases: list[float], schedule: Schedule) -> None:
+def rebase(scheduler: Any, inner: InnerOptimizer, new_bases: list[float], schedule: Schedule,
+           shadows: Shadows) -> None:
     """After a meta-step: make the user's scheduler (each scheduler inside it too) run
-    from the meta-learned base learning rates, and set each group's current lr by (2)."""
-    nodes = list(_tree(scheduler))
+    from the meta-learned base learning rates, and set each group's current lr by (2).
+
+    The lr-like entries are set from the shadow at k = 1 (the entries at base R) times
+    B_new/R, not scaled from the current base, which a projection may have put at 0."""
+    _, reference_scheduler = shadows.copies[0]
+    nodes = list(zip(_tree(scheduler), _tree(reference_scheduler)))
+    reference_groups = shadows.copies[0][0].param_groups
     for g, group in enumerate(inner.torch_optimizer.param_groups):
-        old, new = float(group["initial_lr"]), new_bases[g]
+        old, new, r = float(group["initial_lr"]), new_bases[g], shadows.reference[g]
         i = inner.groups[g].start        # (write_back put the base lr into group["lr"])
-        group["lr"] = schedule.value[0]["lr"][i] + schedule.scale[0]["lr"][i] * (new - old)
+        lr = schedule.value[0]["lr"][i] + schedule.scale[0]["lr"][i] * (new - old)
+        size = max(abs(schedule.value[0]["lr"][i]), abs(r), abs(new), abs(old))
+        group["lr"] = 0.0 if -TOLERANCE * size <= lr < 0 else lr    # rounding below 0: 0
         if new == old:
             continue
-        if old == 0:
-            raise ValueError(f"param group {g}'s base lr is 0: the schedule cannot be re-based "
-                             f"onto the meta-learned lr {new!r}")
-        ratio = new / old
         for key in LR_KEYS[2:]:
             if key in group:
-                group[key] = float(group[key]) * ratio
-        for node in nodes:
+                group[key] = float(reference_groups[g][key]) * new / r
+        for node, reference_node in nodes:
             if hasattr(node, "base_lrs"):
-                b = float(node.base_lrs[g])
-                node.base_lrs[g] = new if b == old else b * ratio
+                node.base_lrs[g] = float(reference_node.base_lrs[g]) * new / r
         group["initial_lr"] = new
     scheduler._last_lr = [group["lr"] for group in inner.torch_optimizer.param_groups]

@@ -208,7 +208,9 @@ class GimliSolver:
             if result.schedule is not None and self.meta.granularity.get("lr") in ("scalar", "group"):
                 lr = self.meta.hyper("lr").detach()
                 bases = [float(lr if lr.dim() == 0 else lr[g]) for g in range(len(self.problem.inner.groups))]
-                rebase(self.problem.scheduler, self.problem.inner, bases, result.schedule)
+                assert self.problem.shadows is not None
+                rebase(self.problem.scheduler, self.problem.inner, bases, result.schedule,
+                       self.problem.shadows)
             if commit:
                 commit_unroll(self, result.final, len(result.train_losses))
         except BaseException:

@@ -123,9 +123,8 @@ def commit(solver: GimliSolver, final: Point, steps: int) -> None:
     problem = solver.problem
     inner = problem.inner
     opt = inner.torch_optimizer
-    untouched = [not opt.state.get(p) and torch.equal(p.detach(), t)    # no state, never stepped
-                 for p, t in zip(inner.params, final.theta)]
-    states = {i: inner.write_state(final.state, i) for i in range(len(inner.params)) if not untouched[i]}
+    states = {i: inner.write_state(final.state, i) for i, p in enumerate(inner.params)
+              if final.stepped[i] or opt.state.get(p)}      # torch.optim keeps state for these
     with torch.no_grad():
         for p, t in zip(inner.params, final.theta):
             p.copy_(t)

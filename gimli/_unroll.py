@@ -32,11 +32,13 @@ Hypers = dict[str, list[Tensor]]
 
 
 class Point(NamedTuple):
-    """The unroll at step j: θ'_j (detached), σ_j, and the buffers."""
+    """The unroll at step j: θ'_j (detached), σ_j, the buffers, and which tensors have
+    stepped so far (had a gradient G_i, i < j: torch.optim then keeps state for them)."""
 
     theta: list[Tensor]
     state: Any
     buffers: dict[str, Tensor]
+    stepped: tuple[bool, ...] = ()
 
 
 class Step(NamedTuple):
@@ -155,7 +157,8 @@ class Unroll:
         self.rng = RngTape({p.device for p in problem.inner.params})
         self.trained = problem.trained()    # tensors that step (requires_grad, as torch.optim)
         self.start = Point([p.detach().clone() for p in problem.inner.params],   # line 3
-                           problem.inner.read_state(), problem.buffers())
+                           problem.inner.read_state(), problem.buffers(),
+                           (False,) * len(problem.inner.params))
 
     # --- one step ----------------------------------------------------------------------
     def grads(self, j: int, point: Point, *, graph: bool) -> tuple[Step, dict[str, Tensor]]:
@@ -206,7 +209,8 @@ class Unroll:
         new_theta, new_state = self.problem.inner.step(point.theta, point.state, values,
                                                        self.hypers[j])
         self.forward_steps += 1
-        return step, Point(new_theta, new_state, buffers)
+        stepped = tuple(s or g is not None for s, g in zip(point.stepped, values))
+        return step, Point(new_theta, new_state, buffers, stepped)
 
     def advance(self, j: int, point: Point, to: int) -> Point:
         """From step j to step ``to`` without graphs."""

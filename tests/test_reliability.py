@@ -457,3 +457,35 @@ def test_load_state_dict_is_all_or_nothing(damage: Any, entry: str) -> None:
         solver.load_state_dict(state)
     assert_same(before, everything(solver))
     assert solver.state_dict()["data"] == position
+
+
+@pytest.mark.parametrize("cls,kwargs", [(torch.optim.Adam, dict(lr=0.01)),
+                                        (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3))])
+def test_commit_keeps_the_state_of_a_tensor_whose_gradient_was_zero(cls: type, kwargs: dict[str, Any]) -> None:
+    """A head weighted 0 during the unroll has a zero gradient (not None): torch.optim
+    steps it and keeps its state (Adam's step count, SGD's momentum buffer), and so
+    must a commit, or training diverges from the user's own loop once the weight is on.
+    Oracle: the real optimizer over the same steps, then four more with the weight on."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(3, 4), "head": nn.Linear(4, 1), "aux": nn.Linear(4, 1)}).double()
+
+    def loss(m: Any, batch: Any, weight: float) -> torch.Tensor:
+        h = torch.tanh(m["body"](batch[0]))
+        return F.mse_loss(m["head"](h), batch[1]) + weight * F.mse_loss(m["aux"](h), batch[1])
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+             torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(8)]
+    twin = copy.deepcopy(model)
+    twin_opt = cls(twin.parameters(), **kwargs)
+    opt = cls(model.parameters(), **kwargs)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: loss(m, b, 0.0), opt, gimli.MetaParams(opt, ["lr"]))
+    solver.hypergradient(data[:3], data[3], commit=True)
+    for m, o, weight, batches in ((twin, twin_opt, 0.0, data[:3]), (twin, twin_opt, 1.0, data[4:]),
+                                  (model, opt, 1.0, data[4:])):
+        for batch in batches:
+            o.zero_grad()
+            loss(m, batch, weight).backward()
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)

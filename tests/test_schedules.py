@@ -467,3 +467,40 @@ def test_scheduler_must_be_passed_when_lr_is_learned() -> None:
         with pytest.raises(ValueError, match="changes momentum at every step, so it cannot be meta-learned"):
             gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt,
                               gimli.MetaParams(opt, {"momentum": "scalar"}), scheduler=sched)
+
+
+class SetTo(torch.optim.Optimizer):
+    """A meta-'optimizer' that sets the meta-parameters to given values (to drive a
+    learned base lr through 0 and back deterministically)."""
+
+    def __init__(self, params: Any, value: float):
+        super().__init__(params, {"value": value})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.fill_(group["value"])
+
+
+@pytest.mark.parametrize("name", ["CosineAnnealingLR", "SequentialLR", "OneCycleLR", "StepLR"])
+def test_learned_base_lr_through_zero_and_back(name: str) -> None:
+    """A meta-update that would make the base lr negative projects it onto 0; the user's
+    scheduler then runs at base 0 (no lr below 0 is written), and the next meta-update
+    moves it up again: the scheduler then equals a fresh one built at the new base."""
+    setup = Setup(name, "group")
+    solver = setup.solver
+    solver.meta_opt = SetTo(setup.meta.parameters(), -1.0)
+    setup.meta_step()
+    assert setup.meta.hyper("lr").detach().tolist() == [0.0, 0.0]
+    assert all(g["lr"] >= 0 and g["initial_lr"] == 0 for g in setup.opt.param_groups)
+    setup.user_steps(setup.more[:1])
+    solver.meta_opt = SetTo(setup.meta.parameters(), 0.07)
+    setup.meta_step()
+    _, fresh_opt, fresh = objects(name, [0.07, 0.07])
+    step_scheduler(fresh, PRE + 2 * STEPS + 1)
+    for _ in range(4):
+        assert [g["lr"] for g in setup.opt.param_groups] == \
+            pytest.approx([g["lr"] for g in fresh_opt.param_groups], rel=1e-12, abs=1e-15)
+        step_scheduler(setup.sched, 1)
+        step_scheduler(fresh, 1)
