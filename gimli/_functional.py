@@ -48,7 +48,9 @@ class Slots:
 class FunctionalModel:
     """What ``loss_fn`` and ``val_loss_fn`` receive as ``model``.
 
-    It behaves like the user's module at the unroll's parameters θ'_j and buffers:
+    It behaves like the user's module at the unroll's parameters θ'_j and buffers (it
+    passes ``isinstance`` for the module's class, so ``for m in model.modules(): if
+    isinstance(m, nn.Linear): ...`` selects the same layers):
     calling it runs the module's own ``forward`` through ``torch.func.functional_call``,
     so the module object itself is never changed. ``named_parameters()`` and
     ``parameters()`` give θ'_j in the module's own order (the optimizer's order does
@@ -102,6 +104,10 @@ class FunctionalModel:
                 m.training = flag
 
     # --- like an nn.Module --------------------------------------------------------------------
+    @property                                   # type: ignore[misc]
+    def __class__(self) -> type:                # isinstance(view, nn.Linear) as for the module
+        return type(self.module)
+
     @property
     def training(self) -> bool:
         return self.module.training if self._mode is None else self._mode
@@ -141,10 +147,13 @@ class FunctionalModel:
         for _, t in self.named_buffers(recurse=recurse):
             yield t
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Parameters and buffers by name, as the module's ``state_dict`` orders them."""
+    def state_dict(self, *, keep_vars: bool = False) -> dict[str, Tensor]:
+        """Parameters and buffers by name, as the module's ``state_dict`` orders them;
+        detached unless ``keep_vars`` (as ``nn.Module.state_dict``: a loss term built
+        from it is a constant in the user's own training too)."""
         values = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        return {k: values[k] for k in self.module.state_dict(keep_vars=True) if k in values}
+        return {k: values[k] if keep_vars else values[k].detach()
+                for k in self.module.state_dict(keep_vars=True) if k in values}
 
     def _sub(self, module: nn.Module) -> FunctionalModel:
         return FunctionalModel(module, self._params, self._buffers, slots=self._slots, mode=self._mode)

@@ -311,3 +311,35 @@ def test_methods_and_properties_of_the_module_run_at_the_views_weights() -> None
     assert gimli.check(solver, data[:3], data[3]).passed
     solver.hypergradient(data[:3], data[3], commit=True)
     assert_models_equal(net, expected)
+
+
+def test_layers_selected_by_type_and_state_dict_as_in_the_users_loop() -> None:
+    """Two common ways to write a penalty: an L2 over ``isinstance(m, nn.Linear)``
+    layers of ``model.modules()`` (the view passes isinstance for the module's class),
+    and a term built from ``model.state_dict()`` (detached, as nn.Module's is: a
+    constant). Oracle: finite differences and commit of the user's own loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    anchor = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def loss(m: Any, batch: Batch) -> torch.Tensor:
+        l2 = sum((layer.weight ** 2).sum() for layer in m.modules() if isinstance(layer, nn.Linear))
+        drift = sum(((v - anchor[k]) ** 2).sum() for k, v in m.state_dict().items())
+        return mse(m, batch) + 0.5 * l2 + 0.3 * drift      # drift: a constant, as in the loop
+
+    def make(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+        return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.5)
+
+    data = batches(9, 3, 1, 4)
+    opt = make(0.1)(model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: loss(m, b), opt, gimli.MetaParams(opt, ["lr"]),
+                               val_loss_fn=mse)
+    assert isinstance(gimli.FunctionalModel(model, dict(model.named_parameters()), {})[0], nn.Linear)
+    hg = float(solver.hypergradient(data[:3], data[3])["hypers.lr"])
+    h = 1e-6
+    fd = (val_after(model, make(0.1 + h), loss, data[:3], data[3])
+          - val_after(model, make(0.1 - h), loss, data[:3], data[3])) / (2 * h)
+    assert abs(hg - fd) <= 1e-7 * abs(fd)
+    expected = real_training(model, make(0.1), loss, data[:3])
+    solver.hypergradient(data[:3], data[3], commit=True)
+    assert_models_equal(model, expected)
