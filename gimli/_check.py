@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ._meta import MetaParams
 from ._oracle import full_unroll_hypergradient
 from ._solver import GimliSolver
-from .optim import capabilities
+from .optim import bind, capabilities
 from .optim.learned import LearnedOptimizer, default_net
 
 TOLERANCE = 1e-9
@@ -84,8 +84,6 @@ def run_case(optimizer: str, granularity: str, steps: int = 4, seed: int = 0) ->
     offered = capabilities()[name]
     hypers = tuple(h for h, per in offered.items() if granularity in per
                    and not (h == "net" and granularity != "scalar"))
-    if not hypers:
-        return None
     torch.manual_seed(seed)
     matrices_only = name == "Muon"
     model = nn.Sequential(nn.Linear(3, 4, bias=not matrices_only), nn.Tanh(),
@@ -94,6 +92,12 @@ def run_case(optimizer: str, granularity: str, steps: int = 4, seed: int = 0) ->
     lr2 = kwargs["lr"] * (1.0 if granularity == "scalar" else 0.7)    # a scalar is shared
     opt = cls([{"params": list(first.parameters())},
                {"params": list(second.parameters()), "lr": lr2}], **kwargs)
+    inactive = getattr(bind(opt).rule, "inactive_hypers", None)     # refused under these flags
+    if inactive is not None:
+        off = {h for flags in bind(opt).flags for h in inactive(flags)}
+        hypers = tuple(h for h in hypers if h not in off)
+    if not hypers:
+        return None
     meta = MetaParams(opt, {h: granularity for h in hypers},
                       loss={"l2": torch.tensor(0.01, dtype=torch.float64)}, init=model)
 
