@@ -273,6 +273,26 @@ def test_float32_setup_checked_in_float64_scalars() -> None:
     assert torch.get_default_dtype() == torch.float32
 
 
+def test_checked_in_float32_the_tolerance_is_float32s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dtype=None on a float32 model: two exact float32 unrolls differ by ~1e-4, so the
+    autograd tolerance is 10⁶·ε (0.12), not float64's 1e-8; a dropped lr still fails."""
+    solver, batches = setup(dropout=0.0)
+    report = gimli.check(solver, batches[:3], batches[3], dtype=None)
+    assert report.passed and report.dtype == torch.float32 and report.rtol == 1e6 * 2.0 ** -23, str(report)
+    corrupt_lr(monkeypatch, adam, 0.0)
+    lr = {p.name: p for p in gimli.check(solver, batches[:3], batches[3], dtype=None).params}["hypers.lr"]
+    assert lr.status == "FAIL" and lr.autograd_error == 1.0
+
+
+def test_a_frozen_meta_parameter_has_no_row() -> None:
+    """A meta-parameter with requires_grad=False is a constant: no hypergradient, no row."""
+    solver, batches = setup(dropout=0.0)
+    solver.problem.module[0].bias.requires_grad_(False)
+    report = gimli.check(solver, batches[:3], batches[3])
+    assert report.passed and report.verified, str(report)
+    assert "init.0.bias" not in {p.name for p in report.params} and "init.0.weight" in str(report)
+
+
 def _rank_solver(distributed: bool | None) -> gimli.GimliSolver:
     torch.manual_seed(0)
     model = mlp([2, 3, 1], "tanh")
