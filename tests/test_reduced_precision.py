@@ -5,11 +5,15 @@ rounds β₂ = 0.999 to 1, and Adam's bias correction 1 − β₂ᵗ to 0: NaN a
 Oracles: torch.optim's own bfloat16 training on the same batches, and float64 training from
 the same (bfloat16-representable) start, the exact values both approximate.
 
-The tolerance: every step stores θ' in bfloat16, a relative rounding of at most
-u = 2⁻⁸. gimli's pure step rounds some intermediate values that torch.optim's fused ops do
-not (and the reverse), so two correct bfloat16 runs drift apart by about u·|θ| per step:
-after J steps their difference is bounded by J·u·max|θ|. A hyperparameter off by
-bfloat16's rounding (0.999 → 1, 0.99 → 0.98828) moves every step by more than that.
+The tolerance: a bfloat16 run is off the exact (float64) trajectory by
+E = max|θ_torch − θ_f64|, the error of torch.optim's own bfloat16 training: θ and the
+state are stored with 8 significant bits (unit roundoff u = 2⁻⁸), and an adaptive
+optimizer turns the rounding of a near-zero gradient into a whole step (Adam's m/√v,
+Rprop's sign), so E is not a few u·|θ| but depends on the optimizer and the problem.
+gimli's bfloat16 unroll must be as accurate: max|θ_gimli − θ_f64| ≤ 2E + u·max|θ|, and
+so, by the triangle inequality, max|θ_gimli − θ_torch| ≤ 3E + u·max|θ|: it stays as
+close to torch.optim's bfloat16 training as bfloat16 itself allows. A hyperparameter off
+by bfloat16's rounding (β₂ = 0.999 → 1) fails this by far: NaN at the first step.
 """
 
 from __future__ import annotations
@@ -83,14 +87,21 @@ def scale(model: nn.Module) -> float:
     return max(float(p.detach().double().abs().max()) for p in model.parameters())
 
 
+def assert_as_accurate_as_torch(ours: nn.Module, theirs: nn.Module, truth: nn.Module) -> None:
+    """The module's tolerance: E = torch.optim's own bfloat16 error against float64."""
+    error, floor = max_diff(theirs, truth), U * scale(truth)
+    assert max_diff(ours, truth) <= 2 * error + floor, (max_diff(ours, truth), error)
+    assert max_diff(ours, theirs) <= 3 * error + floor, (max_diff(ours, theirs), error)
+
+
 TRAINED = ["SGD", "Adam", "AdamW", "RMSprop", "NAdam", "Adafactor"]
 
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_bfloat16_unroll_trains_as_torch(name: str) -> None:
-    """J steps of the unroll (committed) against torch.optim's own bfloat16 training: within
-    J·u of the weights' scale of it, no farther from the float64 training than it is (up
-    to one rounding), and the hypergradient finite and within 10 % of the float64 one."""
+    """J steps of the unroll (committed) against torch.optim's own bfloat16 training and the
+    float64 one (the module's tolerance), and the hypergradient finite and within 10 % of
+    the float64 one."""
     truth, _ = torch_training(name, torch.float64)
     theirs, their_opt = torch_training(name, torch.bfloat16)
     model, data = problem(name, torch.bfloat16)
@@ -101,9 +112,7 @@ def test_bfloat16_unroll_trains_as_torch(name: str) -> None:
     got = solver.hypergradient(data[:J], data[J], commit=True)["hypers.lr"]
 
     assert all(p.dtype == torch.bfloat16 and bool(torch.isfinite(p).all()) for p in model.parameters())
-    s = scale(truth)
-    assert max_diff(model, theirs) <= J * U * s, (max_diff(model, theirs), J * U * s)
-    assert max_diff(model, truth) <= 2 * max_diff(theirs, truth) + U * s
+    assert_as_accurate_as_torch(model, theirs, truth)
     for p, q in zip(model.parameters(), theirs.parameters()):       # the state torch keeps
         for key, value in their_opt.state[q].items():
             assert opt.state[p][key].dtype == value.dtype, (key, opt.state[p][key].dtype, value.dtype)
@@ -145,8 +154,10 @@ CASES = [(name, per) for name in SETTINGS for per in ("scalar", "group", "tensor
 def test_every_optimizer_and_granularity_in_bfloat16(name: str, per: str) -> None:
     """Every hyperparameter offered at this granularity learned at once on a bfloat16 model:
     the hypergradient is finite, the unroll's parameters stay bfloat16 (a float32
-    hyperparameter per element must not promote them) and within J·u of torch.optim's own
-    bfloat16 training, and a commit leaves the state in the dtypes torch.optim keeps."""
+    hyperparameter per element must not promote them) and as accurate as torch.optim's own
+    bfloat16 training (the module's tolerance), and a commit leaves the state in the dtypes
+    torch.optim keeps."""
+    truth, _ = torch_training(name, torch.float64)
     theirs, their_opt = torch_training(name, torch.bfloat16)
     model, data = problem(name, torch.bfloat16)
     opt = optimizer(name, model)
@@ -159,7 +170,7 @@ def test_every_optimizer_and_granularity_in_bfloat16(name: str, per: str) -> Non
     if not commit:
         return
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert max_diff(model, theirs) <= J * U * scale(theirs), (max_diff(model, theirs), J * U * scale(theirs))
+    assert_as_accurate_as_torch(model, theirs, truth)
     for p, q in zip(model.parameters(), theirs.parameters()):
         for key, value in their_opt.state[q].items():
             if isinstance(value, torch.Tensor):
