@@ -27,6 +27,9 @@ class Mark(NamedTuple):
     drawn: int
 
 
+_END = object()     # what _first returns when a pass has run out
+
+
 class Stream:
     """Batches drawn from an iterable, starting it over when it runs out."""
 
@@ -41,6 +44,8 @@ class Stream:
         self._it: Iterator[Any] | None = None
         self._given_back: deque[tuple[Any, int, int, dict[str, Tensor] | None]] = deque()
         self._log: list[tuple[Any, int, int, dict[str, Tensor] | None]] = []
+        self._started: dict[int, dict[str, Tensor]] = {}     # pass → its random state, kept
+        self._queued: deque[dict[str, Tensor]] = deque()     # states the next passes start from
 
     # --- drawing ---------------------------------------------------------------------------
     def take(self, k: int) -> list[Any]:
@@ -57,24 +62,41 @@ class Stream:
 
     def _next(self) -> Any:
         while True:
-            if self._it is None:                # a pass starts
-                self.pass_rng = _rng_states(self.data)
-                self._it, self.index = iter(self.data), 0
-            try:
-                item = next(self._it)
-            except StopIteration:
-                self._it = None
-                if self.one_shot:
-                    raise ValueError(f"{self.name} is an iterator (a generator?) that has run out "
-                                     f"after {self.index} batches; it cannot be started over: pass "
-                                     f"a re-iterable (a list, a DataLoader) or an endless "
-                                     f"generator") from None
-                if self.index == 0:
-                    raise ValueError(f"{self.name} yields no batches") from None
-                self.epoch += 1
-                continue
-            self.index += 1
-            return item
+            if self._it is None:                # a pass starts: iter() and its first draw
+                live = None
+                if self._queued:                # (a resumed run: the state it first started from)
+                    live = torch.get_rng_state()
+                    _set_rng_states(self.data, self._queued[0])
+                    self.pass_rng = self._queued.popleft()
+                else:
+                    self.pass_rng = _rng_states(self.data)
+                self._started[self.epoch] = self.pass_rng
+                try:
+                    self._it, self.index = iter(self.data), 0
+                    item = self._first(self._it)
+                finally:
+                    if live is not None:
+                        torch.set_rng_state(live)
+            else:
+                item = self._first(self._it)
+            if item is not _END:
+                self.index += 1
+                return item
+            self._it = None
+            if self.one_shot:
+                raise ValueError(f"{self.name} is an iterator (a generator?) that has run out "
+                                 f"after {self.index} batches; it cannot be started over: pass "
+                                 f"a re-iterable (a list, a DataLoader) or an endless generator")
+            if self.index == 0:
+                raise ValueError(f"{self.name} yields no batches")
+            self.epoch += 1
+
+    @staticmethod
+    def _first(it: Iterator[Any]) -> Any:
+        try:
+            return next(it)
+        except StopIteration:
+            return _END
 
     # --- transactions ----------------------------------------------------------------------
     def mark(self) -> Mark:
@@ -91,21 +113,28 @@ class Stream:
     def settle(self) -> None:
         """The step went through: forget what it drew."""
         self._log.clear()
+        for epoch in [e for e in self._started if e < self.epoch]:
+            del self._started[epoch]
 
     # --- resuming --------------------------------------------------------------------------
     def position(self) -> dict[str, Any]:
+        """(passes started, batches drawn in this one), the random state this pass started
+        from, and that of any later pass the iterator has already started (batches a
+        failed step gave back may come from it)."""
+        later = sorted(e for e in self._started if e > self.epoch)
         return {"epoch": self.epoch, "index": self.index,
-                "rng": None if self.pass_rng is None else dict(self.pass_rng)}
+                "rng": None if self.pass_rng is None else dict(self.pass_rng),
+                "next_rngs": [dict(self._started[e]) for e in later] + [dict(s) for s in self._queued]}
 
     def check(self, position: Any) -> None:
         """Raise ``ValueError`` if ``position`` is not one :meth:`position` could give."""
         if not (isinstance(position, dict) and isinstance(position.get("epoch"), int)
                 and isinstance(position.get("index"), int) and position["index"] >= 0):
             raise ValueError(f"{self.name}'s saved position is not a position: {position!r}")
-        rng = position.get("rng")
-        if rng is not None and not (isinstance(rng, dict) and
-                                    all(isinstance(v, Tensor) for v in rng.values())):
-            raise ValueError(f"{self.name}'s saved random state is not a dict of tensors")
+        states = [position.get("rng")] + list(position.get("next_rngs") or [])
+        if not all(s is None or (isinstance(s, dict) and "torch" in s and
+                                 all(isinstance(v, Tensor) for v in s.values())) for s in states):
+            raise ValueError(f"{self.name}'s saved random states are not dicts of tensors")
 
     def moved_to(self, position: dict[str, Any]) -> Stream:
         """A new stream over the same data, at ``position`` (see :meth:`seek`)."""
@@ -123,7 +152,11 @@ class Stream:
         self._log.clear()
         self._it, self.epoch, self.index = None, position["epoch"], 0
         self.pass_rng = position.get("rng")
+        self._queued = deque(position.get("next_rngs") or [])
+        self._started = {} if self.pass_rng is None else {self.epoch: self.pass_rng}
         if not position["index"]:
+            if self.pass_rng is not None:
+                self._queued.appendleft(self.pass_rng)
             return
         now = torch.get_rng_state()
         try:

@@ -162,3 +162,38 @@ def test_generator_as_train_data() -> None:
     solver.step()
     with pytest.raises(ValueError, match="train_data is an iterator"):
         solver.step()
+
+
+def test_resume_after_a_failed_step_that_started_a_new_pass() -> None:
+    """A step draws the last batch of a pass and the first of the next (a shuffling
+    DataLoader deals the new permutation), then fails; it gives both back. A checkpoint
+    taken then must carry the new pass's random state too, or the resumed run deals
+    another permutation."""
+    def loaders() -> tuple[DataLoader, DataLoader]:
+        return DataLoader(dataset(9), batch_size=3, shuffle=True), DataLoader(dataset(4), batch_size=4)
+
+    def run(resume: bool) -> list[Any]:
+        torch.manual_seed(42)
+        solver = setup(loaders()[0], val=loaders()[1])
+        original = solver.problem.loss_fn
+        solver.step()                                   # batches 0, 1 of pass 0
+        solver.problem.loss_fn = lambda m, b, meta: (_ for _ in ()).throw(RuntimeError("transient"))
+        with pytest.raises(RuntimeError, match="transient"):
+            solver.step()                               # draws batch 2 of pass 0, 0 of pass 1
+        solver.problem.loss_fn = original
+        if resume:
+            buffer = io.BytesIO()
+            torch.save({"solver": solver.state_dict(), "rng": torch.get_rng_state(),
+                        "model": solver.problem.module.state_dict(),
+                        "opt": solver.problem.inner.torch_optimizer.state_dict()}, buffer)
+            buffer.seek(0)
+            saved = torch.load(buffer, weights_only=True)
+            torch.manual_seed(7)
+            solver = setup(loaders()[0], seed=3, val=loaders()[1])
+            solver.problem.module.load_state_dict(saved["model"])
+            solver.problem.inner.torch_optimizer.load_state_dict(saved["opt"])
+            solver.load_state_dict(saved["solver"])
+            torch.set_rng_state(saved["rng"])
+        return [solver.step(commit=True) for _ in range(4)]
+
+    assert run(resume=True) == run(resume=False)
