@@ -151,8 +151,9 @@ class GimliSolver:
         All or nothing: if anything fails (an exception, a non-finite loss or gradient
         in the unroll, a non-finite hypergradient or updated meta-parameter), the
         model, the optimizer (param groups and state), the scheduler, the
-        meta-parameters (and their ``.grad``), the meta-optimizer's state and the
-        position in ``train_data``/``val_data`` are left as they were before the call,
+        meta-parameters (and their ``.grad``), the meta-optimizer's state, the
+        position in ``train_data``/``val_data`` and torch's random state are left as
+        they were before the call (a retry draws the same batches and dropout masks),
         and the error is raised (a non-finite value as :class:`FloatingPointError`);
         with ``on_nonfinite="skip"`` a non-finite value is instead reported by a
         warning and a :class:`StepResult` with ``skipped=True``, and the batches the
@@ -197,7 +198,7 @@ class GimliSolver:
                 if on_nonfinite == "raise":
                     e.args = (f"{e}; nothing was changed",)
                     raise
-                saved.restore(self, streams=False)      # a skipped step uses up its batches
+                saved.restore(self, keep_draws=True)    # a skipped step uses up its batches
                 saved.settle()
                 warnings.warn(f"GimliSolver.step skipped: {e}; nothing was changed",
                               RuntimeWarning, stacklevel=2)

@@ -61,6 +61,7 @@ class Snapshot(NamedTuple):
     groups: list[_Group] | None                 # the optimizer's param groups, with meta=True
     scheduler: dict[str, Any] | None            # with meta=True or commit=True
     streams: list[tuple[Stream, Mark]]          # always: a failed call draws no batch
+    rng: tuple[Tensor, list[Tensor] | None]     # and no random number (dropout's, a loader's)
     extra: list[tuple[Any, Any]]                # (object, its snapshot()) for restore()
     model: dict[str, Tensor] | None             # with commit: the model's weights and buffers
     inner_state: dict[Any, Any] | None          # and the optimizer's state
@@ -81,13 +82,14 @@ class Snapshot(NamedTuple):
                    [_take_group(g) for g in opt.param_groups] if meta else None,
                    copy.deepcopy(scheduler.state_dict())
                    if scheduler is not None and (meta or commit) else None,
-                   streams, extra,
+                   streams, _rng(), extra,
                    {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
                    if commit else None,
                    {p: copy.deepcopy(s) for p, s in opt.state.items()} if commit else None)
 
-    def restore(self, solver: GimliSolver, *, streams: bool = True) -> None:
-        """Put everything back (``streams=False``: all but the data streams' positions)."""
+    def restore(self, solver: GimliSolver, *, keep_draws: bool = False) -> None:
+        """Put everything back; ``keep_draws``: all but the batches drawn and the random
+        numbers drawn (a skipped step uses them up)."""
         if self.meta is not None and self.grads is not None:
             with torch.no_grad():
                 for p, value, grad in zip(solver.meta.parameters(), self.meta, self.grads):
@@ -100,8 +102,12 @@ class Snapshot(NamedTuple):
             _restore_group(group, saved)
         if self.scheduler is not None:
             solver.problem.scheduler.load_state_dict(copy.deepcopy(self.scheduler))
-        for stream, mark in self.streams if streams else []:
+        for stream, mark in self.streams if not keep_draws else []:
             stream.rewind(mark)
+        if not keep_draws:
+            torch.set_rng_state(self.rng[0])
+            if self.rng[1] is not None:
+                torch.cuda.set_rng_state_all(self.rng[1])
         for obj, saved_state in self.extra:
             obj.restore(saved_state)
         if self.model is not None and self.inner_state is not None:
@@ -115,6 +121,13 @@ class Snapshot(NamedTuple):
         """The step went through: the streams forget the batches they lent it."""
         for stream, _ in self.streams:
             stream.settle()
+
+
+def _rng() -> tuple[Tensor, list[Tensor] | None]:
+    """torch's global random states (the CPU's, and the GPUs' where CUDA is in use)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+    return torch.get_rng_state(), cuda
 
 
 def commit(solver: GimliSolver, final: Point, steps: int) -> None:

@@ -489,3 +489,35 @@ def test_commit_keeps_the_state_of_a_tensor_whose_gradient_was_zero(cls: type, k
             o.step()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_a_retried_step_equals_an_uninterrupted_one() -> None:
+    """A step that fails (here in the validation loss, after the unroll drew its dropout
+    masks) leaves torch's random state as it was: retried, it equals the step of a run
+    that never failed, dropout masks included."""
+    def make() -> tuple[gimli.GimliSolver, list[Any], Any]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 1)).double()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        meta = gimli.MetaParams(opt, {"lr": "tensor"}, init=model)
+        solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta,
+                                   meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-3))
+        g = torch.Generator().manual_seed(1)
+        data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+                 torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+        return solver, data[:3], data[3]
+
+    clean, train, val = make()
+    torch.manual_seed(5)
+    expected = [clean.step(train, val) for _ in range(2)]
+    faulty, train, val = make()
+    torch.manual_seed(5)
+
+    def broken(m: Any, b: Any) -> torch.Tensor:
+        raise RuntimeError("transient")
+
+    faulty.problem.val_loss_fn, original = (lambda m, b, meta: broken(m, b)), faulty.problem.val_loss_fn
+    with pytest.raises(RuntimeError, match="transient"):
+        faulty.step(train, val)
+    faulty.problem.val_loss_fn = original
+    assert [faulty.step(train, val) for _ in range(2)] == expected
