@@ -169,13 +169,16 @@ class Problem:
         line 5). A tensor the loss does not read gets ``None`` (and does not step)."""
         if not loss.requires_grad:
             raise ValueError("loss_fn returned a loss that does not depend on the model's "
-                             "parameters (it does not require grad)")
+                             "parameters (it does not require grad): does it call the model it is "
+                             "given (its first argument), not your module itself, and not under "
+                             "torch.no_grad()?")
         index = [i for i, t in enumerate(theta) if t.requires_grad]
         found = torch.autograd.grad(loss, [theta[i] for i in index], create_graph=graph,
                                     allow_unused=True) if index else ()
         if all(g is None for g in found):
             raise ValueError("loss_fn returned a loss that does not depend on any parameter "
-                             "the optimizer trains (with requires_grad=True)")
+                             "the optimizer trains (with requires_grad=True): does it call the "
+                             "model it is given (its first argument), not your module itself?")
         grads: list[Tensor | None] = [None] * len(theta)
         for i, g in zip(index, found):
             grads[i] = g

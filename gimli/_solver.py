@@ -310,6 +310,11 @@ class GimliSolver:
             pairs = list(tasks)
             if not pairs:
                 raise ValueError("tasks= holds no task")
+            for k, task in enumerate(pairs):
+                if not (isinstance(task, (tuple, list)) and len(task) == 2):
+                    raise TypeError(f"tasks= is a list of (train_batches, val_batch) pairs, one per "
+                                    f"task; tasks[{k}] is a {type(task).__name__}"
+                                    + (f" of {len(task)}" if isinstance(task, (tuple, list)) else ""))
         group = self._group()
         last: _Result | None
         if group is None:

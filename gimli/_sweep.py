@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._problem import Problem
 from ._schedule import Schedule
-from ._unroll import Point, Step, Unroll
+from ._unroll import Point, Step, Unroll, _describe, _note
 
 
 class Sweep(NamedTuple):
@@ -72,7 +72,12 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     # line 9: B_J ← ∇_θ L^val(θ'_J), plus L^val's direct gradient w.r.t. φ^loss; S_J ← 0
     theta_J = [t.detach().requires_grad_(trained) for t, trained in zip(final.theta, unroll.trained)]
     val_buffers = {n: b.clone() for n, b in final.buffers.items()}    # σ_J's buffers stay as J steps
-    val = problem.val_loss(theta_J, val_buffers, val_batch)             # left them (for a commit)
+    try:
+        val = problem.val_loss(theta_J, val_buffers, val_batch)         # left them (for a commit)
+    except Exception as e:
+        _note(e, f"(raised by the validation loss on val_batch, {_describe(val_batch)}; val_batch "
+                 f"is one batch, where train_batches is a list of them)")
+        raise
     unroll.rng.mark_end()
     direct = _grad(val, theta_J + leaves) if val.requires_grad else [None] * (n + len(leaves))
     if all(d is None for d in direct[:n]):

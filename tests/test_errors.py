@@ -83,3 +83,30 @@ def test_metaparams_for_another_optimizer() -> None:
     other = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"different optimizer \(SGD\).*opt \(Adam"):
         gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(other, ["lr"]))
+
+
+def test_tasks_that_are_not_pairs() -> None:
+    model, loss_fn, opt, meta, data = setup()
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta)
+    with pytest.raises(TypeError, match=r"tasks= is a list of \(train_batches, val_batch\) pairs.*tasks\[0\] is a list of 3"):
+        solver.hypergradient(tasks=[data[:3], data[3]])
+
+
+def test_an_error_in_the_validation_loss_says_where() -> None:
+    model, loss_fn, opt, meta, data = setup()
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta)
+    with pytest.raises(Exception) as error:
+        solver.hypergradient(data[:3], [data[3], data[3]])         # a list where one batch goes
+    notes = "\n".join(getattr(error.value, "__notes__", []))
+    assert "validation loss on val_batch, a list of 2" in notes and "one batch" in notes
+
+
+def test_a_loss_that_calls_the_users_module_itself() -> None:
+    model, _, opt, meta, data = setup()
+
+    def loss_fn(m: Any, batch: Any, meta: Any) -> torch.Tensor:
+        return F.mse_loss(model(batch[0]), batch[1])        # the module, not the view m
+
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta)
+    with pytest.raises(ValueError, match="the model it is given"):
+        solver.hypergradient(data[:3], data[3])
