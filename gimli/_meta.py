@@ -245,11 +245,6 @@ def _check_transform(inner: InnerOptimizer, name: str, kind: str, valid: Interva
         raise ValueError(f"transform {kind!r} cannot represent the initial {name} = {bad[0]} "
                          f"(it reaches {image} only): start from a value inside, or use "
                          f"'project'")
-    if kind != "project" and name == "lr" and \
-            all("initial_lr" in g for g in inner.torch_optimizer.param_groups):
-        raise ValueError(f"transform {kind!r} of lr with an LR scheduler attached: the scheduler is "
-                         f"re-based on the meta-parameter itself after each step, so learn lr "
-                         f"with 'project' there")
 
 
 def _inverse(kind: str, value: Tensor) -> Tensor:

@@ -207,7 +207,7 @@ class GimliSolver:
                 return StepResult(result.val_loss, result.train_losses, _norms(grads), True)
             self.meta.write_back()
             if result.schedule is not None and self.meta.granularity.get("lr") in ("scalar", "group"):
-                lr = self.meta.hyper("lr").detach()
+                lr = self.meta.value("lr").detach()         # the base lr (the transform applied)
                 bases = [float(lr if lr.dim() == 0 else lr[g]) for g in range(len(self.problem.inner.groups))]
                 assert self.problem.shadows is not None
                 rebase(self.problem.scheduler, self.problem.inner, bases, result.schedule,

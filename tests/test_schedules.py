@@ -504,3 +504,22 @@ def test_learned_base_lr_through_zero_and_back(name: str) -> None:
             pytest.approx([g["lr"] for g in fresh_opt.param_groups], rel=1e-12, abs=1e-15)
         step_scheduler(setup.sched, 1)
         step_scheduler(fresh, 1)
+
+
+@pytest.mark.parametrize("name", ["CosineAnnealingLR", "SequentialLR"])
+def test_log_parameterised_base_lr(name: str) -> None:
+    """lr learned as log lr under a scheduler: the hypergradient is w.r.t. log lr (the
+    full autograd unroll), and the scheduler is re-based on exp(z), the lr itself."""
+    model, opt, sched = objects(name, [0.1, 0.05])
+    meta = gimli.MetaParams(opt, {"lr": "group"}, transform={"lr": "log"})
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, scheduler=sched,
+                               val_loss_fn=mse, meta_opt=torch.optim.SGD(meta.parameters(), lr=0.1))
+    data = regression_batches(3, 2, 1, STEPS + 1)
+    assert_hypergradients_close(solver.hypergradient(data[:STEPS], data[STEPS]),
+                                gimli.full_unroll_hypergradient(solver, data[:STEPS], data[STEPS]))
+    solver.step(data[:STEPS], data[STEPS])
+    lrs = meta.hyper("lr").detach().exp().tolist()
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx(lrs, rel=1e-15)
+    _, fresh_opt, fresh = objects(name, lrs)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([g["lr"] for g in fresh_opt.param_groups],
+                                                               rel=1e-12)
