@@ -326,10 +326,6 @@ def test_refused_transforms_say_why() -> None:
     _, rprop = setup("Rprop", "scalar")
     with pytest.raises(ValueError, match=r"etaplus, \(1, ∞\)"):      # η₊ > 1: only 'project'
         gimli.MetaParams(rprop, {"etaplus": "scalar"}, transform={"etaplus": "log"})
-    sched_model, sched_opt = setup("SGD", "scalar")
-    torch.optim.lr_scheduler.StepLR(sched_opt, step_size=2)
-    with pytest.raises(ValueError, match="scheduler"):
-        gimli.MetaParams(sched_opt, {"lr": "scalar"}, transform={"lr": "log"})
 
 
 def test_logit_rounding_to_one_is_guarded() -> None:
