@@ -521,3 +521,28 @@ def test_a_retried_step_equals_an_uninterrupted_one() -> None:
         faulty.step(train, val)
     faulty.problem.val_loss_fn = original
     assert [faulty.step(train, val) for _ in range(2)] == expected
+
+
+def test_learned_optimizer_checkpoint_keeps_its_network() -> None:
+    """The README's resume recipe with a LearnedOptimizer: its own state_dict loads with
+    weights_only=True, and loading it keeps the network gimli meta-learns in place."""
+    import io
+
+    solver, train, val = learned_setup()
+    opt = solver.problem.inner.torch_optimizer
+    net = solver.meta.hypers.net
+    solver.step(train, val)
+    buffer = io.BytesIO()
+    torch.save({"solver": solver.state_dict(), "opt": opt.state_dict(),
+                "model": solver.problem.module.state_dict()}, buffer)
+    went_on = [solver.step(train, val) for _ in range(2)]
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh, _, _ = learned_setup()
+    fresh_opt, fresh_net = fresh.problem.inner.torch_optimizer, fresh.meta.hypers.net
+    fresh.problem.module.load_state_dict(saved["model"])
+    fresh_opt.load_state_dict(saved["opt"])
+    fresh.load_state_dict(saved["solver"])
+    assert fresh_opt.param_groups[0]["net"] is fresh_net
+    assert [fresh.step(train, val) for _ in range(2)] == went_on
+    assert all(torch.equal(p, q) for p, q in zip(fresh_net.parameters(), net.parameters()))

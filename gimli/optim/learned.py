@@ -92,6 +92,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     It steps with the very function gimli differentiates, so a meta-trained
     network is used as it is in the user's own training loop.
+
+    Its ``state_dict()`` holds the network's weights (tensors), not the module, so it
+    loads with ``torch.load(..., weights_only=True)``; ``load_state_dict`` copies them
+    into the network it already has, which stays the very module gimli meta-learns.
     """
 
     def __init__(self, params: Iterable[Any], net: nn.Module | None = None, lr: float = 1e-2,
@@ -101,6 +105,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if beta not in RANGES["beta"]:
             raise ValueError(f"Invalid beta: {beta} (must be in [0, 1))")
         super().__init__(params, dict(lr=lr, beta=beta, net=default_net() if net is None else net))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["param_groups"] = [{**saved, "net": {k: v.detach().clone() for k, v in
+                                                   group["net"].state_dict().items()}}
+                                 for saved, group in zip(state["param_groups"], self.param_groups)]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = [group.get("net") for group in state_dict["param_groups"]]
+        for weights, group in zip(saved, self.param_groups):
+            if isinstance(weights, nn.Module):
+                weights = weights.state_dict()
+            group["net"].load_state_dict(weights)          # checked first: names and shapes
+        nets = [group["net"] for group in self.param_groups]
+        super().load_state_dict({**state_dict, "param_groups": [
+            {**group, "net": None} for group in state_dict["param_groups"]]})
+        for group, net in zip(self.param_groups, nets):
+            group["net"] = net                             # the very module, not a copy
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
