@@ -9,6 +9,7 @@ the autograd-on-one-step VJP for the user's closed form.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -160,3 +161,33 @@ def test_learned_optimizer_is_meta_trained() -> None:
     # the user's optimizer object now holds the meta-learned network itself
     assert any(not torch.equal(p, q) for p, q in zip(opt.param_groups[0]["net"].parameters(),
                                                       net_before.parameters()))
+
+
+class HeavyBallRanged(HeavyBall):
+    """The same optimizer, registered with the values it accepts."""
+
+
+gimli.register_optimizer(HeavyBallRanged, hypers=("lr", "friction"), init=init, step=step,
+                         ranges={"lr": (0.0, math.inf),
+                                 "friction": gimli.optim.Interval(0.0, 1.0, hi_open=True)})
+
+
+def test_registered_ranges_keep_learned_values_inside() -> None:
+    """A meta-step that would push lr below 0 and friction to 1 or beyond projects them
+    into the registered ranges (what is written into the param groups too); 'logit'
+    fits friction's range, 'log' does not fit an unregistered name's whole line."""
+    model, opt, solver, train, val = setup(HeavyBallRanged, 0, {"lr": "group", "friction": "scalar"})
+    meta = solver.meta
+    with torch.no_grad():
+        meta.hyper("lr").fill_(-0.5)
+        meta.hyper("friction").fill_(1.5)
+    meta.constrain_()
+    assert meta.hyper("lr").min() >= 0 and 0 <= float(meta.hyper("friction").detach()) < 1
+    meta.write_back()
+    assert all(g["lr"] >= 0 and 0 <= g["friction"] < 1 for g in opt.param_groups)
+    gimli.MetaParams(opt, {"friction": "scalar"}, transform={"friction": "logit"})
+    with pytest.raises(ValueError, match="friction"):
+        gimli.MetaParams(opt, {"friction": "scalar"}, transform={"friction": "log"})
+    with pytest.raises(ValueError, match="not among hypers"):
+        gimli.register_optimizer(HeavyBallRanged, hypers=("lr",), init=init, step=step,
+                                 ranges={"momentum": (0.0, 1.0)})

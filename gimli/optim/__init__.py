@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from . import learned
-from ._core import VJP, Hypers, autograd_vjp, hyper_dtype, step_tensor
+from ._core import VJP, Hypers, Interval, autograd_vjp, hyper_dtype, step_tensor
 from .custom import CustomRule, InitFn, StepFn, VjpFn
 from .learned import LearnedOptimizer
 
-__all__ = ["CustomRule", "InnerOptimizer", "LearnedOptimizer", "SUPPORTED", "bind", "register",
+__all__ = ["CustomRule", "InnerOptimizer", "Interval", "LearnedOptimizer", "SUPPORTED", "bind", "register",
            "register_optimizer"]
 
 # torch.optim class name → the file here that differentiates it (AdamW is adam.py's flag)
@@ -65,7 +65,8 @@ def register(cls: type[torch.optim.Optimizer], rule: Any) -> None:
 
 def register_optimizer(cls: type[torch.optim.Optimizer], *, hypers: Sequence[str], init: InitFn,
                        step: StepFn, vjp: VjpFn | None = None,
-                       group_keys: Mapping[str, tuple[str, int]] | None = None) -> CustomRule:
+                       group_keys: Mapping[str, tuple[str, int]] | None = None,
+                       ranges: Mapping[str, Interval | tuple[float, float]] | None = None) -> CustomRule:
     """Make a user-defined ``torch.optim.Optimizer`` subclass differentiable.
 
     Args:
@@ -80,11 +81,21 @@ def register_optimizer(cls: type[torch.optim.Optimizer], *, hypers: Sequence[str
             (the parameter's shape): gimli sums it to the hyperparameter's granularity.
         group_keys: for a hyperparameter kept in a param-group tuple, ``name ->
             (key, index)`` (as Adam's ``"beta1" -> ("betas", 0)``).
+        ranges: the values your optimizer accepts, ``name -> (lo, hi)`` (closed) or an
+            ``Interval`` (open ends too, e.g. ``Interval(0, 1, hi_open=True)`` for a β);
+            a meta-learned value is kept inside (projected, or by ``transform=``), and
+            nothing outside is written into your param groups. Unnamed: any real value.
 
     Registering the same class again replaces its rule for the ``MetaParams`` and
     solvers built afterwards; those built before keep the rule they were built with.
     """
-    rule = CustomRule(hypers, init, step, vjp, group_keys)
+    table = {name: value if isinstance(value, Interval) else Interval(float(value[0]), float(value[1]))
+             for name, value in (ranges or {}).items()}
+    unknown = sorted(set(table) - set(hypers))
+    if unknown:
+        raise ValueError(f"ranges= names {', '.join(unknown)}, which are not among hypers= "
+                         f"({', '.join(hypers)})")
+    rule = CustomRule(hypers, init, step, vjp, group_keys, table)
     register(cls, rule)
     return rule
 

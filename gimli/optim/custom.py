@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, group_float, reduce_to, stored_as_torch
+from ._core import VJP, Hypers, Interval, group_float, reduce_to, stored_as_torch
 
 InitFn = Callable[[Tensor, dict[str, Any]], dict[str, Tensor]]
 StepFn = Callable[[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]],
@@ -37,9 +37,11 @@ class CustomRule:
     """A gimli optimizer rule made of a user's per-tensor functions."""
 
     def __init__(self, hypers: Sequence[str], init: InitFn, step: StepFn, vjp: VjpFn | None = None,
-                 group_keys: Mapping[str, tuple[str, int]] | None = None):
+                 group_keys: Mapping[str, tuple[str, int]] | None = None,
+                 ranges: Mapping[str, Interval] | None = None):
         self.HYPERS = tuple(hypers)
         self.GROUP_KEYS = dict(group_keys or {})
+        self.RANGES = dict(ranges or {})
         self._init, self._step, self._vjp = init, step, vjp
         self._types: dict[tuple[str, ...], Any] = {}
         if vjp is not None:
