@@ -66,6 +66,12 @@ Four things stand between an exact hypergradient and its references:
    "autograd NaN" and those entries are judged by finite differences alone, on
    elements chosen among them. A non-finite hypergradient from gimli always fails.
 
+An optimizer that rounds inside its step below the unroll's precision, and is
+differentiated straight through (Muon's bfloat16 Newton–Schulz iteration), makes
+L^val a staircase at that scale: its finite differences are not the derivative
+gimli (or autograd, through the same step) computes, so they are not used; the
+report says why.
+
 A meta-parameter fails when a reference disagrees beyond its tolerance (or gimli's
 value is not finite), and passes otherwise. It is marked "unverified" when some of
 its entries have no usable reference: the autograd reference is not finite there and
@@ -77,8 +83,10 @@ where L^val is not differentiable there is no derivative to disagree with
 The copy computes locally (``distributed=False``): under an initialized
 torch.distributed process group the check compares this process's own
 hypergradient, on the batches it is given, and communicates with no other rank.
-It computes in ``dtype`` throughout (the default dtype is set to it while it
-runs, so that NAdam's and ASGD's scalars are not rounded to float32), and the
+It computes in ``dtype`` throughout (the default dtype is set to it, or to the
+model's with ``dtype=None``, while it runs: NAdam's and ASGD's scalars, which
+``torch.optim`` keeps in the default dtype, are then not rounded to float32 in a
+float64 unroll, where finite differences would see the rounding's steps), and the
 warnings the user's own solver gives (``GimliWarning``) are not repeated.
 
 Nothing of the user's is changed: not the model, its buffers or gradients, the
@@ -105,6 +113,12 @@ from .optim import bind
 if TYPE_CHECKING:
     from ._solver import GimliSolver
 
+# optimizers whose hypergradient is deliberately not L^val's derivative: finite differences
+# of L^val cannot check it (the autograd unroll, through the same step, still does)
+_STRAIGHT_THROUGH = {
+    "Muon": "Muon runs its Newton–Schulz iteration in bfloat16, so L^val is a staircase at that "
+            "scale; gimli (like autograd on the same step) differentiates it straight through",
+}
 KAPPA = 64              # δ ≤ κ·ε·|L^val|: the rounding of one evaluation of L^val
 H_REL = 1e-5            # the finite-difference step, relative to max(|φ_i|, 10⁻²)
 ROUNDING = 1e6         # rtol is at least ROUNDING·ε of the dtype the copy computes in
@@ -135,6 +149,7 @@ class CheckReport(NamedTuple):
     rtol: float
     fd_rtol: float
     dtype: torch.dtype
+    no_fd: str = ""             # why finite differences were not used, if they were asked for
 
     @property
     def passed(self) -> bool:
@@ -169,6 +184,8 @@ class CheckReport(NamedTuple):
         if any(p.nonfinite for p in self.params):
             lines.append("autograd NaN: the autograd reference is not finite there (√ of 0 at a dead "
                          "unit: 0·∞); those entries are judged by finite differences alone")
+        if self.no_fd:
+            lines.append(f"no finite differences: {self.no_fd}")
         if any(p.one_sided or p.skipped for p in self.params):
             lines.append("one-sided: L^val has a kink at the point, judged by a one-sided derivative; "
                          "kink: smooth on no side within the finite-difference step, not judged")
@@ -199,11 +216,14 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
         train_batches, val_batch: a few batches, as for :meth:`GimliSolver.hypergradient`.
         dtype: the floating dtype the copy computes in (``None``: as they are).
             Floating tensors in the batches are converted too, and the default dtype
-            is set to it while the check runs.
+            is set to it (or to the model's) while the check runs.
         finite_differences: also compare with central finite differences (Richardson)
             of the unroll's validation loss on ``elements`` entries per meta-parameter.
             With ``first_order`` or ``truncate`` they difference the same stopped
             function (G_j on the unperturbed trajectory; the first J − K steps fixed).
+            Not with an optimizer that rounds inside its step below the unroll's
+            precision and is differentiated straight through (Muon's bfloat16
+            Newton–Schulz): L^val is then a staircase, and the report says so.
         rtol: tolerance against the autograd unroll (both exact: rounding only); at least
             10⁶·ε of the dtype (float64: 2·10⁻¹⁰, no change; float32: 0.12, where two exact
             unrolls can differ by 10⁻⁴ and only a gross error can be told).
@@ -218,8 +238,9 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GimliWarning)   # the user's own solver warns
-            if dtype in (torch.float32, torch.float64):
-                torch.set_default_dtype(dtype)
+            computed_in = dtype or solver.problem.inner.params[0].dtype
+            if computed_in in (torch.float32, torch.float64):  # NAdam's, ASGD's scalars: not rounded
+                torch.set_default_dtype(computed_in)            # below the unroll's precision
             twin = _twin(solver, dtype)
             batches: list[Any] = _cast(list(train_batches), dtype)
             val_batch = _cast(val_batch, dtype)
@@ -229,7 +250,8 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
             reference = full_unroll_hypergradient(twin, batches, val_batch)
             objective = _Objective(twin, batches, val_batch, seed)
             rtol = max(rtol, ROUNDING * objective.eps)      # no tighter than the dtype can tell
-            use_fd = finite_differences and elements > 0
+            no_fd = _STRAIGHT_THROUGH.get(twin.problem.inner.name, "") if finite_differences else ""
+            use_fd = finite_differences and elements > 0 and not no_fd
             gen = torch.Generator().manual_seed(seed)
             params = [_judge(name, p, ours[name], reference[name], objective, use_fd, elements,
                              rtol, fd_rtol, floor, gen, _range(twin.meta, name, p))
@@ -237,7 +259,7 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
     finally:
         torch.set_default_dtype(default)
         torch.set_rng_state(rng)
-    return CheckReport(params, rtol, fd_rtol, dtype or next(iter(ours.values())).dtype)
+    return CheckReport(params, rtol, fd_rtol, dtype or next(iter(ours.values())).dtype, no_fd)
 
 
 def assert_hypergradients_correct(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any,
@@ -452,8 +474,8 @@ def _twin(solver: GimliSolver, dtype: torch.dtype | None) -> GimliSolver:
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.is_floating_point() and key != "step":
                     state[key] = value.to(dtype)
-        if meta.inner is not None:      # flags read again under the default dtype (NAdam's, ASGD's scalars)
-            meta.inner = bind(opt)
+    if meta.inner is not None:          # flags read again under the default dtype (NAdam's, ASGD's scalars)
+        meta.inner = bind(opt)
     return GimliSolver(model, problem.loss_fn, opt, meta, val_loss_fn=problem.val_loss_fn,
                        scheduler=scheduler, memory=solver.memory, snapshots=solver.snapshots,
                        first_order=solver.first_order, truncate=solver.truncate, distributed=False)

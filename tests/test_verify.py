@@ -284,6 +284,25 @@ def test_checked_in_float32_the_tolerance_is_float32s(monkeypatch: pytest.Monkey
     assert lr.status == "FAIL" and lr.autograd_error == 1.0
 
 
+def test_muon_judged_by_autograd_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Muon's bfloat16 Newton–Schulz makes L^val a staircase, differentiated straight
+    through: no finite differences (the report says why); a corrupted lr still fails."""
+    from gimli.optim import muon
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 2, bias=False))
+    opt = torch.optim.Muon(model.parameters(), lr=0.02, momentum=0.9)
+    meta = gimli.MetaParams(opt, ["lr", "momentum", "ns_a"], init=model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta)
+    batches = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(3)]
+    report = gimli.check(solver, batches[:2], batches[2])
+    assert report.passed and all(p.elements == 0 for p in report.params), str(report)
+    assert "no finite differences: Muon" in str(report)
+    corrupt_lr(monkeypatch, muon, 1.0 + 1e-4)
+    lr = {p.name: p for p in gimli.check(solver, batches[:2], batches[2]).params}["hypers.lr"]
+    assert lr.status == "FAIL" and lr.autograd_error > 5e-5
+
+
 def test_a_frozen_meta_parameter_has_no_row() -> None:
     """A meta-parameter with requires_grad=False is a constant: no hypergradient, no row."""
     solver, batches = setup(dropout=0.0)
