@@ -5,9 +5,10 @@ finite differences of the unroll's validation loss.
 
 It never calls a correct result wrong: where the autograd reference is NaN (√0 at a
 dead unit), where the hypergradient is zero up to rounding (a bias feeding BatchNorm),
-where L^val has a kink within the finite-difference step, under first_order/truncate,
-and under torch.distributed (two gloo processes) — while corrupted hypergradients in
-each of these settings still fail."""
+where L^val has a kink within the finite-difference step (placed by hand) or a
+hyperparameter sits on an end of its range, under first_order/truncate, through Muon's
+bfloat16 step, in float32, and under torch.distributed (two gloo processes) — while
+corrupted hypergradients in each of these settings still fail."""
 
 from __future__ import annotations
 
@@ -224,6 +225,34 @@ def test_zero_up_to_rounding_passes_and_a_wrong_one_fails(monkeypatch: pytest.Mo
     rows = {p.name: p for p in gimli.check(solver, batches[:3], batches[3]).params}
     assert not rows["init.0.bias"].passed
     assert rows["init.0.bias"].autograd_error > 1e-4 and rows["init.0.bias"].fd_error > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["Adagrad", "RMSprop"])
+def test_rounding_the_unroll_amplifies(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A zero bias feeding BatchNorm, under an optimizer in its eps regime with coupled
+    weight decay: each step multiplies the bias's perturbation by ~1 − lr·λ/eps, so its
+    (truly zero) hypergradient is rounding noise amplified ~10¹⁰-fold, in gimli as in
+    autograd. The check allows ±R_p for it (estimated by gimli's sweep on random w·θ_J)
+    and says so; the other meta-parameters keep their tolerance: a corrupted lr fails."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        model[0].bias.zero_()
+    opt = (torch.optim.Adagrad(model.parameters(), lr=0.05, eps=1e-6, weight_decay=0.1) if kind == "Adagrad"
+           else torch.optim.RMSprop(model.parameters(), lr=0.01, eps=1e-7, weight_decay=0.1))
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt,
+                               gimli.MetaParams(opt, ["lr"], init=model))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+                torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+    report = gimli.check(solver, batches[:3], batches[3])
+    assert report.passed, str(report)
+    rows = {p.name: p for p in report.params}
+    assert rows["init.0.bias"].limited and rows["init.0.bias"].elements == 4 and "rounding ±" in str(report)
+    assert not any(p.limited for n, p in rows.items() if n != "init.0.bias"), str(report)
+    corrupt_lr(monkeypatch, adagrad if kind == "Adagrad" else rmsprop, 1.0 + 1e-4)
+    lr = {p.name: p for p in gimli.check(solver, batches[:3], batches[3]).params}["hypers.lr"]
+    assert lr.status == "FAIL" and lr.autograd_error > 5e-5 and lr.fd_error > 5e-5
 
 
 # --- kinks within the finite-difference step -------------------------------------------------
