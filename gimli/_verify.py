@@ -78,7 +78,8 @@ Four things stand between an exact hypergradient and its references:
    0·∞ = NaN, while gimli's closed-form VJPs take the true limit. Where the
    autograd reference is not finite the comparison means nothing: the report says
    "autograd NaN" and those entries are judged by finite differences alone, on
-   elements chosen among them. A non-finite hypergradient from gimli always fails.
+   twice as many elements, chosen among them. A non-finite hypergradient from gimli
+   always fails.
 
 An optimizer that rounds inside its step below the unroll's precision, and is
 differentiated straight through (Muon's bfloat16 Newton–Schulz iteration), makes
@@ -352,13 +353,16 @@ def _fd_check(p: Tensor, g: Tensor, ref: Tensor, objective: _Objective, elements
               floor: float, gen: torch.Generator,
               bounds: tuple[float, float], rounding: float) -> tuple[float, list[int], int, int]:
     """Finite differences on up to ``elements`` elements where L^val is smooth enough to
-    judge (trying up to twice as many): the largest error relative to
+    judge (twice as many where the autograd reference is not finite somewhere: they are
+    then the only reference; trying up to twice as many): the largest error relative to
     max(max |fd|, floor, (error bar + R_p) / fd_rtol), so that an element passes within
     fd_rtol of the scale or within its estimate's own error bar plus gimli's rounding
     R_p; the elements judged, how many of them by a one-sided derivative, and how many
     were skipped."""
     judged: list[tuple[int, _Estimate]] = []
     skipped = 0
+    if not bool(torch.isfinite(ref).all()):
+        elements *= 2
     for i in _elements(g, ref, elements, gen):
         if len(judged) == min(elements, p.numel()):
             break
@@ -382,13 +386,13 @@ def _fd_check(p: Tensor, g: Tensor, ref: Tensor, objective: _Objective, elements
 
 def _elements(g: Tensor, ref: Tensor, k: int, gen: torch.Generator) -> list[int]:
     """Candidates, best first: the largest entries (of gimli's value and the finite
-    reference), some where the autograd reference is not finite if any, then random
+    reference), then up to k where the autograd reference is not finite, then random
     others; 2k in all, so that skipped ones can be replaced."""
     n = g.numel()
     size = torch.maximum(g.abs(), torch.nan_to_num(ref.abs(), nan=0.0, posinf=0.0))
     order = [int(i) for i in torch.randperm(n, generator=gen)]
     largest = [int(i) for i in torch.topk(size, min((k + 1) // 2, n)).indices]
-    bad = [i for i in order if not math.isfinite(float(ref[i]))][:max(1, k // 2)]
+    bad = [i for i in order if not math.isfinite(float(ref[i]))][:k]
     out: list[int] = []
     for i in largest + bad + order:
         if i not in out:
