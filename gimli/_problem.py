@@ -62,7 +62,10 @@ class Problem:
 
     @classmethod
     def build(cls, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-              meta: MetaParams, val_loss_fn: ValLossFn | None, scheduler: Any = None) -> Problem:
+              meta: MetaParams, val_loss_fn: ValLossFn | None, scheduler: Any = None,
+              shadows: Shadows | None = None) -> Problem:
+        """``shadows``: the schedule's shadows to follow, where they are known already (a
+        copy of a solver's, for gimli.check); else started here."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
         if not isinstance(meta, MetaParams):
@@ -87,9 +90,9 @@ class Problem:
             warnings.warn(f"{inner.name} {blind}: φ^loss (loss=) changes θ'_J through no step, so its "
                           f"hypergradient is at most L^val's direct term (Requirement II of the "
                           f"paper: the update must be differentiable in G)", GimliWarning, stacklevel=3)
-        shadows = None
         if scheduler is not None:
-            shadows = attach(scheduler, inner, list(meta.granularity))
+            started = attach(scheduler, inner, list(meta.granularity), start=shadows is None)
+            shadows = started if shadows is None else shadows
         elif "lr" in meta.granularity and any("initial_lr" in g for g in optimizer.param_groups):
             raise ValueError("the optimizer has an LR scheduler attached and lr is meta-learned: "
                              "pass the scheduler to GimliSolver(scheduler=...) so the unroll "

@@ -291,8 +291,10 @@ def _plain(value: Any) -> bool:
 
 
 # --- the solver's entry points --------------------------------------------------------------
-def attach(scheduler: Any, inner: InnerOptimizer, learned: Sequence[str]) -> Shadows | None:
-    """Check the scheduler the solver is given; with lr meta-learned, start its shadows."""
+def attach(scheduler: Any, inner: InnerOptimizer, learned: Sequence[str],
+           start: bool = True) -> Shadows | None:
+    """Check the scheduler the solver is given; with lr meta-learned (and ``start``),
+    start its shadows."""
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or \
             isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise TypeError(f"scheduler must be a torch.optim.lr_scheduler schedule of the step count, "
@@ -305,7 +307,7 @@ def attach(scheduler: Any, inner: InnerOptimizer, learned: Sequence[str]) -> Sha
             if name in learned:
                 raise ValueError(f"{type(node).__name__} changes {name} at every step, so it "
                                  f"cannot be meta-learned with this scheduler")
-    return Shadows.start(scheduler, inner) if "lr" in learned else None
+    return Shadows.start(scheduler, inner) if "lr" in learned and start else None
 
 
 def build_schedule(scheduler: Any, inner: InnerOptimizer, steps: int, learned: frozenset[str],

@@ -83,7 +83,8 @@ class GimliSolver:
                  train_data: Iterable[Any] | None = None, val_data: Iterable[Any] | None = None,
                  scheduler: Any = None, memory: str = "retain", snapshots: int | None = None,
                  first_order: bool = False, truncate: int | None = None,
-                 distributed: bool | None = None, process_group: Any = None):
+                 distributed: bool | None = None, process_group: Any = None,
+                 _shadows: Any = None):
         _arguments.check_positional(model, loss_fn, opt, meta_params)
         if meta_opt is not None:
             _arguments.check_meta_opt_type(meta_opt)
@@ -104,8 +105,8 @@ class GimliSolver:
         self.memory, self.snapshots = memory, snapshots
         self.first_order, self.truncate = first_order, truncate
         self.last_forward_steps = 0     # optimizer steps the last unroll evaluated
-        self.problem = Problem.build(model, loss_fn, opt, meta_params,
-                                     _arguments.val_loss(val_loss_fn), scheduler)
+        self.problem = Problem.build(model, loss_fn, opt, meta_params,    # (_shadows: gimli.check's copy)
+                                     _arguments.val_loss(val_loss_fn), scheduler, _shadows)
         self.meta = meta_params
         self.meta_opt = meta_opt
         if meta_opt is not None:

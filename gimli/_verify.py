@@ -502,7 +502,7 @@ def _amplification(twin: GimliSolver, batches: list[Any], val_batch: Any, seed: 
         probe = GimliSolver(problem.module, problem.loss_fn, problem.inner.torch_optimizer, twin.meta,
                             val_loss_fn=functional, scheduler=problem.scheduler, memory=twin.memory,
                             snapshots=twin.snapshots, first_order=twin.first_order, truncate=twin.truncate,
-                            distributed=False)
+                            distributed=False, _shadows=copy.deepcopy(problem.shadows))
         torch.manual_seed(seed)
         for name, g in probe.hypergradient(batches, val_batch).items():
             total[name] = total.get(name, 0) + g.detach().double() ** 2
@@ -534,7 +534,8 @@ def _twin(solver: GimliSolver, dtype: torch.dtype | None) -> GimliSolver:
         meta.inner = bind(opt)
     return GimliSolver(model, problem.loss_fn, opt, meta, val_loss_fn=problem.val_loss_fn,
                        scheduler=scheduler, memory=solver.memory, snapshots=solver.snapshots,
-                       first_order=solver.first_order, truncate=solver.truncate, distributed=False)
+                       first_order=solver.first_order, truncate=solver.truncate, distributed=False,
+                       _shadows=copy.deepcopy(problem.shadows))     # a schedule followed so far
 
 
 def _cast(batch: Any, dtype: torch.dtype | None) -> Any:
@@ -555,7 +556,11 @@ class _Objective:
     (forward only, no graphs), with the solver's stop-gradients: under ``first_order``
     each G_j is evaluated on the unperturbed trajectory θ̄_j (its dependence on θ is
     cut, its dependence on φ^loss kept), and under ``truncate=K`` the first J − K steps
-    are those of the unperturbed unroll. Its derivative is what the solver computes."""
+    are those of the unperturbed unroll. The buffers (BatchNorm's running statistics)
+    are those of the unperturbed unroll at every step: the unroll updates them without
+    gradients, as torch does, so no hypergradient (gimli's or autograd's) follows their
+    dependence on φ, which a loss in eval mode would otherwise show. Its derivative is
+    what the solver computes."""
 
     def __init__(self, solver: GimliSolver, batches: list[Any], val_batch: Any, seed: int):
         self.problem, self.batches, self.val_batch, self.seed = solver.problem, batches, val_batch, seed
@@ -586,6 +591,8 @@ class _Objective:
                 if record:
                     self.trajectory.append(point)
                     self.rng.append(torch.get_rng_state())
+                else:                                   # the buffers: constants (class doc)
+                    point = point._replace(buffers=self.trajectory[j].buffers)
                 if self.first_order and not record:     # G_j on θ̄_j, the step from θ'_j
                     step, buffers = run.grads(j, self.trajectory[j], graph=False)
                     G = [None if g is None else g.detach() for g in step.grads]
@@ -594,7 +601,8 @@ class _Objective:
                 else:
                     point = run.run(j, point, graph=False)[1]
             if not record:
-                return float(problem.val_loss(point.theta, point.buffers, self.val_batch).detach())
+                buffers = {n: b.clone() for n, b in self.trajectory[J].buffers.items()}
+                return float(problem.val_loss(point.theta, buffers, self.val_batch).detach())
             self.trajectory.append(point)
             theta = [t.detach().requires_grad_() for t in point.theta]
             val = problem.val_loss(theta, {n: b.clone() for n, b in point.buffers.items()}, self.val_batch)

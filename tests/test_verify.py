@@ -376,3 +376,52 @@ def test_check_under_torch_distributed_is_local(tmp_path: Path) -> None:
     for name in ("every0", "every1", "alone"):
         text = (tmp_path / name).read_text()
         assert any(line.startswith("PASS:") for line in text.splitlines()), text
+
+
+def test_eval_mode_validation_loss_reading_running_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """L^val in eval mode reads BatchNorm's running statistics, which the unroll updates
+    without gradients (as torch does): the hypergradient treats them as constants, and
+    so do the finite differences (buffers held at the unperturbed unroll's). A
+    corrupted hypergradient still fails."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    meta = gimli.MetaParams(opt, ["lr"], init=model)
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+             torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta,
+                               val_loss_fn=lambda m, b: F.mse_loss(m.eval()(b[0]), b[1]))
+    report = gimli.check(solver, data[:3], data[3])
+    assert report.passed, str(report)
+    assert all(p.elements > 0 for p in report.params)
+    exact = gimli.GimliSolver.hypergradient
+
+    def corrupted(self: gimli.GimliSolver, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        grads = exact(self, *args, **kwargs)
+        return {**grads, "hypers.lr": grads["hypers.lr"] * (1 + 1e-4)}
+
+    monkeypatch.setattr(gimli.GimliSolver, "hypergradient", corrupted)
+    assert not gimli.check(solver, data[:3], data[3]).passed
+
+
+def test_composite_scheduler_followed_since_the_solver_was_built() -> None:
+    """lr learned under SequentialLR, which has stepped since the solver was built: the
+    check's copy follows the schedule from the solver's shadows (a new solver could
+    not start them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    L = torch.optim.lr_scheduler
+    sched = L.SequentialLR(opt, [L.LinearLR(opt, start_factor=0.2, total_iters=3),
+                                 L.CosineAnnealingLR(opt, T_max=8)], milestones=[3])
+    meta = gimli.MetaParams(opt, ["lr"])
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta,
+                               scheduler=sched, meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-2))
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
+             torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+    for _ in range(2):
+        solver.step(data[:3], data[3], commit=True)
+    report = gimli.check(solver, data[:3], data[3])
+    assert report.passed, str(report)
