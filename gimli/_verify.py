@@ -128,12 +128,6 @@ from .optim import bind
 if TYPE_CHECKING:
     from ._solver import GimliSolver
 
-# optimizers whose hypergradient is deliberately not L^val's derivative: finite differences
-# of L^val cannot check it (the autograd unroll, through the same step, still does)
-_STRAIGHT_THROUGH = {
-    "Muon": "Muon runs its Newton–Schulz iteration in bfloat16, so L^val is a staircase at that "
-            "scale; gimli (like autograd on the same step) differentiates it straight through",
-}
 KAPPA = 64              # δ ≤ κ·ε·|L^val|: the rounding of one evaluation of L^val
 H_REL = 1e-5            # the finite-difference step, relative to max(|φ_i|, 10⁻²)
 ROUNDING = 1e6         # rtol is at least ROUNDING·ε of the dtype the copy computes in
@@ -274,7 +268,7 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
             objective = _Objective(twin, batches, val_batch, seed)
             rtol = max(rtol, ROUNDING * objective.eps)      # no tighter than the dtype can tell
             spread = _amplification(twin, batches, val_batch, seed)
-            no_fd = _STRAIGHT_THROUGH.get(twin.problem.inner.name, "") if finite_differences else ""
+            no_fd = getattr(twin.problem.inner.rule, "STRAIGHT_THROUGH", "") if finite_differences else ""
             use_fd = finite_differences and elements > 0 and not no_fd
             gen = torch.Generator().manual_seed(seed)
             params = [_judge(name, p, ours[name], reference[name], objective, use_fd, elements,

@@ -38,6 +38,8 @@ Hypers = dict[str, list[Tensor]]
 #       under these flags, name → why, a phrase following the name ("has no effect there:
 #       …" for SGD's momentum at 0; "cannot be meta-learned there: …" for a value the
 #       constructor pins, as SGD's dampening under Nesterov);
+#   STRAIGHT_THROUGH: str  the step rounds inside (Muon's bfloat16 Newton–Schulz) and is
+#       differentiated straight through: why finite differences of L^val cannot check it;
 #   RANGES: dict[str, Interval]  each hyperparameter's valid values, exactly as the
 #       torch.optim constructor checks them (a learned value is kept inside: _meta.py);
 #   ranges(flags) -> dict[str, Interval]  the same where flags narrow it (a momentum

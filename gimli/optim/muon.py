@@ -44,6 +44,10 @@ from ._core import (NONNEGATIVE, REAL, VJP, Hypers, group_float, reduce_to, stor
                     swept_wide)
 
 HYPERS = ("lr", "weight_decay", "momentum", "ns_a", "ns_b", "ns_c", "eps")
+# the step rounds inside (finite differences of L^val cannot check its derivative; gimli.check)
+STRAIGHT_THROUGH = ("Muon runs its Newton–Schulz iteration in bfloat16, so L^val is a staircase at "
+                    "that scale; gimli (like autograd on the same step) differentiates it straight "
+                    "through")
 GROUP_KEYS = {"ns_a": ("ns_coefficients", 0), "ns_b": ("ns_coefficients", 1),
               "ns_c": ("ns_coefficients", 2)}
 # the Newton–Schulz coefficients and ε act on a whole matrix (M3–M4): no per-element value
