@@ -64,9 +64,10 @@ Four things stand between an exact hypergradient and its references:
    (Richardson on f(x ± t) − f(x), t = h, h/2, h/4, smooth on a side where their two
    extrapolations agree) give the derivative on each side. There autograd's
    conventions need not pick either side (ReLU'(0) = 0 for every sample at 0 at
-   once), so a smooth side that agrees with the hypergradient confirms it, and none
-   refutes it: an element where no step size is smooth and no side agrees is
-   skipped. A hypergradient can thus escape finite differences only at an element
+   once; a tie of max or clamp takes the mean of both), so a smooth side that agrees
+   with the hypergradient confirms it, and so does a value between the two smooth
+   sides (a derivative at the kink); none refutes it: an element where no step size
+   is smooth and no side agrees is skipped. A hypergradient can thus escape finite differences only at an element
    where L^val itself is not smooth down to h/4096 (found from L^val alone). The
    report counts the skipped (and the one-sided) elements, and replaces skipped ones
    with others. A hyperparameter held directly by its meta-parameter
@@ -111,10 +112,11 @@ random-number state.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -124,6 +126,7 @@ from ._oracle import full_unroll_hypergradient
 from ._problem import GimliWarning
 from ._unroll import Point, Unroll
 from .optim import bind
+from .optim._core import Interval
 
 if TYPE_CHECKING:
     from ._solver import GimliSolver
@@ -204,8 +207,9 @@ class CheckReport(NamedTuple):
             lines.append("rounding ±R: the unroll amplifies rounding in that hypergradient (‖∂θ_J/∂φ‖ "
                          "is large), so an exact value is only defined to within ±R, and checked to that")
         if any(p.one_sided or p.skipped for p in self.params):
-            lines.append("one-sided: L^val has a kink at the point, judged by a one-sided derivative; "
-                         "kink: smooth on no side within the finite-difference step, not judged")
+            lines.append("one-sided: L^val has a kink at the point, judged by a one-sided derivative "
+                         "(or by lying between the two); kink: smooth on no side within the "
+                         "finite-difference step, not judged")
         return "\n".join(lines)
 
 
@@ -294,7 +298,7 @@ def assert_hypergradients_correct(solver: GimliSolver, train_batches: Sequence[A
 # --- one meta-parameter's verdict ---------------------------------------------------------
 def _judge(name: str, p: Tensor, ours: Tensor, reference: Tensor, objective: _Objective, use_fd: bool,
            elements: int, rtol: float, fd_rtol: float, rho: float, gen: torch.Generator,
-           bounds: tuple[float, float], rounding: float) -> ParamCheck:
+           bounds: tuple[float, float, Callable[[], Any] | None], rounding: float) -> ParamCheck:
     g = ours.detach().reshape(-1).double()
     ref = reference.detach().reshape(-1).double()
     scale = max(float(p.detach().abs().max()), 1e-2) if p.numel() else 1.0      # s_p
@@ -328,14 +332,26 @@ def _judge(name: str, p: Tensor, ours: Tensor, reference: Tensor, objective: _Ob
                       one_sided, floor, status, rounding, limited)
 
 
-def _range(meta: Any, name: str, p: Tensor) -> tuple[float, float]:
+def _range(meta: Any, name: str, p: Tensor) -> tuple[float, float, Callable[[], Any] | None]:
     """The values meta-parameter ``name`` may take: a hyperparameter's valid range where
-    the meta-parameter holds the value itself (``transform="project"``), else all reals."""
+    the meta-parameter holds the value itself (``transform="project"``), else all reals;
+    and, for such a hyperparameter, a context in which the range's clamp is lifted (to
+    look past an end of it, where L^val may have a kink of its own)."""
     hyper = name[len("hypers."):] if name.startswith("hypers.") else None
     if hyper is None or getattr(meta, "transform", {}).get(hyper) != "project":
-        return -math.inf, math.inf
+        return -math.inf, math.inf, None
     lo, hi = meta.ranges[hyper].representable(p.dtype)
-    return float(lo), float(hi)
+
+    @contextlib.contextmanager
+    def unclamped() -> Iterator[None]:
+        saved = meta.ranges[hyper]
+        meta.ranges[hyper] = Interval()
+        try:
+            yield
+        finally:
+            meta.ranges[hyper] = saved
+
+    return float(lo), float(hi), unclamped
 
 
 def _error(got: Tensor, want: Tensor, scale: float) -> float:
@@ -345,7 +361,8 @@ def _error(got: Tensor, want: Tensor, scale: float) -> float:
 
 def _fd_check(p: Tensor, g: Tensor, ref: Tensor, objective: _Objective, elements: int, fd_rtol: float,
               floor: float, gen: torch.Generator,
-              bounds: tuple[float, float], rounding: float) -> tuple[float, list[int], int, int]:
+              bounds: tuple[float, float, Callable[[], Any] | None],
+              rounding: float) -> tuple[float, list[int], int, int]:
     """Finite differences on up to ``elements`` elements where L^val is smooth enough to
     judge (twice as many where the autograd reference is not finite somewhere: they are
     then the only reference; trying up to twice as many): the largest error relative to
@@ -404,7 +421,7 @@ class _Estimate(NamedTuple):
 
 def _derivative(objective: _Objective, p: Tensor, i: int, floor: float, fd_rtol: float,
                 agrees: Callable[[_Estimate], bool], lo: float = -math.inf,
-                hi: float = math.inf) -> _Estimate | None:
+                hi: float = math.inf, unclamped: Callable[[], Any] | None = None) -> _Estimate | None:
     """∂L^val/∂p_i where L^val is smooth enough to tell (module docstring, 2–3): central
     differences at h, h/16, h/256, h/4096, the first smooth one; at each step size that
     is not, a smooth one-sided derivative that ``agrees`` with gimli's value (at a kink
@@ -467,10 +484,24 @@ def _derivative(objective: _Objective, p: Tensor, i: int, floor: float, fd_rtol:
         h = h0 / RETRY ** k
         if inward:
             est = one_sided(inward, h)
+            if est is not None and not agrees(est) and unclamped is not None:
+                with unclamped():       # past the end: L^val may have a kink there itself
+                    outward = one_sided(-inward, h)
+                if outward is not None:
+                    between = _Estimate((est.value + outward.value) / 2, abs(est.value - outward.value) / 2
+                                        + max(est.bar, outward.bar), "between")
+                    est = next((e for e in (outward, between) if agrees(e)), est)
         else:
             est = central(h)
             sides = [] if est is not None else [one_sided(1, h), one_sided(-1, h)]
             est = next((e for e in sides if e is not None and agrees(e)), est)
+            right, left = sides if sides else (None, None)
+            if est is None and right is not None and left is not None:
+                # a kink with both sides smooth: any value between the one-sided derivatives
+                # is a derivative there (autograd, at a tie of max or clamp, takes the mean)
+                between = _Estimate((left.value + right.value) / 2, abs(left.value - right.value) / 2
+                                    + max(left.bar, right.bar), "between")
+                est = between if agrees(between) else None
         if est is not None:
             return est
     return None

@@ -425,3 +425,30 @@ def test_composite_scheduler_followed_since_the_solver_was_built() -> None:
         solver.step(data[:3], data[3], commit=True)
     report = gimli.check(solver, data[:3], data[3])
     assert report.passed, str(report)
+
+
+def test_kink_at_the_end_of_a_valid_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adafactor's default d = 1 is the end of its valid range (d ≥ 1), and at the first
+    step L^val has a kink exactly there (RMS clipping at ratio 1, the tie where autograd
+    takes the mean of both sides): gimli's value lies between the one-sided derivatives
+    and passes; 5 % off, it fails."""
+    if getattr(torch.optim, "Adafactor", None) is None:
+        pytest.skip("this torch has no Adafactor")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    opt = torch.optim.Adafactor(model.parameters(), lr=0.02)
+    meta = gimli.MetaParams(opt, {"d": "tensor"})
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta)
+    g = torch.Generator().manual_seed(1)
+    train = [(torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64))]
+    val = (torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64))
+    report = gimli.check(solver, train, val)
+    assert report.passed and report.params[0].one_sided > 0, str(report)
+    exact = gimli.GimliSolver.hypergradient
+
+    def corrupted(self: gimli.GimliSolver, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        grads = exact(self, *args, **kwargs)
+        return {**grads, "hypers.d": grads["hypers.d"] * 1.05}
+
+    monkeypatch.setattr(gimli.GimliSolver, "hypergradient", corrupted)
+    assert not gimli.check(solver, train, val).passed
