@@ -43,8 +43,7 @@ def load(solver: GimliSolver, state: dict[str, Any]) -> None:
     for stream, name in ((solver.train_data, "train"), (solver.val_data, "val")):
         if stream is not None and state["data"][name] is not None:
             streams[name] = stream.moved_to(state["data"][name])    # a new Stream: ours kept
-    saved = Snapshot.take(solver)
-    try:
+    with Snapshot.take(solver):                  # undone if anything fails
         solver.meta.load_state_dict(state["meta"])
         if solver.meta_opt is not None:
             solver.meta_opt.load_state_dict(copy.deepcopy(state["meta_opt"]))
@@ -58,10 +57,6 @@ def load(solver: GimliSolver, state: dict[str, Any]) -> None:
                 shadows.restore(Shadows.start(problem.scheduler, problem.inner).snapshot())
             else:
                 shadows.load_state_dict(state["schedule"], problem.scheduler, problem.inner)
-    except BaseException:
-        saved.restore(solver)
-        raise
-    saved.settle()
     solver.train_data = streams.get("train", solver.train_data)
     solver.val_data = streams.get("val", solver.val_data)
     solver.meta_steps = state["meta_steps"]

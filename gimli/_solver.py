@@ -131,15 +131,10 @@ class GimliSolver:
         ``torch.distributed`` (see the class), the average runs over every rank's tasks.
         """
         self._check_commit(commit, tasks)
-        saved = Snapshot.take(self, meta=False, commit=commit)
-        try:
+        with Snapshot.take(self, meta=False, commit=commit):        # undone if anything fails
             grads, result = self._gradients(train_batches, val_batch, tasks)
             if commit:
                 commit_unroll(self, result.final, len(result.train_losses))
-        except BaseException:
-            saved.restore(self)
-            raise
-        saved.settle()
         return grads
 
     def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None, *,
@@ -177,10 +172,9 @@ class GimliSolver:
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
         self._check_meta_opt()
         self._check_commit(commit, tasks)
-        saved = Snapshot.take(self, commit=commit)
         grads: dict[str, Tensor] = {}
         result: _Result | None = None
-        try:
+        with Snapshot.take(self, commit=commit) as saved:           # undone if anything fails
             try:
                 grads, result = self._gradients(train_batches, val_batch, tasks)
                 bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
@@ -215,10 +209,6 @@ class GimliSolver:
                        self.problem.shadows)
             if commit:
                 commit_unroll(self, result.final, len(result.train_losses))
-        except BaseException:
-            saved.restore(self)
-            raise
-        saved.settle()
         self.meta_steps += 1
         return StepResult(result.val_loss, result.train_losses, _norms(grads))
 

@@ -65,6 +65,7 @@ class Snapshot(NamedTuple):
     extra: list[tuple[Any, Any]]                # (object, its snapshot()) for restore()
     model: dict[str, Tensor] | None             # with commit: the model's weights and buffers
     inner_state: dict[Any, Any] | None          # and the optimizer's state
+    solver: Any                                 # whose state this is
 
     @classmethod
     def take(cls, solver: GimliSolver, *, meta: bool = True, commit: bool = False) -> Snapshot:
@@ -85,7 +86,8 @@ class Snapshot(NamedTuple):
                    streams, _rng(), extra,
                    {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
                    if commit else None,
-                   {p: copy.deepcopy(s) for p, s in opt.state.items()} if commit else None)
+                   {p: copy.deepcopy(s) for p, s in opt.state.items()} if commit else None,
+                   solver)
 
     def restore(self, solver: GimliSolver, *, keep_draws: bool = False) -> None:
         """Put everything back; ``keep_draws``: all but the batches drawn and the random
@@ -121,6 +123,16 @@ class Snapshot(NamedTuple):
         """The step went through: the streams forget the batches they lent it."""
         for stream, _ in self.streams:
             stream.settle()
+
+    # ``with Snapshot.take(solver) as saved:`` restores it if the block raises, settles if not
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        if kind is None:
+            self.settle()
+        else:
+            self.restore(self.solver)
 
 
 def _rng() -> tuple[Tensor, list[Tensor] | None]:

@@ -98,6 +98,25 @@ def test_skipped_step_moves_past_its_batches() -> None:
         assert faulty.step() == clean.step()
 
 
+def resumed(solver: gimli.GimliSolver, build: Any) -> gimli.GimliSolver:
+    """A crash and a resume: the checkpoint (solver, model, optimizer and torch's random
+    state) through torch.save/torch.load(weights_only=True), loaded into a solver built
+    afresh, in a process whose random state was elsewhere until the checkpoint is loaded."""
+    buffer = io.BytesIO()
+    torch.save({"solver": solver.state_dict(), "rng": torch.get_rng_state(),
+                "model": solver.problem.module.state_dict(),
+                "opt": solver.problem.inner.torch_optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    torch.manual_seed(999)
+    fresh = build()
+    fresh.problem.module.load_state_dict(saved["model"])
+    fresh.problem.inner.torch_optimizer.load_state_dict(saved["opt"])
+    fresh.load_state_dict(saved["solver"])
+    torch.set_rng_state(saved["rng"])
+    return fresh
+
+
 def test_shuffled_dataloader_resumes_bit_identically() -> None:
     """A DataLoader with shuffle=True draws each pass's permutation from torch's global
     random state; the resumed run deals the same batches in the same order."""
@@ -111,18 +130,7 @@ def test_shuffled_dataloader_resumes_bit_identically() -> None:
         results = []
         for k in range(7):
             if resume_after is not None and k == resume_after:
-                buffer = io.BytesIO()
-                torch.save({"solver": solver.state_dict(), "rng": torch.get_rng_state(),
-                            "model": solver.problem.module.state_dict(),
-                            "opt": solver.problem.inner.torch_optimizer.state_dict()}, buffer)
-                buffer.seek(0)
-                saved = torch.load(buffer, weights_only=True)
-                torch.manual_seed(999)              # a new process: other random state
-                solver = setup(loaders()[0], seed=5, val=loaders()[1])
-                solver.problem.module.load_state_dict(saved["model"])
-                solver.problem.inner.torch_optimizer.load_state_dict(saved["opt"])
-                solver.load_state_dict(saved["solver"])
-                torch.set_rng_state(saved["rng"])
+                solver = resumed(solver, lambda: setup(loaders()[0], seed=5, val=loaders()[1]))
             results.append(solver.step(commit=True))
         return results
 
@@ -182,18 +190,7 @@ def test_resume_after_a_failed_step_that_started_a_new_pass() -> None:
             solver.step()                               # draws batch 2 of pass 0, 0 of pass 1
         solver.problem.loss_fn = original
         if resume:
-            buffer = io.BytesIO()
-            torch.save({"solver": solver.state_dict(), "rng": torch.get_rng_state(),
-                        "model": solver.problem.module.state_dict(),
-                        "opt": solver.problem.inner.torch_optimizer.state_dict()}, buffer)
-            buffer.seek(0)
-            saved = torch.load(buffer, weights_only=True)
-            torch.manual_seed(7)
-            solver = setup(loaders()[0], seed=3, val=loaders()[1])
-            solver.problem.module.load_state_dict(saved["model"])
-            solver.problem.inner.torch_optimizer.load_state_dict(saved["opt"])
-            solver.load_state_dict(saved["solver"])
-            torch.set_rng_state(saved["rng"])
+            solver = resumed(solver, lambda: setup(loaders()[0], seed=3, val=loaders()[1]))
         return [solver.step(commit=True) for _ in range(4)]
 
     assert run(resume=True) == run(resume=False)
