@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gimli
+from test_distributed import _finish
 from gimli.optim import adagrad, adam, rmsprop
 from strategies import mlp, mse, regression_batches
 from test_solver import assert_same, snapshot
@@ -366,7 +367,7 @@ def _check_worker(rank: int, world: int, init: str, out: str) -> None:
                 time.sleep(0.05)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_check_under_torch_distributed_is_local(tmp_path: Path) -> None:
