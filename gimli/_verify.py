@@ -390,7 +390,7 @@ def _fd_check(p: Tensor, g: Tensor, ref: Tensor, objective: _Objective, elements
     if not judged:
         return float("nan"), [], 0, skipped
     scale = max(max(abs(e.value) for _, e in judged), floor)
-    worst = max(_error(g[i:i + 1], torch.tensor([e.value], dtype=g.dtype),
+    worst = max(_error(g[i:i + 1], torch.tensor([e.value], dtype=g.dtype, device=g.device),
                        max(scale, (e.bar + rounding) / fd_rtol)) for i, e in judged)
     return worst, [i for i, _ in judged], sum(e.kind != "central" for _, e in judged), skipped
 
