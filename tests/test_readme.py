@@ -49,6 +49,15 @@ def test_readme_commands_are_the_demo_on_the_base_install_and_the_tests() -> Non
     assert re.match(r'pip install "torch==[\d.]+" -e "\.\[test\]" && python -m pytest\s', tests)
 
 
+def test_ci_names_the_readme_commands_as_written() -> None:
+    """.ci/run spells out the demo and the test command; they are the README's lines."""
+    script = (ROOT / ".ci" / "run").read_text()
+    listed = re.search(r"^commands=\(\n(.*?)^\)$", script, flags=re.S | re.M)
+    assert listed is not None
+    assert [shlex.split(line)[0] for line in listed.group(1).splitlines()] == readme_commands()
+    assert "examples/maml_sine.py" in script and "python -m pytest" in script
+
+
 # Stands in for `python3 -m venv DIR`: a "virtual environment" whose pip and python only
 # append `$VIRTUAL_ENV tool args...` to $LOG (python fails on $FAIL); a DIR that still
 # holds a marker from an earlier run is logged as REUSED.
@@ -70,9 +79,9 @@ done
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("fail", ["", "examples/maml_sine.py"])
 def test_ci_runs_each_readme_command_exactly_in_a_fresh_venv(tmp_path: Path, fail: str) -> None:
-    """.ci/run, on a copy of the repository's README with a fake python3: each README
-    command runs as written (what bash makes of its quoting), in its own new virtual
-    environment, one failing does not stop the next, and any failure fails CI."""
+    """.ci/run with a fake python3: each README command runs as written (what bash makes
+    of its quoting), in its own new virtual environment, one failing does not stop the
+    next, and any failure fails CI."""
     repo, bin_dir, log = tmp_path / "repo", tmp_path / "bin", tmp_path / "log"
     (repo / ".ci").mkdir(parents=True)
     shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
