@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -93,3 +93,21 @@ def check_meta_opt(meta_opt: Any, meta: MetaParams, learned: Sequence[str]) -> N
         raise ValueError(f"meta_opt does not hold the meta-parameter(s) {', '.join(missing)}, "
                          f"so they would never be learned: build it over "
                          f"meta_params.parameters()")
+
+
+def task_pairs(tasks: Iterable[Any], train_batches: Any, val_batch: Any) -> list[tuple[Any, Any]]:
+    """``tasks=`` as a list of (train_batches, val_batch) pairs, or an error saying what it is."""
+    if train_batches is not None or val_batch is not None:
+        raise ValueError("give either tasks= or train_batches/val_batch, not both")
+    if isinstance(tasks, tuple) and len(tasks) == 2 and not isinstance(tasks[0], tuple):
+        raise ValueError("tasks= is a list of (train_batches, val_batch) pairs, one per "
+                         "task; for one task pass train_batches and val_batch instead")
+    pairs = list(tasks)
+    if not pairs:
+        raise ValueError("tasks= holds no task")
+    for k, task in enumerate(pairs):
+        if not (isinstance(task, (tuple, list)) and len(task) == 2):
+            raise TypeError(f"tasks= is a list of (train_batches, val_batch) pairs, one per "
+                            f"task; tasks[{k}] is a {type(task).__name__}"
+                            + (f" of {len(task)}" if isinstance(task, (tuple, list)) else ""))
+    return [(train, val) for train, val in pairs]

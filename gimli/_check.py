@@ -92,9 +92,10 @@ def run_case(optimizer: str, granularity: str, steps: int = 4, seed: int = 0) ->
     lr2 = kwargs["lr"] * (1.0 if granularity == "scalar" else 0.7)    # a scalar is shared
     opt = cls([{"params": list(first.parameters())},
                {"params": list(second.parameters()), "lr": lr2}], **kwargs)
-    inactive = getattr(bind(opt).rule, "inactive_hypers", None)     # refused under these flags
+    bound = bind(opt)
+    inactive = getattr(bound.rule, "inactive_hypers", None)         # refused under these flags
     if inactive is not None:
-        off = {h for flags in bind(opt).flags for h in inactive(flags)}
+        off = {h for flags in bound.flags for h in inactive(flags)}
         hypers = tuple(h for h in hypers if h not in off)
     if not hypers:
         return None

@@ -12,14 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ._schedule import Shadows
+from ._schedule import LR_KEYS, Shadows
 from ._transaction import Snapshot
 
 if TYPE_CHECKING:
     from ._solver import GimliSolver
-
-LR_ENTRIES = ("lr", "initial_lr", "max_lr", "min_lr")    # what a scheduler re-base writes
-
 
 def save(solver: GimliSolver) -> dict[str, Any]:
     problem = solver.problem
@@ -122,5 +119,5 @@ def _written_keys(solver: GimliSolver) -> list[str]:
     keys = {getattr(rule, "GROUP_KEYS", {}).get(name, (name, None))[0]
             for name in solver.meta.granularity if "." not in name}
     if solver.problem.scheduler is not None:
-        keys |= set(LR_ENTRIES)
+        keys |= set(LR_KEYS)                # what a re-base writes
     return sorted(keys)

@@ -63,11 +63,10 @@ def parser() -> argparse.ArgumentParser:
                                   "unrolled inner optimization (Algorithm 1 of Generalized Inner "
                                   "Loop Meta-Learning).")
     sub = top.add_subparsers(dest="command", required=True)
-    # the demo parses its own arguments (main() hands it all of them, --help included);
-    # this entry lists it in `gimli --help`
-    demo = sub.add_parser("demo", help="run the main demo: MAML on sine waves (gimli demo --help)",
-                          add_help=False)
-    demo.set_defaults(run=lambda args, rest: _demo(rest))
+    # the demo parses its own arguments (main() hands it all of them, --help included,
+    # before this parser runs); this entry only lists it in `gimli --help`
+    sub.add_parser("demo", help="run the main demo: MAML on sine waves (gimli demo --help)",
+                   add_help=False)
     check = sub.add_parser("check", help="verify every built-in optimizer against autograd",
                            description="The verification zoo: for every built-in optimizer and "
                            "granularity, gimli's hypergradient of every learnable hyperparameter "

@@ -23,11 +23,10 @@ class Mark(NamedTuple):
 
     epoch: int
     drawn_in_pass: int
-    pass_rng: dict[str, Tensor] | None
     drawn: int
 
 
-_END = object()     # what _first returns when a pass has run out
+_END = object()     # what _draw returns when a pass has run out
 
 
 class Stream:
@@ -40,12 +39,16 @@ class Stream:
         self.data, self.name = data, name
         self.one_shot = isinstance(data, Iterator)     # a generator: cannot start over
         self.epoch, self.index = 0, 0
-        self.pass_rng: dict[str, Tensor] | None = None  # random state when this pass began
         self._it: Iterator[Any] | None = None
-        self._given_back: deque[tuple[Any, int, int, dict[str, Tensor] | None]] = deque()
-        self._log: list[tuple[Any, int, int, dict[str, Tensor] | None]] = []
-        self._started: dict[int, dict[str, Tensor]] = {}     # pass → its random state, kept
+        self._given_back: deque[tuple[Any, int, int]] = deque()    # (batch, epoch, index after)
+        self._log: list[tuple[Any, int, int]] = []
+        self._started: dict[int, dict[str, Tensor]] = {}     # pass → the random state it began with
         self._queued: deque[dict[str, Tensor]] = deque()     # states the next passes start from
+
+    @property
+    def pass_rng(self) -> dict[str, Tensor] | None:
+        """The random state the current pass began with (None before the first)."""
+        return self._started.get(self.epoch)
 
     # --- drawing ---------------------------------------------------------------------------
     def take(self, k: int) -> list[Any]:
@@ -53,9 +56,9 @@ class Stream:
         for _ in range(k):
             if self._given_back:
                 item = self._given_back.popleft()
-                _, self.epoch, self.index, self.pass_rng = item
+                _, self.epoch, self.index = item
             else:
-                item = (self._next(), self.epoch, self.index, self.pass_rng)
+                item = (self._next(), self.epoch, self.index)
             self._log.append(item)
             out.append(item[0])
         return out
@@ -67,18 +70,17 @@ class Stream:
                 if self._queued:                # (a resumed run: the state it first started from)
                     live = torch.get_rng_state()
                     _set_rng_states(self.data, self._queued[0])
-                    self.pass_rng = self._queued.popleft()
+                    self._started[self.epoch] = self._queued.popleft()
                 else:
-                    self.pass_rng = _rng_states(self.data)
-                self._started[self.epoch] = self.pass_rng
+                    self._started[self.epoch] = _rng_states(self.data)
                 try:
                     self._it, self.index = iter(self.data), 0
-                    item = self._first(self._it)
+                    item = self._draw(self._it)
                 finally:
                     if live is not None:
                         torch.set_rng_state(live)
             else:
-                item = self._first(self._it)
+                item = self._draw(self._it)
             if item is not _END:
                 self.index += 1
                 return item
@@ -92,7 +94,7 @@ class Stream:
             self.epoch += 1
 
     @staticmethod
-    def _first(it: Iterator[Any]) -> Any:
+    def _draw(it: Iterator[Any]) -> Any:
         try:
             return next(it)
         except StopIteration:
@@ -100,7 +102,7 @@ class Stream:
 
     # --- transactions ----------------------------------------------------------------------
     def mark(self) -> Mark:
-        return Mark(self.epoch, self.index, self.pass_rng, len(self._log))
+        return Mark(self.epoch, self.index, len(self._log))
 
     def rewind(self, mark: Mark) -> None:
         """Give back the batches drawn since ``mark``: the next draws return them again, so
@@ -108,7 +110,7 @@ class Stream:
         taken = self._log[mark.drawn:]
         del self._log[mark.drawn:]
         self._given_back.extendleft(reversed(taken))
-        self.epoch, self.index, self.pass_rng = mark.epoch, mark.drawn_in_pass, mark.pass_rng
+        self.epoch, self.index = mark.epoch, mark.drawn_in_pass
 
     def settle(self) -> None:
         """The step went through: forget what it drew."""
@@ -151,17 +153,17 @@ class Stream:
         self._given_back.clear()
         self._log.clear()
         self._it, self.epoch, self.index = None, position["epoch"], 0
-        self.pass_rng = position.get("rng")
+        rng = position.get("rng")
         self._queued = deque(position.get("next_rngs") or [])
-        self._started = {} if self.pass_rng is None else {self.epoch: self.pass_rng}
+        self._started = {} if rng is None else {self.epoch: rng}
         if not position["index"]:
-            if self.pass_rng is not None:
-                self._queued.appendleft(self.pass_rng)
+            if rng is not None:
+                self._queued.appendleft(rng)
             return
         now = torch.get_rng_state()
         try:
-            if self.pass_rng is not None:
-                _set_rng_states(self.data, self.pass_rng)
+            if rng is not None:
+                _set_rng_states(self.data, rng)
             it = iter(self.data)
             for drawn in range(position["index"]):
                 try:

@@ -272,8 +272,7 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
     for g, flags in enumerate(inner.flags):
         off = {} if inactive is None else inactive(flags)
         if name in off:
-            why = off[name] if isinstance(off, Mapping) else f"has no effect there ({inactive.__doc__})"
-            raise ValueError(f"{inner.name}, param group {g}: {name} {why}")
+            raise ValueError(f"{inner.name}, param group {g}: {name} {off[name]}")
     groups = inner.group_hypers()
     per_group = [float(groups[g][name]) for g in range(len(groups))]
     torch_groups = inner.torch_optimizer.param_groups

@@ -175,17 +175,26 @@ class Problem:
                              "parameters (it does not require grad): does it call the model it is "
                              "given (its first argument), not your module itself, and not under "
                              "torch.no_grad()?")
-        index = [i for i, t in enumerate(theta) if t.requires_grad]
-        found = torch.autograd.grad(loss, [theta[i] for i in index], create_graph=graph,
-                                    allow_unused=True) if index else ()
-        if all(g is None for g in found):
+        grads = grad_of(loss, theta, create_graph=graph)
+        if all(g is None for g in grads):
             raise ValueError("loss_fn returned a loss that does not depend on any parameter "
                              "the optimizer trains (with requires_grad=True): does it call the "
                              "model it is given (its first argument), not your module itself?")
-        grads: list[Tensor | None] = [None] * len(theta)
-        for i, g in zip(index, found):
-            grads[i] = g
         return grads
+
+
+def grad_of(outputs: Tensor | list[Tensor], inputs: list[Tensor], cotangents: list[Tensor] | None = None,
+            *, create_graph: bool = False) -> list[Tensor | None]:
+    """``torch.autograd.grad`` over the inputs that require grad; None for the others
+    (a constant, requires_grad=False) and for inputs the outputs do not reach."""
+    index = [i for i, x in enumerate(inputs) if x.requires_grad]
+    out: list[Tensor | None] = [None] * len(inputs)
+    if index:
+        found = torch.autograd.grad(outputs, [inputs[i] for i in index], grad_outputs=cotangents,
+                                    create_graph=create_graph, allow_unused=True)
+        for i, g in zip(index, found):
+            out[i] = g
+    return out
 
 
 def _check_dtypes(inner: InnerOptimizer, meta: MetaParams) -> None:

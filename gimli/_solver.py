@@ -121,10 +121,10 @@ class GimliSolver:
     def hypergradient(self, train_batches: Iterable[Any] | None = None,
                       val_batch: Any = None, *, tasks: Iterable[tuple[Any, Any]] | None = None,
                       commit: bool = False) -> dict[str, Tensor]:
-        """∇_φ L^val(θ'_J) for every meta-parameter, keyed by its name in
-        ``meta_params.named_parameters()``. Changes nothing of the user's, unless
-        ``commit`` (see :meth:`step`); a call that fails draws no batch from
-        ``train_data``/``val_data``.
+        """∇_φ L^val(θ'_J) for every meta-parameter with ``requires_grad=True``, keyed by
+        its name in ``meta_params.named_parameters()``. Changes nothing of the user's,
+        unless ``commit`` (see :meth:`step`); a call that fails draws no batch from
+        ``train_data``/``val_data`` and leaves torch's random state as it was.
 
         ``tasks``: a meta-batch of ``(train_batches, val_batch)`` pairs instead; the
         hypergradients are averaged, one task's unroll held at a time. Under
@@ -290,22 +290,8 @@ class GimliSolver:
                    tasks: Iterable[tuple[Any, Any]] | None) -> tuple[dict[str, Tensor], _Result]:
         """One task's hypergradient, or the mean over a meta-batch (and over every rank's
         tasks when distributed): summed one task at a time, all-reduced, divided."""
-        if tasks is None:
-            pairs = [(train_batches, val_batch)]
-        else:
-            if train_batches is not None or val_batch is not None:
-                raise ValueError("give either tasks= or train_batches/val_batch, not both")
-            if isinstance(tasks, tuple) and len(tasks) == 2 and not isinstance(tasks[0], tuple):
-                raise ValueError("tasks= is a list of (train_batches, val_batch) pairs, one per "
-                                 "task; for one task pass train_batches and val_batch instead")
-            pairs = list(tasks)
-            if not pairs:
-                raise ValueError("tasks= holds no task")
-            for k, task in enumerate(pairs):
-                if not (isinstance(task, (tuple, list)) and len(task) == 2):
-                    raise TypeError(f"tasks= is a list of (train_batches, val_batch) pairs, one per "
-                                    f"task; tasks[{k}] is a {type(task).__name__}"
-                                    + (f" of {len(task)}" if isinstance(task, (tuple, list)) else ""))
+        pairs = [(train_batches, val_batch)] if tasks is None else \
+            _arguments.task_pairs(tasks, train_batches, val_batch)
         group = self._group()
         last: _Result | None
         if group is None:

@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._problem import Problem
+from ._problem import Problem, grad_of
 from ._schedule import Schedule
-from ._unroll import Point, Step, Unroll, _describe, _note
+from ._unroll import Point, Step, Unroll, add_note, describe_batch
 
 
 class Sweep(NamedTuple):
@@ -43,20 +43,6 @@ def _or_zeros(grads: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
 
 
-def _grad(outputs: Tensor | list[Tensor], inputs: list[Tensor],
-          cotangents: list[Tensor] | None = None) -> list[Tensor | None]:
-    """``torch.autograd.grad`` over the inputs that require grad; None for the others
-    (a constant, requires_grad=False) and for inputs the outputs do not reach."""
-    index = [i for i, x in enumerate(inputs) if x.requires_grad]
-    out: list[Tensor | None] = [None] * len(inputs)
-    if index:
-        found = torch.autograd.grad(outputs, [inputs[i] for i in index], grad_outputs=cotangents,
-                                    allow_unused=True)
-        for i, g in zip(index, found):
-            out[i] = g
-    return out
-
-
 def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[Tensor],
           schedule: Schedule | None, val_batch: Any, *, first_order: bool = False) -> Sweep:
     """The hypergradient pieces for the hyperparameters ``need`` (φ^opt) and the
@@ -75,11 +61,11 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     try:
         val = problem.val_loss(theta_J, val_buffers, val_batch)         # left them (for a commit)
     except Exception as e:
-        _note(e, f"(raised by the validation loss on val_batch, {_describe(val_batch)}; val_batch "
+        add_note(e, f"(raised by the validation loss on val_batch, {describe_batch(val_batch)}; val_batch "
                  f"is one batch, where train_batches is a list of them)")
         raise
     unroll.rng.mark_end()
-    direct = _grad(val, theta_J + leaves) if val.requires_grad else [None] * (n + len(leaves))
+    direct = grad_of(val, theta_J + leaves) if val.requires_grad else [None] * (n + len(leaves))
     if all(d is None for d in direct[:n]):
         raise ValueError("the validation loss does not depend on the model's parameters θ'_J, so "
                          "no meta-parameter can change it through the unroll (Requirement I of the "
@@ -105,7 +91,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         pairs = [(g, o) for g, o in zip(G, out.grads)
                  if g is not None and o is not None and g.requires_grad]
         if pairs and inputs:                                    # (else ℓ is linear in θ)
-            hm = _grad([g for g, _ in pairs], inputs, [o for _, o in pairs])
+            hm = grad_of([g for g, _ in pairs], inputs, [o for _, o in pairs])
         A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
         reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
         B = [b + h for b, h in zip(out.params, _or_zeros(hm[:targets], theta[:targets]))] \

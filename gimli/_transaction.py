@@ -2,9 +2,10 @@
 
 :class:`Snapshot` copies what a meta-step may change (the meta-parameters and their
 ``.grad``, the meta-optimizer's state, the optimizer's param groups, the scheduler,
-the data streams' positions and, for a commit, the model and the optimizer's state)
-and puts it back, in place, if the step fails: the user's objects stay the very
-objects they were (a learned optimizer's network is restored into the same module).
+the data streams' positions, torch's random state and, for a commit, the model and
+the optimizer's state) and puts it back, in place, if the step fails (``with
+Snapshot.take(solver):``): the user's objects stay the very objects they were (a
+learned optimizer's network is restored into the same module).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class Point(NamedTuple):
     theta: list[Tensor]
     state: Any
     buffers: dict[str, Tensor]
-    stepped: tuple[bool, ...] = ()
+    stepped: tuple[bool, ...]
 
 
 class Step(NamedTuple):
@@ -95,17 +95,17 @@ def _summary(hypers: Hypers) -> str:
 
 
 def _nonfinite(grads: list[Tensor | None]) -> int | None:
-    """The index of the first gradient with an inf or NaN entry, or None (one reduction)."""
+    """The index of the first gradient with an inf or NaN entry, or None: one foreach
+    max-norm over the list (finite entries never overflow it) and one sync."""
     present = [(i, g.detach()) for i, g in enumerate(grads) if g is not None]
     if not present:
         return None
-    sums = torch.stack([g.sum() for _, g in present]) if len(present) > 1 else present[0][1].sum().reshape(1)
-    if bool(torch.isfinite(sums).all()):
+    where = present[0][1].device
+    finite = torch.stack([torch.isfinite(n).to(where)                  # (any dtype, any device)
+                          for n in torch._foreach_norm([g for _, g in present], float("inf"))])
+    if bool(finite.all()):
         return None
-    for i, g in present:                # (a sum overflowing finite values lands here too)
-        if not bool(torch.isfinite(g).all()):
-            return i
-    return None
+    return present[int((~finite).nonzero()[0])][0]
 
 
 def _finite_batch(batch: Any) -> bool:
@@ -119,17 +119,17 @@ def _finite_batch(batch: Any) -> bool:
     return True
 
 
-def _describe(batch: Any) -> str:
+def describe_batch(batch: Any) -> str:
     """A batch's structure, for an error message."""
     if isinstance(batch, Tensor):
         return f"a tensor of shape {tuple(batch.shape)}"
     if isinstance(batch, (list, tuple)):
-        inner = ", ".join(_describe(b) for b in batch[:4]) + (", ..." if len(batch) > 4 else "")
+        inner = ", ".join(describe_batch(b) for b in batch[:4]) + (", ..." if len(batch) > 4 else "")
         return f"a {type(batch).__name__} of {len(batch)} ({inner})"
     return f"a {type(batch).__name__}"
 
 
-def _note(error: BaseException, note: str) -> None:
+def add_note(error: BaseException, note: str) -> None:
     """Attach a note to an exception (shown under its message, Python ≥ 3.11)."""
     add = getattr(error, "add_note", None)
     if add is not None:
@@ -183,8 +183,8 @@ class Unroll:
                 f"if the unroll diverged, check the optimizer's hyperparameters, here "
                 f"{_summary(self.hypers[j - 1])}") from e
         except Exception as e:
-            _note(e, f"(raised by loss_fn at inner step {j} of the unroll, on training batch {j}: "
-                     f"{_describe(self.batches[j])})")
+            add_note(e, f"(raised by loss_fn at inner step {j} of the unroll, on training batch {j}: "
+                        f"{describe_batch(self.batches[j])})")
             raise
         if [t._version for t in theta] != versions:
             raise ValueError("loss_fn modified the model's parameters in place (θ'_j); gimli "

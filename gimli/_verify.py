@@ -622,7 +622,7 @@ class _Objective:
                     step, buffers = run.grads(j, self.trajectory[j], graph=False)
                     G = [None if g is None else g.detach() for g in step.grads]
                     theta, state = problem.inner.step(point.theta, point.state, G, run.hypers[j])
-                    point = Point(theta, state, buffers)
+                    point = point._replace(theta=theta, state=state, buffers=buffers)
                 else:
                     point = run.run(j, point, graph=False)[1]
             if not record:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gimli
+from strategies import regression_batches
 
 
 def setup() -> tuple[nn.Module, Any, torch.optim.Optimizer, gimli.MetaParams, list[Any]]:
@@ -19,9 +20,7 @@ def setup() -> tuple[nn.Module, Any, torch.optim.Optimizer, gimli.MetaParams, li
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     meta = gimli.MetaParams(opt, {"lr": "scalar"})
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-             torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+    data = regression_batches(1, 3, 1, 4, size=8)
 
     def loss_fn(m: Any, batch: Any, meta: Any) -> torch.Tensor:
         return F.mse_loss(m(batch[0]), batch[1])

@@ -19,15 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import gimli
+from strategies import regression_batches
 from test_sweep import assert_hypergradients_close
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def batches(seed: int, n_in: int, n_out: int, count: int) -> list[Batch]:
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, n_in, generator=g, dtype=torch.float64),
-             torch.randn(8, n_out, generator=g, dtype=torch.float64)) for _ in range(count)]
+    return regression_batches(seed, n_in, n_out, count, size=8)
 
 
 def real_training(model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer],

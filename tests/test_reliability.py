@@ -15,6 +15,7 @@ from torch import nn
 
 import gimli
 from gimli.optim import adam
+from strategies import regression_batches
 from test_solver import assert_same, snapshot
 
 
@@ -35,9 +36,7 @@ def setup(init: bool = True) -> tuple[gimli.GimliSolver, list[Any], Any]:
 
     solver = gimli.GimliSolver(model, loss_fn, opt, meta, scheduler=scheduler,
                                meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-3))
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-                torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(5)]
+    batches = regression_batches(1, 3, 1, 5, size=8)
     solver.step(batches[:4], batches[4])        # the meta-optimizer now holds state
     opt.zero_grad()
     loss_fn(gimli.FunctionalModel(model, dict(model.named_parameters()), dict(model.named_buffers())),
@@ -156,9 +155,7 @@ def test_commit_equals_training_with_torch_optim(cls: type, kwargs: dict[str, An
         x, y = batch
         return F.mse_loss(m(x), y) + 0.01 * sum((p ** 2).sum() for p in m.parameters())
 
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-                torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(6)]
+    batches = regression_batches(1, 3, 1, 6, size=8)
     twin_model = copy.deepcopy(model)
     twin_opt = cls(twin_model.parameters(), **kwargs)
     twin_scheduler = torch.optim.lr_scheduler.StepLR(twin_opt, step_size=2, gamma=0.5)
@@ -213,9 +210,7 @@ def resumable(seed: int) -> tuple[gimli.GimliSolver, nn.Module, torch.optim.Opti
     scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
     meta = gimli.MetaParams(opt, {"lr": "group", "momentum": "scalar"},
                             loss={"l2": torch.tensor(0.01, dtype=torch.float64)})
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-             torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(8)]
+    data = regression_batches(1, 3, 1, 8, size=8)
 
     def loss_fn(m: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
         x, y = batch
@@ -360,9 +355,7 @@ def learned_setup() -> tuple[gimli.GimliSolver, list[Any], Any]:
     meta = gimli.MetaParams(opt, {"net": "scalar", "lr": "scalar"})
     solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta,
                                meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-3))
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-                torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(5)]
+    batches = regression_batches(1, 3, 1, 5, size=8)
     return solver, batches[:4], batches[4]
 
 
@@ -473,9 +466,7 @@ def test_commit_keeps_the_state_of_a_tensor_whose_gradient_was_zero(cls: type, k
         h = torch.tanh(m["body"](batch[0]))
         return F.mse_loss(m["head"](h), batch[1]) + weight * F.mse_loss(m["aux"](h), batch[1])
 
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-             torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(8)]
+    data = regression_batches(1, 3, 1, 8, size=8)
     twin = copy.deepcopy(model)
     twin_opt = cls(twin.parameters(), **kwargs)
     opt = cls(model.parameters(), **kwargs)
@@ -502,9 +493,7 @@ def test_a_retried_step_equals_an_uninterrupted_one() -> None:
         meta = gimli.MetaParams(opt, {"lr": "tensor"}, init=model)
         solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta,
                                    meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-3))
-        g = torch.Generator().manual_seed(1)
-        data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-                 torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+        data = regression_batches(1, 3, 1, 4, size=8)
         return solver, data[:3], data[3]
 
     clean, train, val = make()

@@ -243,9 +243,7 @@ def test_rounding_the_unroll_amplifies(monkeypatch: pytest.MonkeyPatch, kind: st
            else torch.optim.RMSprop(model.parameters(), lr=0.01, eps=1e-7, weight_decay=0.1))
     solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt,
                                gimli.MetaParams(opt, ["lr"], init=model))
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-                torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+    batches = regression_batches(1, 3, 1, 4, size=8)
     report = gimli.check(solver, batches[:3], batches[3])
     assert report.passed, str(report)
     rows = {p.name: p for p in report.params}
@@ -388,9 +386,7 @@ def test_eval_mode_validation_loss_reading_running_statistics(monkeypatch: pytes
     model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     meta = gimli.MetaParams(opt, ["lr"], init=model)
-    g = torch.Generator().manual_seed(2)
-    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-             torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+    data = regression_batches(2, 3, 1, 4, size=8)
     solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta,
                                val_loss_fn=lambda m, b: F.mse_loss(m.eval()(b[0]), b[1]))
     report = gimli.check(solver, data[:3], data[3])
@@ -419,9 +415,7 @@ def test_composite_scheduler_followed_since_the_solver_was_built() -> None:
     meta = gimli.MetaParams(opt, ["lr"])
     solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta,
                                scheduler=sched, meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-2))
-    g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
-             torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
+    data = regression_batches(3, 3, 1, 4, size=8)
     for _ in range(2):
         solver.step(data[:3], data[3], commit=True)
     report = gimli.check(solver, data[:3], data[3])

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import learned
-from ._core import VJP, Hypers, Interval, autograd_vjp, hyper_dtype, step_tensor
+from ._core import VJP, Hypers, Interval, autograd_vjp, hyper_dtype, step_tensor, stored_as_torch, swept_wide
 from .custom import CustomRule, InitFn, StepFn, VjpFn
 from .learned import LearnedOptimizer
 
@@ -214,7 +214,7 @@ class InnerOptimizer:
         new_params = list(params)
         new_state = [list(field) for field in state]
         for flags, idx in self._active(grads, state):
-            out_params, out_state = self.rule.step(flags, *self._take(idx, params, state, grads, hp))
+            out_params, out_state = self._step(flags, *self._take(idx, params, state, grads, hp))
             for k, i in enumerate(idx):
                 new_params[i] = out_params[k]
                 for field, values in zip(new_state, out_state):
@@ -241,10 +241,20 @@ class InnerOptimizer:
                     a[name][i] = out.hypers[name][k]
         return VJP(b, type(cot_state)(*s), o, a)  # type: ignore[arg-type]
 
-    def _vjp(self, *args: Any) -> VJP:
-        """The rule's closed-form VJP, or autograd on its single step where it has none."""
+    def _step(self, flags: Any, params: list[Tensor], state: Any, grads: list[Tensor],
+              hp: Hypers) -> tuple[list[Tensor], Any]:
+        """The rule's step, θ' and state stored as torch.optim stores them (``stored_as_torch``)."""
+        return stored_as_torch(params, state, *self.rule.step(flags, params, state, grads, hp))
+
+    def _vjp(self, flags: Any, params: list[Tensor], state: Any, grads: list[Tensor], hp: Hypers,
+             cot_params: list[Tensor], cot_state: Any, need: frozenset[str]) -> VJP:
+        """The rule's closed-form VJP, at the hyperparameters' precision (``swept_wide``),
+        or autograd on its single step where it has none."""
         vjp = getattr(self.rule, "vjp", None)
-        return vjp(*args) if vjp is not None else autograd_vjp(self.rule.step, *args)
+        if vjp is None:
+            return autograd_vjp(self._step, flags, params, state, grads, hp, cot_params, cot_state, need)
+        params, state, grads, cot_params, cot_state = swept_wide(params, state, grads, cot_params, cot_state)
+        return vjp(flags, params, state, grads, hp, cot_params, cot_state, need)
 
     def _active(self, grads: list[Tensor | None], state: Any) -> list[tuple[Any, list[int]]]:
         """The tensors that step (gradient not ``None``) in as few rule calls as the
@@ -261,9 +271,10 @@ class InnerOptimizer:
         return [(self.flags[self.group_of()[idx[0]]], idx) for idx in calls.values()]
 
     def _take(self, idx: list[int], params: list[Tensor], state: Any,
-              grads: list[Tensor | None], hp: Hypers) -> tuple[Any, ...]:
+              grads: list[Tensor | None], hp: Hypers) -> tuple[list[Tensor], Any, list[Tensor], Hypers]:
+        """Tensors ``idx`` (all with a gradient: ``_active``) of each argument of a step."""
         return ([params[i] for i in idx], type(state)(*([f[i] for i in idx] for f in state)),
-                [grads[i] for i in idx], {k: [v[i] for i in idx] for k, v in hp.items()})
+                [g for i in idx if (g := grads[i]) is not None], {k: [v[i] for i in idx] for k, v in hp.items()})
 
 
 def _hashable(flags: Any, group: int) -> Any:

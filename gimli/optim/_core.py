@@ -19,10 +19,8 @@ call per operation; SGD and Adam do) or loop over the tensors.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -144,53 +142,38 @@ def hyper_dtype(dtype: torch.dtype) -> torch.dtype:
         else torch.float32
 
 
-StepFn = TypeVar("StepFn", bound=Callable[..., tuple[list[Tensor], Any]])
+def stored_as_torch(params: list[Tensor], state: Any, new_params: list[Tensor],
+                    new_state: Any) -> tuple[list[Tensor], Any]:
+    """A step's θ' and state in the dtypes ``torch.optim`` stores them in: θ' in its
+    parameter's dtype, a state entry in the dtype it came in (one created by this step,
+    as SGD's first buffer, in its parameter's, unless 0-dim like ASGD's η).
+
+    The explicit guard for reduced-precision models (``InnerOptimizer.step`` applies it to
+    every rule): their hyperparameters are float32 (``hyper_dtype``), and one that has
+    the parameter's shape (learned per element; Rprop's first step size) would promote a
+    bfloat16 θ' to float32. The update is thus computed at the hyperparameters' precision
+    and stored at the parameter's, as ``torch.optim``'s ops do with a Python-float
+    hyperparameter. The cast is the identity everywhere else; its derivative is the
+    identity (the VJPs need no change)."""
+    new_params = [_like(t, p.dtype) for t, p in zip(new_params, params)]
+    fields = [[_like(x, old.dtype if isinstance(old, Tensor) else
+                     p.dtype if isinstance(x, Tensor) and x.dim() > 0 else None)
+               for x, old, p in zip(new_field, old_field, params)]
+              if isinstance(old_field, list) else new_field
+              for new_field, old_field in zip(new_state, state)]
+    return new_params, type(new_state)(*fields)
 
 
-def stored_as_torch(step: StepFn) -> StepFn:
-    """A rule's ``step`` (``step(flags, params, state, grads, hp)``, or a method with
-    ``self`` first) whose θ' and state come out in the dtypes ``torch.optim`` stores them
-    in: θ' in its parameter's dtype, a state entry in the dtype it came in (one created
-    by this step, as SGD's first buffer, in its parameter's, unless 0-dim like ASGD's η).
-
-    The explicit guard for reduced-precision models: their hyperparameters are float32
-    (``hyper_dtype``), and one that has the parameter's shape (learned per element;
-    Rprop's first step size) would promote a bfloat16 θ' to float32. The update is thus
-    computed at the hyperparameters' precision and stored at the parameter's, as
-    ``torch.optim``'s ops do with a Python-float hyperparameter. The cast is the
-    identity everywhere else; its derivative is the identity (the VJPs need no change).
-    """
-    @functools.wraps(step)
-    def stored(*args: Any) -> tuple[list[Tensor], Any]:
-        params, state = args[-4], args[-3]
-        new_params, new_state = step(*args)
-        new_params = [_like(t, p.dtype) for t, p in zip(new_params, params)]
-        fields = [[_like(x, old.dtype if isinstance(old, Tensor) else
-                         p.dtype if isinstance(x, Tensor) and x.dim() > 0 else None)
-                   for x, old, p in zip(new_field, old_field, params)]
-                  if isinstance(old_field, list) else new_field
-                  for new_field, old_field in zip(new_state, state)]
-        return new_params, type(new_state)(*fields)
-    return stored  # type: ignore[return-value]
-
-
-VjpFn = TypeVar("VjpFn", bound=Callable[..., "VJP"])
-
-
-def swept_wide(vjp: VjpFn) -> VjpFn:
-    """A rule's closed-form ``vjp`` evaluated in the hyperparameters' dtype: for a
-    reduced-precision model, θ, the state, G and the cotangents are cast to float32 first
-    (``hyper_dtype``), so the cotangents it returns are float32 (autograd casts them back
-    where the sweep hands them to G_j's graph). It is the derivative of the same step at
-    the same point, computed without bfloat16's rounding or float16's range (Adafactor's
-    1/q^{3/2} overflows float16 where torch.optim's own float16 step is fine). The
-    identity for float32 and float64 models."""
-    @functools.wraps(vjp)
-    def wide(*args: Any) -> VJP:
-        head, (params, state, grads, hp, cot_params, cot_state, need) = args[:-7], args[-7:]
-        return vjp(*head, _wide(params), _wide_state(state), _wide(grads), hp, _wide(cot_params),
-                   _wide_state(cot_state), need)
-    return wide  # type: ignore[return-value]
+def swept_wide(params: list[Tensor], state: Any, grads: list[Tensor], cot_params: list[Tensor],
+               cot_state: Any) -> tuple[list[Tensor], Any, list[Tensor], list[Tensor], Any]:
+    """A closed-form VJP's tensor arguments in the hyperparameters' dtype: for a
+    reduced-precision model, θ, the state, G and the cotangents are cast to float32
+    (``hyper_dtype``; ``InnerOptimizer.vjp`` applies it to every rule), so the cotangents
+    it returns are float32 (autograd casts them back where the sweep hands them to G_j's
+    graph). It is the derivative of the same step at the same point, computed without
+    bfloat16's rounding or float16's range (Adafactor's 1/q^{3/2} overflows float16 where
+    torch.optim's own float16 step is fine). The identity for float32 and float64 models."""
+    return _wide(params), _wide_state(state), _wide(grads), _wide(cot_params), _wide_state(cot_state)
 
 
 def _wide(xs: list[Any]) -> list[Any]:

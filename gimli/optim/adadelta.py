@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._core import (NONNEGATIVE, VJP, Hypers, Interval, group_float, reduce_to, step_count,
-                    step_tensor, stored_as_torch, swept_wide)
+                    step_tensor)
 
 HYPERS = ("lr", "rho", "eps", "weight_decay")
 # as torch.optim.Adadelta's constructor checks them: 0 ≤ ρ ≤ 1, the rest ≥ 0
@@ -84,7 +84,6 @@ def _forward(flags: Flags, p: Tensor, v: Tensor, u: Tensor, g: Tensor, lr: Tenso
     return _Forward(g2, v1, sigma, nu, d, u1, p - lr * d)           # (D5)
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new = [_forward(flags, p, v, u, g, *hps)
@@ -94,7 +93,6 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
         [t + 1 for t in state.step], [f.v1 for f in new], [f.u1 for f in new])
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adadelta.md, eq. D6–D11)."""

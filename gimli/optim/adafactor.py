@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ._core import (NONNEGATIVE, VJP, Hypers, Interval, group_float, reduce_to, step_count,
-                    step_tensor, stored_as_torch, swept_wide)
+                    step_tensor)
 
 HYPERS = ("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay")
 GROUP_KEYS = {"eps1": ("eps", 0), "eps2": ("eps", 1)}  # where param_groups keep them
@@ -170,7 +170,6 @@ def _forward(flags: Flags, t: int, p: Tensor, R: Tensor | None, C: Tensor | None
                     p1 - k * U)                                     # (F8)
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new = [_forward(flags, t + 1, p, R, C, v, g, *hps)
@@ -185,7 +184,6 @@ def _tie_weight(x: Tensor, y: Tensor) -> Tensor:
     return (x > y).to(x.dtype) + 0.5 * (x == y).to(x.dtype)
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adafactor.md, eq. F9–F18)."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._core import (NONNEGATIVE, VJP, Hypers, group_float, reduce_to, step_count, step_tensor,
-                    stored_as_torch, swept_wide)
+                   )
 
 HYPERS = ("lr", "lr_decay", "weight_decay", "eps")
 RANGES = dict.fromkeys(HYPERS, NONNEGATIVE)   # as torch.optim.Adagrad's constructor checks them
@@ -57,7 +57,6 @@ def write_state(state: State, i: int) -> dict[str, Any]:
     return {"step": step_tensor(state.step[i]), "sum": state.sum[i]}
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new_params: list[Tensor] = []
@@ -71,7 +70,6 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
     return new_params, State([t + 1 for t in state.step], new_sums)
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adagrad.md, eq. G5–G9)."""

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, step_count, step_tensor,
-                    stored_as_torch, swept_wide)
+                   )
 from ._lists import Tensors
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -122,7 +122,6 @@ def _forward(flags: Flags, params: list[Tensor], state: State, grads: list[Tenso
     return _Forward(g2, p1, m1, v1, u, c1, c2, r, r + eps)
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     f = _forward(flags, params, state, grads, hp)
@@ -131,7 +130,6 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
     return theta.ts, State([t + 1 for t in state.step], f.m1.ts, f.v1.ts, vmax)
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adam.md, eq. A8–A15)."""

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ._core import (NONNEGATIVE, REAL, VJP, Hypers, group_float, hyper_dtype, reduce_to,
-                    scalar_dtype, step_count, step_tensor, stored_as_torch, swept_wide)
+                    scalar_dtype, step_count, step_tensor)
 
 HYPERS = ("lr", "lambd", "alpha", "t0", "weight_decay")
 # t0 only moves the averaged iterate ax, which θ never reads: the hypergradient of any
@@ -137,7 +137,6 @@ def _forward(flags: Flags, t: int, p: Tensor, eta: Tensor | None, mu: Tensor, ax
                     _stored(1 / m, flags))
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new = [_forward(flags, t + 1, p, eta, mu, ax, g, lr, lambd, alpha, t0, wd)
@@ -148,7 +147,6 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
         [f.ax for f in new])
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/asgd.md, eq. AS7–AS11)."""

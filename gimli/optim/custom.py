@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, Interval, group_float, reduce_to, stored_as_torch
+from ._core import VJP, Hypers, Interval, group_float, reduce_to
 
 InitFn = Callable[[Tensor, dict[str, Any]], dict[str, Tensor]]
 StepFn = Callable[[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]],
@@ -69,7 +69,6 @@ class CustomRule:
     def write_state(self, state: Any, i: int) -> dict[str, Any]:
         return {k: field[i] for k, field in zip(state._fields, state)}
 
-    @stored_as_torch
     def step(self, flags: None, params: list[Tensor], state: Any, grads: list[Tensor],
              hp: Hypers) -> tuple[list[Tensor], Any]:
         new_params, new_states = [], []

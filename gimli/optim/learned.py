@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._core import BETA, NONNEGATIVE, Hypers, group_float, hyper_dtype, stored_as_torch
+from ._core import BETA, NONNEGATIVE, Hypers, group_float, hyper_dtype
 
 HYPERS = ("lr", "beta")     # and the module-valued "net", one hyperparameter per weight
 RANGES = {"lr": NONNEGATIVE, "beta": BETA}     # as LearnedOptimizer's constructor checks them
@@ -72,7 +72,6 @@ def write_state(state: State, i: int) -> dict[str, Any]:
     return {"momentum": state.momentum[i]}
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new_params, new_m = [], []

@@ -40,8 +40,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (NONNEGATIVE, REAL, VJP, Hypers, group_float, reduce_to, stored_as_torch,
-                    swept_wide)
+from ._core import NONNEGATIVE, REAL, VJP, Hypers, group_float, reduce_to
 
 HYPERS = ("lr", "weight_decay", "momentum", "ns_a", "ns_b", "ns_c", "eps")
 # the step rounds inside (finite differences of L^val cannot check its derivative; gimli.check)
@@ -191,7 +190,6 @@ def _needs_grad(*xs: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new_params: list[Tensor] = []
@@ -210,7 +208,6 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
     return new_params, State(new_bufs)
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/muon.md, eq. M7–M13)."""

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, hyper_dtype, reduce_to,
-                    scalar_dtype, step_count, step_tensor, stored_as_torch, swept_wide)
+                    scalar_dtype, step_count, step_tensor)
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")
 GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
@@ -150,7 +150,6 @@ def _forward(flags: Flags, t: int, p: Tensor, prod: Tensor, m: Tensor, v: Tensor
                     theta)
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new = [_forward(flags, t + 1, p, prod, m, v, g, *hps)
@@ -161,7 +160,6 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
         [f.v1 for f in new])
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/nadam.md, eq. N8–N16)."""

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, reduce_to, step_count, step_tensor,
-                    stored_as_torch, swept_wide)
+                   )
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
@@ -126,7 +126,6 @@ def _forward(flags: Flags, t: int, p: Tensor, m: Tensor, v: Tensor, g: Tensor,
                     p1 - lr * (m1 / c1) * k)                        # (RA7)
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new = [_forward(flags, t + 1, p, m, v, g, *hps)
@@ -135,7 +134,6 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
         [t + 1 for t in state.step], [f.m1 for f in new], [f.v1 for f in new])
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/radam.md, eq. RA8–RA15)."""

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._core import (NONNEGATIVE, POSITIVE, VJP, Hypers, Interval, group_float, reduce_to,
-                    step_count, step_tensor, stored_as_torch, swept_wide)
+                    step_count, step_tensor)
 
 HYPERS = ("lr", "alpha", "eps", "weight_decay", "momentum")
 RANGES = dict.fromkeys(HYPERS, NONNEGATIVE)   # as torch.optim.RMSprop's constructor checks them
@@ -120,7 +120,6 @@ def _forward(flags: Flags, p: Tensor, v: Tensor, buf: Tensor | None, ga: Tensor 
                     p - lr * (buf1 if buf1 is not None else q))     # (R6)
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new = [_forward(flags, p, v, buf, ga, g, *hps)
@@ -132,7 +131,6 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
         [f.ga1 for f in new])
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/rmsprop.md, eq. R7–R14)."""

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._core import (NONNEGATIVE, REAL, VJP, Hypers, Interval, group_float, reduce_to, step_count,
-                    step_tensor, stored_as_torch, swept_wide)
+                    step_tensor)
 
 INSENSITIVE_TO_G = "uses only the sign of the gradient (∂θ'/∂G = 0 almost everywhere)"
 HYPERS = ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")
@@ -107,7 +107,6 @@ def _forward(flags: Flags, p: Tensor, prev: Tensor, size: Tensor | None, g: Tens
     return _Forward(sigma, f, eta, x, eta1, g_hat, d, p - d * eta1)             # (P6)
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     new = [_forward(flags, p, prev, size, g, lr, eta_minus, eta_plus, lo, hi)
@@ -117,7 +116,6 @@ def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
         [t + 1 for t in state.step], [f.g_hat for f in new], [f.eta1 for f in new])
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/rprop.md, eq. P7–P10)."""

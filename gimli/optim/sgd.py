@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, cast
 from torch import Tensor
 
 from ._core import (NONNEGATIVE, POSITIVE, REAL, VJP, Hypers, Interval, group_float,
-                    stored_as_torch, swept_wide)
+                   )
 from ._lists import Tensors
 
 HYPERS = ("lr", "momentum", "dampening", "weight_decay")
@@ -81,7 +81,6 @@ def write_state(state: State, i: int) -> dict[str, Any]:
     return {} if buf is None else {"momentum_buffer": buf}
 
 
-@stored_as_torch
 def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
          hp: Hypers) -> tuple[list[Tensor], State]:
     p, g = Tensors(params), Tensors(grads)
@@ -102,7 +101,6 @@ def _momentum(state: State, d0: Tensors, mu: Tensors, tau: Tensors) -> Tensors:
     return mu * Tensors(cast(list[Tensor], state.momentum_buffer)) + (1 - tau) * d0
 
 
-@swept_wide
 def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
         cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/sgd.md, eq. S5–S9)."""
