@@ -93,10 +93,8 @@ def run_case(optimizer: str, granularity: str, steps: int = 4, seed: int = 0) ->
     opt = cls([{"params": list(first.parameters())},
                {"params": list(second.parameters()), "lr": lr2}], **kwargs)
     bound = bind(opt)
-    inactive = getattr(bound.rule, "inactive_hypers", None)         # refused under these flags
-    if inactive is not None:
-        off = {h for flags in bound.flags for h in inactive(flags)}
-        hypers = tuple(h for h in hypers if h not in off)
+    off = {h for flags in bound.flags for h in bound.facts.inactive_hypers(flags)}  # refused there
+    hypers = tuple(h for h in hypers if h not in off)
     if not hypers:
         return None
     meta = MetaParams(opt, {h: granularity for h in hypers},

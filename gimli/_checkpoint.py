@@ -115,8 +115,8 @@ def check(solver: GimliSolver, state: Any) -> None:
 def _written_keys(solver: GimliSolver) -> list[str]:
     """The param-group entries gimli writes: learned hyperparameters and, with a
     scheduler, its learning-rate entries."""
-    rule = solver.problem.inner.rule
-    keys = {getattr(rule, "GROUP_KEYS", {}).get(name, (name, None))[0]
+    rule = solver.problem.inner.facts
+    keys = {rule.group_key(name)[0]
             for name in solver.meta.granularity if "." not in name}
     if solver.problem.scheduler is not None:
         keys |= set(LR_KEYS)                # what a re-base writes

@@ -217,11 +217,9 @@ def valid_range(inner: InnerOptimizer, name: str) -> Interval:
     """The values of hyperparameter ``name`` that ``torch.optim``'s constructor accepts
     under every param group's flags (the rule's ``ranges(flags)`` or ``RANGES``; the
     whole real line where a rule declares none, as a user's own optimizer)."""
-    rule = inner.rule
     out = REAL
     for flags in inner.flags:
-        table = rule.ranges(flags) if hasattr(rule, "ranges") else getattr(rule, "RANGES", {})
-        out = out & table.get(name, REAL)
+        out = out & inner.facts.ranges_for(flags).get(name, REAL)
     return out
 
 
@@ -260,17 +258,16 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
     if name not in inner.hyper_names:
         raise ValueError(f"{inner.name} has no differentiable hyperparameter {name!r}; "
                          f"its hyperparameters are {', '.join(inner.hyper_names)}")
-    allowed = getattr(inner.rule, "GRANULARITIES", {}).get(name, GRANULARITIES)
+    allowed = inner.facts.granularities_of(name)
     if per not in allowed:
         raise ValueError(f"granularity of {name!r} for {inner.name} must be one of {allowed}, "
                          f"not {per!r}")
-    unread = getattr(inner.rule, "NO_HYPERGRADIENT", {})
+    unread = inner.facts.no_hypergradient
     if name in unread:
         raise ValueError(f"{name} cannot be meta-learned with {inner.name}: {unread[name]}, so "
                          f"the hypergradient of a loss on θ is identically 0")
-    inactive = getattr(inner.rule, "inactive_hypers", None)
     for g, flags in enumerate(inner.flags):
-        off = {} if inactive is None else inactive(flags)
+        off = inner.facts.inactive_hypers(flags)
         if name in off:
             raise ValueError(f"{inner.name}, param group {g}: {name} {off[name]}")
     groups = inner.group_hypers()
@@ -294,7 +291,7 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
 
 
 def _set_group_value(inner: InnerOptimizer, group: dict[str, Any], name: str, value: float) -> None:
-    key, index = getattr(inner.rule, "GROUP_KEYS", {}).get(name, (name, None))
+    key, index = inner.facts.group_key(name)
     if index is None:
         group[key] = value
     else:

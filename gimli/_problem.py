@@ -85,8 +85,8 @@ class Problem:
         names = [name_of[id(p)] for p in inner.params]
         frozen = [n for n, _ in model.named_parameters() if n not in set(names)]
         _check_dtypes(inner, meta)
-        blind = getattr(inner.rule, "INSENSITIVE_TO_G", None)
-        if blind is not None and any(True for _ in meta.loss.parameters()):
+        blind = inner.facts.insensitive_to_g
+        if blind and any(True for _ in meta.loss.parameters()):
             warnings.warn(f"{inner.name} {blind}: φ^loss (loss=) changes θ'_J through no step, so its "
                           f"hypergradient is at most L^val's direct term (Requirement II of the "
                           f"paper: the update must be differentiable in G)", GimliWarning, stacklevel=3)

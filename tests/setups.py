@@ -34,3 +34,25 @@ def setup(name: str, per: str, settings: dict[str, Any] | None = None, dtype: to
     second = {} if per == "scalar" else {"lr": kwargs["lr"] * 0.5}
     return model, optimizer_class(name)([{"params": params[:half]}, {"params": params[half:], **second}],
                                         **kwargs)
+
+
+def corrupt_lr(monkeypatch: Any, module: Any, scale: float) -> None:
+    """Scale the lr cotangent of an optimizer file's VJP (a wrong hypergradient), for every
+    optimizer class bound to it from now on."""
+    from dataclasses import replace
+
+    from gimli.optim import SUPPORTED
+
+    rule = module.RULE
+    original = rule.vjp
+
+    def corrupted(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if "lr" in out.hypers:
+            out.hypers["lr"] = scale * out.hypers["lr"]
+        return out
+
+    wrong = replace(rule, vjp=corrupted)
+    for cls, bound in list(SUPPORTED.items()):
+        if bound is rule:
+            monkeypatch.setitem(SUPPORTED, cls, wrong)

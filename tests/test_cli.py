@@ -28,16 +28,9 @@ def test_check_fails_on_a_wrong_hypergradient(monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """A corrupted sweep (the SGD lr cotangent doubled) must make the zoo fail."""
     from gimli.optim import sgd
+    from setups import corrupt_lr
 
-    original = sgd.vjp
-
-    def corrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        out = original(*args, **kwargs)
-        if "lr" in out.hypers:
-            out.hypers["lr"] = [2 * a for a in out.hypers["lr"]]
-        return out
-
-    monkeypatch.setattr(sgd, "vjp", corrupted)
+    corrupt_lr(monkeypatch, sgd, 2.0)
     assert main(["check", "--optimizers", "SGD", "--granularities", "tensor", "--quiet"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "0 of 1 cases" in out

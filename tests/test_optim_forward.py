@@ -57,7 +57,7 @@ def test_forward_parity(row: OptimRow, data: st.DataObject, pre_steps: int, step
 
     for i, p in enumerate(params):
         assert_close(theta[i], p.detach())
-        ours = inner.rule.write_state(state, i)
+        ours = inner.write_state(state, i)
         theirs = opt.state.get(p, {})
         assert set(ours) == set(theirs)
         for key, value in theirs.items():

@@ -27,6 +27,7 @@ from torch import nn
 import gimli
 from test_distributed import _finish
 from gimli.optim import adagrad, adam, rmsprop
+import setups
 from strategies import mlp, mse, regression_batches
 from test_solver import assert_same, snapshot
 
@@ -69,6 +70,9 @@ def test_check_passes_and_changes_nothing() -> None:
 
 def corrupt_lr(monkeypatch: pytest.MonkeyPatch, rule: Any, scale: float) -> None:
     """Scale the lr cotangent of an optimizer rule's VJP (a wrong hypergradient)."""
+    if hasattr(rule, "RULE"):
+        setups.corrupt_lr(monkeypatch, rule, scale)
+        return
     original = rule.vjp
 
     def corrupted(*args: Any, **kwargs: Any) -> Any:

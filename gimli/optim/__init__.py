@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 
 from . import learned
 from ._core import VJP, Hypers, Interval, autograd_vjp, hyper_dtype, step_tensor, stored_as_torch, swept_wide
+from ._rule import Call, Rule, field_kinds
+from ._rule import key as call_key
 from .custom import CustomRule, InitFn, StepFn, VjpFn
 from .learned import LearnedOptimizer
 
@@ -46,13 +49,31 @@ def _builtin_rules() -> dict[type[torch.optim.Optimizer], Any]:
     for cls_name, file in BUILTIN.items():
         cls = getattr(torch.optim, cls_name, None)
         if cls is not None and importlib.util.find_spec(f"{__name__}.{file}") is not None:
-            rules[cls] = importlib.import_module(f"{__name__}.{file}")
+            module = importlib.import_module(f"{__name__}.{file}")
+            rules[cls] = getattr(module, "RULE", module)
     return rules
 
 
 # optimizer class → its rule (a module or object with the interface of _core.py's docstring)
 SUPPORTED: dict[type[torch.optim.Optimizer], Any] = _builtin_rules()
 SUPPORTED[LearnedOptimizer] = learned
+
+
+def facts(rule: Any) -> Rule:
+    """A rule's description as a :class:`Rule` (a rule module not yet on the protocol is
+    read through its upper-case attributes)."""
+    if isinstance(rule, Rule):
+        return rule
+    return Rule(hypers=tuple(rule.HYPERS), ranges=getattr(rule, "RANGES", {}),
+                read_group=rule.read_group, read_state=rule.read_state, step=rule.step,
+                group_keys=getattr(rule, "GROUP_KEYS", {}),
+                granularities=getattr(rule, "GRANULARITIES", {}),
+                inactive=getattr(rule, "inactive_hypers", None),
+                narrowed=getattr(rule, "ranges", None),
+                straight_through=getattr(rule, "STRAIGHT_THROUGH", ""),
+                scalar_state=getattr(rule, "SCALAR_STATE", {}),
+                no_hypergradient=getattr(rule, "NO_HYPERGRADIENT", {}),
+                insensitive_to_g=getattr(rule, "INSENSITIVE_TO_G", ""))
 
 
 def register(cls: type[torch.optim.Optimizer], rule: Any) -> None:
@@ -117,15 +138,21 @@ class InnerOptimizer:
     params: list[Tensor]
     groups: list[slice]
     flags: list[Any]
+    _call_cache: dict[Any, Call] = dataclass_field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return type(self.torch_optimizer).__name__
 
+    @property
+    def facts(self) -> Rule:
+        """The rule's description (hyperparameters, ranges, granularities, …)."""
+        return facts(self.rule)
+
     def __deepcopy__(self, memo: dict[int, Any]) -> InnerOptimizer:
         """A copy over copied tensors and optimizer, sharing the rule (a module)."""
         return InnerOptimizer(*(copy.deepcopy(getattr(self, f.name), memo) if f.name != "rule"
-                                else self.rule for f in fields(self)))
+                                else self.rule for f in fields(self) if f.name != "_call_cache"))
 
     @property
     def hyper_names(self) -> tuple[str, ...]:
@@ -171,12 +198,16 @@ class InnerOptimizer:
         groups = self.torch_optimizer.param_groups
         per_param = [self.rule.read_state(self.torch_optimizer.state.get(p, {}), p, groups[g])
                      for p, g in zip(self.params, self.group_of())]
+        if isinstance(self.rule, Rule):             # one value per field for each tensor
+            return type(per_param[0])(*(list(field) for field in zip(*per_param)))
         return type(per_param[0])(*([entry[0] for entry in field] for field in zip(*per_param)))
 
     def write_state(self, state: Any, i: int) -> dict[str, Any]:
         """Tensor i's entry of ``torch_optimizer.state`` for ``state`` (the inverse of
         :meth:`read_state`): the rule's own ``write_state``, or its ``State`` fields,
         which are named as ``torch.optim``'s keys (``step`` as a float tensor)."""
+        if isinstance(self.rule, Rule):
+            return self.rule.state_entry(type(state)(*(values[i] for values in state)))
         own = getattr(self.rule, "write_state", None)
         if own is not None:
             return dict(own(state, i))
@@ -195,7 +226,7 @@ class InnerOptimizer:
         ``torch.optim`` keeps as one number per tensor (the rule's ``SCALAR_STATE``:
         NAdam's ``mu_product``, ASGD's ``eta``) but that a hyperparameter learned per
         element makes one per element."""
-        scalar_state = getattr(self.rule, "SCALAR_STATE", {})
+        scalar_state = self.facts.scalar_state
         for name, per in granularity.items():
             if per == "element" and name in scalar_state:
                 key = scalar_state[name]
@@ -213,6 +244,14 @@ class InnerOptimizer:
         alone with its state, as ``torch.optim`` does."""
         new_params = list(params)
         new_state = [list(field) for field in state]
+        if isinstance(self.rule, Rule):
+            for call in self._calls(params, grads, state):
+                out_params, out_state = call.step(params, state, grads, hp)
+                for k, i in enumerate(call.idx):
+                    new_params[i] = out_params[k]
+                    for field, values in zip(new_state, out_state):
+                        field[i] = values[k]
+            return new_params, type(state)(*new_state)
         for flags, idx in self._active(grads, state):
             out_params, out_state = self._step(flags, *self._take(idx, params, state, grads, hp))
             for k, i in enumerate(idx):
@@ -229,6 +268,16 @@ class InnerOptimizer:
         s = [list(field) for field in cot_state]
         o: list[Tensor | None] = [None] * len(params)
         a: dict[str, list[Tensor | None]] = {name: [None] * len(params) for name in need}
+        if isinstance(self.rule, Rule):
+            for call in self._calls(params, grads, state):
+                b_k, s_k, o_k, a_k = call.vjp(params, state, grads, hp, cot_params, cot_state, need)
+                for k, i in enumerate(call.idx):
+                    b[i], o[i] = b_k[k], o_k[k]
+                    for field, values in zip(s, s_k):
+                        field[i] = values[k]
+                    for name in need:
+                        a[name][i] = a_k[name][k]
+            return VJP(b, type(cot_state)(*s), o, a)
         for flags, idx in self._active(grads, state):
             sub = self._take(idx, params, state, grads, hp)
             out = self._vjp(flags, *sub, [cot_params[i] for i in idx],
@@ -239,7 +288,7 @@ class InnerOptimizer:
                     field[i] = values[k]
                 for name in need:
                     a[name][i] = out.hypers[name][k]
-        return VJP(b, type(cot_state)(*s), o, a)  # type: ignore[arg-type]
+        return VJP(b, type(cot_state)(*s), o, a)
 
     def _step(self, flags: Any, params: list[Tensor], state: Any, grads: list[Tensor],
               hp: Hypers) -> tuple[list[Tensor], Any]:
@@ -255,6 +304,28 @@ class InnerOptimizer:
             return autograd_vjp(self._step, flags, params, state, grads, hp, cot_params, cot_state, need)
         params, state, grads, cot_params, cot_state = swept_wide(params, state, grads, cot_params, cot_state)
         return vjp(flags, params, state, grads, hp, cot_params, cot_state, need)
+
+    def _calls(self, params: list[Tensor], grads: list[Tensor | None], state: Any) -> list[Call]:
+        """The tensors that step (gradient not ``None``) in as few rule calls as the
+        flags allow: param groups with equal flags step together (their hyperparameters
+        are per tensor anyway), split where the state's kinds differ (SGD: a tensor with
+        no momentum buffer yet; a tensor whose step count differs from the rest's)."""
+        calls: dict[Any, list[int]] = {}
+        for g, sl in enumerate(self.groups):
+            flags = _hashable(self.flags[g], g)
+            for i in range(sl.start, sl.stop):
+                if grads[i] is not None:
+                    calls.setdefault((flags, call_key(state, i, params[i])), []).append(i)
+        out = []
+        for (flags, _), idx in calls.items():
+            k = (flags, tuple(idx))
+            call = self._call_cache.get(k)
+            if call is None:
+                call = self._call_cache[k] = Call(self.rule, self.flags[self.group_of()[idx[0]]],
+                                                  idx, params)
+            call.rule, call.kinds = self.rule, field_kinds(state, idx, params)
+            out.append(call)
+        return out
 
     def _active(self, grads: list[Tensor | None], state: Any) -> list[tuple[Any, list[int]]]:
         """The tensors that step (gradient not ``None``) in as few rule calls as the
@@ -328,10 +399,9 @@ def capabilities() -> dict[str, dict[str, tuple[str, ...]]]:
     for cls, rule in SUPPORTED.items():
         if rule is learned or cls.__name__ in out or not (cls.__name__ in BUILTIN):
             continue
-        limits = getattr(rule, "GRANULARITIES", {})
-        unread = getattr(rule, "NO_HYPERGRADIENT", {})
-        out[cls.__name__] = {name: tuple(limits.get(name, GRANULARITY_LETTERS))
-                             for name in rule.HYPERS if name not in unread}
+        described = facts(rule)
+        out[cls.__name__] = {name: described.granularities_of(name) for name in described.hypers
+                             if name not in described.no_hypergradient}
     out["LearnedOptimizer"] = {"net": ("scalar",), "lr": tuple(GRANULARITY_LETTERS),
                                "beta": tuple(GRANULARITY_LETTERS)}
     return out

@@ -59,13 +59,15 @@ class VJP(NamedTuple):
     ``params`` is b_j (direct path through θ), ``state`` is S_j (the state
     adjoint, a ``State`` of the optimizer with ``None`` where an entry has no
     tensor), ``grads`` is o_j = B_{j+1}·O_j, ``hypers`` is a_j for each
-    hyperparameter asked for.
+    hyperparameter asked for. A rule returns them for one tensor (a hyperparameter's
+    cotangent per element, or ``None`` where it has none); ``InnerOptimizer.vjp``
+    returns them as lists, one entry per parameter tensor.
     """
 
-    params: list[Tensor]
+    params: Any
     state: Any
-    grads: list[Tensor]
-    hypers: Hypers
+    grads: Any
+    hypers: dict[str, Any]
 
 
 class Interval(NamedTuple):

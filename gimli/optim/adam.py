@@ -27,20 +27,16 @@ then a convention.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, step_count, step_tensor,
-                   )
-from ._lists import Tensors
+from . import _pieces as pc
+from ._core import BETA, NONNEGATIVE, VJP, group_float, step_count
+from ._rule import Rule
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
-GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
-# as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
-RANGES = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
-          "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -50,10 +46,10 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    step: list[int]
-    exp_avg: list[Tensor]
-    exp_avg_sq: list[Tensor]
-    max_exp_avg_sq: list[Tensor | None]
+    step: int
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    max_exp_avg_sq: Tensor | None
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
@@ -74,105 +70,94 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
         value = torch_state.get(key)
         return torch.zeros_like(param) if value is None else value.detach().clone()
 
-    return State([step_count(torch_state)], [moment("exp_avg")], [moment("exp_avg_sq")],
-                 [moment("max_exp_avg_sq") if group["amsgrad"] else None])
-
-
-def write_state(state: State, i: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": step_tensor(state.step[i]),
-                           "exp_avg": state.exp_avg[i], "exp_avg_sq": state.exp_avg_sq[i]}
-    if state.max_exp_avg_sq[i] is not None:
-        out["max_exp_avg_sq"] = state.max_exp_avg_sq[i]
-    return out
+    return State(step_count(torch_state), moment("exp_avg"), moment("exp_avg_sq"),
+                 moment("max_exp_avg_sq") if group["amsgrad"] else None)
 
 
 class _Forward(NamedTuple):
-    """The intermediates of (A1)–(A6) over a group's tensors, shared by step and vjp."""
+    """The intermediates of (A1)–(A6), shared by step and vjp."""
 
-    g2: Tensors
-    p1: Tensors         # θ₁
-    m1: Tensors
-    v1: Tensors
-    u: Tensors
-    c1: Tensors         # per tensor, the hyperparameters' shape
-    c2: Tensors
-    r: Tensors
-    delta: Tensors
+    t: int
+    g2: Tensor
+    p1: Tensor          # θ₁
+    m1: Tensor
+    v1: Tensor
+    u: Tensor
+    c1: Tensor          # the hyperparameters' shape
+    c2: Tensor
+    r: Tensor
+    delta: Tensor
 
 
-def _forward(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-             hp: Hypers) -> _Forward:
-    p, m, v, g = Tensors(params), Tensors(state.exp_avg), Tensors(state.exp_avg_sq), Tensors(grads)
-    lr, b1, b2, eps, wd = (Tensors(hp[k]) for k in HYPERS)
-    if flags.maximize:
-        g = -g
-    if flags.decoupled:
-        g2, p1 = g, p * (1 - lr * wd)                               # (A1), (A2)
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+    lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
+    if flags.decoupled:                                             # (A1), (A2)
+        g2, p1 = pc.signed(g, flags.maximize), pc.decoupled_decay(p, lr, wd)
     else:
-        g2, p1 = g + wd * p, p
-    m1 = b1 * m + (1 - b1) * g2                                     # (A3)
-    v1 = b2 * v + (1 - b2) * g2 * g2
-    if flags.amsgrad:                                               # (A4)
-        u = Tensors(cast(list[Tensor], state.max_exp_avg_sq)).maximum(v1)
-    else:
-        u = v1
-    t = [float(n + 1) for n in state.step]
-    c1, c2 = 1 - b1 ** t, 1 - b2 ** t                               # (A5)
+        g2, p1 = pc.coupled_decay(g, p, wd, flags.maximize), p
+    m1 = pc.ema(s.exp_avg, g2, b1)                                  # (A3)
+    v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
+    u = torch.maximum(s.max_exp_avg_sq, v1) if s.max_exp_avg_sq is not None else v1    # (A4)
+    t = s.step + 1
+    c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)   # (A5)
     r = u.sqrt() / c2.sqrt()                                        # (A6)
-    return _Forward(g2, p1, m1, v1, u, c1, c2, r, r + eps)
+    return _Forward(t, g2, p1, m1, v1, u, c1, c2, r, r + eps)
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    f = _forward(flags, params, state, grads, hp)
-    theta = f.p1 - (Tensors(hp["lr"]) / f.c1) * f.m1 / f.delta      # (A7)
-    vmax: list[Tensor | None] = list(f.u) if flags.amsgrad else [None] * len(params)
-    return theta.ts, State([t + 1 for t in state.step], f.m1.ts, f.v1.ts, vmax)
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    f = _forward(flags, p, s, g, hp)
+    theta = f.p1 - (hp["lr"] / f.c1) * f.m1 / f.delta               # (A7)
+    return theta, State(f.t, f.m1, f.v1, f.u if flags.amsgrad else None)
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adam.md, eq. A8–A15)."""
-    f = _forward(flags, params, state, grads, hp)
-    p, P, M, V = Tensors(params), Tensors(cot_params), Tensors(cot_state.exp_avg), \
-        Tensors(cot_state.exp_avg_sq)
-    lr, b1, b2, eps, wd = (Tensors(hp[k]) for k in HYPERS)
+    f = _forward(flags, p, s, g, hp)
+    lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
     step_size = lr / f.c1
     update = f.m1 / f.delta                                         # θ' = θ₁ − (γ/c₁)·update
     P_delta = P / f.delta
-    m1_bar = M - step_size * P_delta                                # (A8)
+    m1_bar = -step_size * P_delta if S.exp_avg is None else S.exp_avg - step_size * P_delta  # (A8)
     delta_bar = step_size * P_delta * update                        # ∂θ'/∂δ = (γ/c₁) m'/δ²  (A9)
-    # (A10) r = √u/√c₂: ū = r̄/(2 c₂ r), set to 0 where u = 0 (guard, module doc)
-    u_bar = delta_bar.map(lambda d, r, c2: torch.where(r > 0, d / (2 * c2 * torch.where(r > 0, r, 1.0)),
-                                                       0.0), f.r, f.c2)
-    S_vmax: list[Tensor | None] = [None] * len(params)
-    if flags.amsgrad:                                               # (A11) u = max(v̂, v')
-        vmax = Tensors(cast(list[Tensor], state.max_exp_avg_sq))
-        X_total = Tensors(cast(list[Tensor], cot_state.max_exp_avg_sq)) + u_bar
-        to_v = f.v1.map(lambda v1, vm: (v1 > vm).to(v1.dtype) + 0.5 * (v1 == vm).to(v1.dtype), vmax)
-        v1_bar = V + to_v * X_total
-        S_vmax = list((1 - to_v) * X_total)
+    u_bar = pc.sqrt_vjp(delta_bar, f.r) / f.c2                     # (A10) r = √u/√c₂, guarded
+    V = S.exp_avg_sq
+    vmax_bar = None
+    if s.max_exp_avg_sq is not None:                                # (A11) u = max(v̂, v')
+        X_total = u_bar if S.max_exp_avg_sq is None else S.max_exp_avg_sq + u_bar
+        to_v = pc.max_share(f.v1, s.max_exp_avg_sq)
+        v1_bar = to_v * X_total if V is None else V + to_v * X_total
+        vmax_bar = (1 - to_v) * X_total
     else:
-        v1_bar = V + u_bar
+        v1_bar = u_bar if V is None else V + u_bar
     g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar       # (A13)
     if flags.decoupled:                                             # (A14)
-        b_out = (1 - lr * wd) * P
+        b_out, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)
+        o_out = pc.signed(g2_bar, flags.maximize)
     else:
-        b_out = P + wd * g2_bar
-    o_out = -g2_bar if flags.maximize else g2_bar                   # o_j                     (A14)
-    t = [float(n + 1) for n in state.step]
+        decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)
+        b_out, lr_decay_bar = P + decay_bar, None
+    t = f.t
     contrib = {                                                     # (A15)
-        "lr": lambda: -(P * update / f.c1) - P * wd * p if flags.decoupled else -(P * update / f.c1),
+        "lr": lambda: -(P * update / f.c1) + (0 if lr_decay_bar is None else lr_decay_bar),
         # ∂θ'/∂c₁ = (γ/c₁²) m'/δ and ∂c₁/∂β₁ = −t β₁^(t−1)
-        "beta1": lambda: m1_bar * (Tensors(state.exp_avg) - f.g2)
-        - step_size * P * update / f.c1 * t * b1 ** [n - 1 for n in t],
+        "beta1": lambda: m1_bar * (s.exp_avg - f.g2)
+        + step_size * P * update / f.c1 * pc.bias_correction_grad(b1, t),
         # ∂r/∂c₂ = −r/(2c₂) and ∂c₂/∂β₂ = −t β₂^(t−1)
-        "beta2": lambda: v1_bar * (Tensors(state.exp_avg_sq) - f.g2 * f.g2)
-        + delta_bar * f.r / (2 * f.c2) * t * b2 ** [n - 1 for n in t],
+        "beta2": lambda: v1_bar * (s.exp_avg_sq - f.g2 * f.g2)
+        - delta_bar * f.r / (2 * f.c2) * pc.bias_correction_grad(b2, t),
         "eps": lambda: delta_bar,
-        "weight_decay": lambda: -P * lr * p if flags.decoupled else g2_bar * p,
+        "weight_decay": lambda: wd_bar,
     }
-    a_out: Hypers = {name: contrib[name]().sum_to(hp[name]) for name in need}
-    steps_bar = cast(list[int], [None] * len(params))           # step counts have no cotangent
-    return VJP(b_out.ts, State(steps_bar, (b1 * m1_bar).ts, (b2 * v1_bar).ts, S_vmax),  # (A12)
-               o_out.ts, a_out)
+    return VJP(b_out, State(0, b1 * m1_bar, b2 * v1_bar, vmax_bar),   # (A12)
+               o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    # as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
+    ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+            "weight_decay": NONNEGATIVE},
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    group_keys={"beta1": ("betas", 0), "beta2": ("betas", 1)},     # where param_groups keep them
+)

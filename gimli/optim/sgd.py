@@ -17,13 +17,13 @@ With ``momentum == 0`` no buffer exists and d = d_0. Hyperparameters:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from ._core import (NONNEGATIVE, POSITIVE, REAL, VJP, Hypers, Interval, group_float,
-                   )
-from ._lists import Tensors
+from . import _pieces as pc
+from ._core import NONNEGATIVE, POSITIVE, REAL, VJP, Interval, group_float
+from ._rule import Rule
 
 HYPERS = ("lr", "momentum", "dampening", "weight_decay")
 # as torch.optim.SGD's constructor checks them (dampening it does not check)
@@ -37,7 +37,7 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    momentum_buffer: list[Tensor | None]
+    momentum_buffer: Tensor | None      # None until the tensor's first step with momentum
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
@@ -65,81 +65,58 @@ def ranges(flags: Flags) -> dict[str, Interval]:
     return {**RANGES, "momentum": POSITIVE} if flags.momentum else RANGES
 
 
-def substep(state: State, i: int) -> bool:
-    """Whether tensor i already has a momentum buffer: a tensor whose gradient was
-    ``None`` so far has none while the rest of its group has one."""
-    return state.momentum_buffer[i] is not None
-
-
 def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:
     buf = torch_state.get("momentum_buffer")
-    return State([None if buf is None else buf.detach().clone()])
+    return State(None if buf is None else buf.detach().clone())
 
 
-def write_state(state: State, i: int) -> dict[str, Any]:
-    buf = state.momentum_buffer[i]
-    return {} if buf is None else {"momentum_buffer": buf}
-
-
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    p, g = Tensors(params), Tensors(grads)
-    lr, mu, tau, wd = (Tensors(hp[k]) for k in HYPERS)
-    d = (-g if flags.maximize else g) + wd * p                      # (S1)
-    bufs: list[Tensor | None] = [None] * len(params)
-    if flags.momentum:
-        buf = _momentum(state, d, mu, tau)                          # (S2)
-        bufs = list(buf)
-        d = d + mu * buf if flags.nesterov else buf                 # (S3)
-    return list(p - lr * d), State(bufs)                            # (S4)
-
-
-def _momentum(state: State, d0: Tensors, mu: Tensors, tau: Tensors) -> Tensors:
+def _momentum(s: State, d0: Tensor, mu: Tensor, tau: Tensor) -> Tensor:
     """(S2): b' = d₀ on the first step (no buffer yet), μ·b + (1 − τ)·d₀ after."""
-    if state.momentum_buffer[0] is None:
-        return d0
-    return mu * Tensors(cast(list[Tensor], state.momentum_buffer)) + (1 - tau) * d0
+    return d0 if s.momentum_buffer is None else mu * s.momentum_buffer + (1 - tau) * d0
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
-    """Closed-form cotangents of :func:`step` (proofs/sgd.md, eq. S5–S9)."""
-    p, g, P = Tensors(params), Tensors(grads), Tensors(cot_params)
-    lr, mu, tau, wd = (Tensors(hp[k]) for k in HYPERS)
-    d0 = (-g if flags.maximize else g) + wd * p                     # (S1), recomputed
-    d_bar = -lr * P                                                 # ∂θ'/∂d = −γ           (S5)
-    s_in: list[Tensor | None] = [None] * len(params)
-    a_mu = a_tau = None
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    lr, mu, tau, wd = (hp[k] for k in HYPERS)
+    d = pc.coupled_decay(g, p, wd, flags.maximize)                 # (S1)
+    buf = None
     if flags.momentum:
-        first = state.momentum_buffer[0] is None                    # all or none (substep)
-        new_buf = _momentum(state, d0, mu, tau)
+        buf = _momentum(s, d, mu, tau)                              # (S2)
+        d = d + mu * buf if flags.nesterov else buf                 # (S3)
+    return p - lr * d, State(buf)                                   # (S4)
+
+
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
+    """Closed-form cotangents of :func:`step` (proofs/sgd.md, eq. S5–S9)."""
+    lr, mu, tau, wd = (hp[k] for k in HYPERS)
+    d0 = pc.coupled_decay(g, p, wd, flags.maximize)                # (S1), recomputed
+    d_bar = -lr * P                                                 # ∂θ'/∂d = −γ           (S5)
+    s_in = a_mu = a_tau = None
+    if flags.momentum:
+        new_buf = _momentum(s, d0, mu, tau)
         d = d0 + mu * new_buf if flags.nesterov else new_buf
-        S = Tensors(cast(list[Tensor], cot_state.momentum_buffer))  # the step kept a buffer
         if flags.nesterov:
-            buf_bar = S + mu * d_bar                                # total adjoint of b'   (S6)
+            buf_bar = mu * d_bar if S.momentum_buffer is None else S.momentum_buffer + mu * d_bar  # (S6)
             d0_bar = d_bar
             a_mu = d_bar * new_buf
         else:
-            buf_bar = S + d_bar
+            buf_bar = d_bar if S.momentum_buffer is None else S.momentum_buffer + d_bar
             d0_bar = None
-        if first:
-            d0_bar = buf_bar if d0_bar is None else d0_bar + buf_bar    # b' = d₀ at first
+        if s.momentum_buffer is None:                               # b' = d₀ at first
+            d0_bar = buf_bar if d0_bar is None else d0_bar + buf_bar
         else:
-            buf = Tensors(cast(list[Tensor], state.momentum_buffer))
-            s_in = list(mu * buf_bar)                               # S_j = μ·b̄'            (S7)
+            s_in = mu * buf_bar                                     # S_j = μ·b̄'            (S7)
             d0_bar = (1 - tau) * buf_bar if d0_bar is None else d0_bar + (1 - tau) * buf_bar
-            a_mu = buf_bar * buf if a_mu is None else a_mu + buf_bar * buf
+            a_mu = buf_bar * s.momentum_buffer if a_mu is None else a_mu + buf_bar * s.momentum_buffer
             a_tau = -buf_bar * d0
     else:
         d = d0
         d0_bar = d_bar
-    o_out = -d0_bar if flags.maximize else d0_bar                   # o_j = s·d̄₀           (S8)
-    b_out = P + wd * d0_bar                                         # b_j = P + λ·d̄₀       (S8)
+    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(d0_bar, p, wd, flags.maximize)   # (S8)
     contrib = {"lr": lambda: -P * d, "momentum": lambda: a_mu, "dampening": lambda: a_tau,
-               "weight_decay": lambda: d0_bar * p}                  # (S9)
-    a_out: Hypers = {}
-    for name in need:
-        a = contrib[name]()
-        a_out[name] = [like.new_zeros(like.shape) for like in hp[name]] if a is None \
-            else a.sum_to(hp[name])
-    return VJP(list(b_out), State(s_in), list(o_out), a_out)
+               "weight_decay": lambda: wd_bar}                      # (S9)
+    return VJP(P + decay_bar, State(s_in), o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(hypers=HYPERS, ranges=RANGES, read_group=read_group, read_state=read_state,
+            step=step, vjp=vjp, inactive=inactive_hypers, narrowed=ranges)

@@ -1,0 +1,75 @@
+r"""Pieces that several torch.optim updates share, each with its VJP written and proved once
+(proofs/pieces.md). Every function acts on one tensor (or on a call's tensors laid end to
+end: all are elementwise) with hyperparameters that broadcast against it.
+
+* ``signed``: s·g, s = −1 under ``maximize``;
+* coupled weight decay (L2 in the gradient): g₂ = s·g + λθ;
+* decoupled weight decay (AdamW): θ₁ = (1 − γλ)θ;
+* the exponential moving average m' = βm + (1 − β)x;
+* the bias correction c = 1 − β^t;
+* the square root at 0, whose cotangent is set to its true value 0 where the radicand
+  is 0 and nothing downstream depends on it (the optimizers' guards);
+* the maximum u = max(x, y), with the cotangent split evenly at a tie.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def signed(g: Tensor, maximize: bool) -> Tensor:
+    return -g if maximize else g
+
+
+def coupled_decay(g: Tensor, p: Tensor, wd: Tensor, maximize: bool) -> Tensor:
+    """g₂ = s·g + λθ (P1)."""
+    return signed(g, maximize) + wd * p
+
+
+def coupled_decay_vjp(g2_bar: Tensor, p: Tensor, wd: Tensor, maximize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(θ̄ contribution, ḡ, λ̄) of g₂ = s·g + λθ, given ḡ₂ (P2)."""
+    return wd * g2_bar, signed(g2_bar, maximize), g2_bar * p
+
+
+def decoupled_decay(p: Tensor, lr: Tensor, wd: Tensor) -> Tensor:
+    """θ₁ = (1 − γλ)θ (P3)."""
+    return p * (1 - lr * wd)
+
+
+def decoupled_decay_vjp(p1_bar: Tensor, p: Tensor, lr: Tensor, wd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(θ̄, γ̄ contribution, λ̄) of θ₁ = (1 − γλ)θ, given θ̄₁ (P4)."""
+    return (1 - lr * wd) * p1_bar, -p1_bar * wd * p, -p1_bar * lr * p
+
+
+def ema(old: Tensor, x: Tensor, beta: Tensor) -> Tensor:
+    """m' = βm + (1 − β)x (P5)."""
+    return beta * old + (1 - beta) * x
+
+
+def ema_vjp(bar: Tensor, old: Tensor, x: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(m̄, x̄, β̄) of m' = βm + (1 − β)x, given m̄' (P6)."""
+    return beta * bar, (1 - beta) * bar, bar * (old - x)
+
+
+def bias_correction(beta: Tensor, t: int) -> Tensor:
+    """c = 1 − β^t at step t ≥ 1 (P7)."""
+    return 1 - beta ** t
+
+
+def bias_correction_grad(beta: Tensor, t: int) -> Tensor:
+    """dc/dβ = −t·β^(t−1) (P8)."""
+    return -t * beta ** (t - 1)
+
+
+def sqrt_vjp(bar: Tensor, root: Tensor) -> Tensor:
+    """The cotangent of x in r = √x given r̄: r̄ / (2r), and 0 where r = 0 (P9: the guard,
+    exact wherever nothing downstream depends on x when x = 0)."""
+    positive = root > 0
+    return torch.where(positive, bar / (2 * torch.where(positive, root, 1.0)), 0.0)
+
+
+def max_share(x: Tensor, y: Tensor) -> Tensor:
+    """The share of u = max(x, y)'s cotangent that goes to x: 1 where x > y, ½ at a tie,
+    0 where x < y (P10; y gets 1 minus it)."""
+    return (x > y).to(x.dtype) + 0.5 * (x == y).to(x.dtype)

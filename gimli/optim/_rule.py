@@ -1,0 +1,475 @@
+"""The rule protocol: what an optimizer file gives gimli, and how gimli runs it.
+
+Each optimizer file writes its mathematics once, for **one** tensor:
+
+* ``step(flags, p, state, g, hp) -> (p', state')``: the update of ``torch.optim``,
+  pure. ``state`` is the file's ``State`` with one value per field (a tensor,
+  ``None``, or a Python int such as ``step``); ``hp`` maps each hyperparameter
+  to a tensor that broadcasts against ``p`` (0-dim, or ``p``'s shape);
+* ``vjp(flags, p, state, g, hp, P, S, need) -> VJP``: the four cotangents of
+  docs/design.md §2 at the same point, given P = B_{j+1} and S = S_{j+1} (a
+  ``State`` whose fields are cotangents or ``None``). A hyperparameter's
+  cotangent may be returned per element (``p``'s shape): gimli sums it to the
+  hyperparameter's own shape.
+
+and describes itself in a :class:`Rule`: its hyperparameters, their valid
+ranges and granularities, how to read a param group and a tensor's state.
+
+**The multi-tensor path.** A rule marked ``elementwise`` (its update of an
+element reads only that element's θ, G and state, and the hyperparameters) runs
+once per param-group call over the *concatenation* of the call's tensors: one
+flat tensor per argument, one dispatch per operation whatever the number of
+tensors (:class:`Segments`). A hyperparameter that is one number per tensor
+(or a state entry that ``torch.optim`` keeps as one number per tensor, NAdam's
+``mu_product``) is spread over its tensor's elements, and its cotangent summed
+back per tensor. Rules that act on a whole matrix (Adafactor's factored second
+moment, Muon's orthogonalization) run tensor by tensor through the same
+functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._core import VJP, Interval, hyper_dtype, step_tensor
+
+StepFn = Callable[[Any, Tensor, Any, Tensor, dict[str, Tensor]], tuple[Tensor, Any]]
+VjpFn = Callable[[Any, Tensor, Any, Tensor, dict[str, Tensor], Tensor, Any, frozenset[str]], VJP]
+GRANULARITIES = ("scalar", "group", "tensor", "element")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One optimizer's differentiable update and the facts gimli asks about it.
+
+    ``read_group(group) -> (flags, hypers)``: the static flags (hashable) and the
+    numeric hyperparameters of a ``torch.optim`` param group (Python floats, or a
+    module for a learned optimizer's network). ``read_state(torch_state, param,
+    group) -> State``: one tensor's state, copied. ``write_state(state) -> dict``:
+    the inverse (default: the ``State``'s fields under their own names, ``step`` as
+    ``torch.optim``'s float tensor, ``None`` entries left out).
+    """
+
+    hypers: tuple[str, ...]
+    ranges: Mapping[str, Interval]                  # as the torch.optim constructor checks them
+    read_group: Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]]
+    read_state: Callable[[dict[str, Any], Tensor, dict[str, Any]], Any]
+    step: StepFn
+    vjp: VjpFn | None = None                        # None: autograd on the single step
+    write_state: Callable[[Any], dict[str, Any]] | None = None
+    elementwise: bool = True                        # runs on the concatenation of a call's tensors
+    # a hyperparameter kept inside a param-group tuple (Adam's "beta1" is group["betas"][0])
+    group_keys: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    # granularities a hyperparameter allows where not all four make sense
+    granularities: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # flags -> {name: why}: hyperparameters that cannot be meta-learned under these flags
+    # (a phrase following the name: "has no effect there: …", "cannot be meta-learned there: …")
+    inactive: Callable[[Any], dict[str, str]] | None = None
+    # flags -> ranges narrowed by the flags (a momentum built ≠ 0 must stay > 0)
+    narrowed: Callable[[Any], Mapping[str, Interval]] | None = None
+    # the step rounds inside and is differentiated straight through: why finite
+    # differences of L^val cannot check it (Muon's bfloat16 Newton–Schulz)
+    straight_through: str = ""
+    # hyperparameter -> the state entry torch.optim keeps as one number per tensor that it
+    # shapes (NAdam's mu_product): learned per element, that entry is per element too
+    scalar_state: Mapping[str, str] = field(default_factory=dict)
+    # hyperparameters that never reach θ (name -> why); not offered as meta-parameters
+    no_hypergradient: Mapping[str, str] = field(default_factory=dict)
+    # the update does not depend differentiably on G (why): φ^loss reaches θ through no step
+    insensitive_to_g: str = ""
+
+    def ranges_for(self, flags: Any) -> Mapping[str, Interval]:
+        """Each hyperparameter's valid values for a group built with these flags."""
+        return self.ranges if self.narrowed is None else self.narrowed(flags)
+
+    def inactive_hypers(self, flags: Any) -> dict[str, str]:
+        return {} if self.inactive is None else self.inactive(flags)
+
+    def granularities_of(self, name: str) -> tuple[str, ...]:
+        return tuple(self.granularities.get(name, GRANULARITIES))
+
+    def group_key(self, name: str) -> tuple[str, int | None]:
+        """Where a param group keeps hyperparameter ``name``: (key, index in a tuple or None)."""
+        key, index = self.group_keys.get(name, (name, None))
+        return key, index
+
+    def state_entry(self, state: Any) -> dict[str, Any]:
+        """One tensor's ``State`` as a ``torch.optim`` state entry."""
+        if self.write_state is not None:
+            return dict(self.write_state(state))
+        out: dict[str, Any] = {}
+        for key, value in zip(type(state)._fields, state):
+            if key == "step":
+                out[key] = step_tensor(int(value))
+            elif value is not None:
+                out[key] = value
+        return out
+
+
+# --- one call's tensors as one flat tensor ------------------------------------------------
+class Segments:
+    """The tensors of one rule call laid end to end: ``join`` concatenates per-tensor
+    values into one flat tensor, ``split`` cuts a flat result back, ``spread`` turns
+    one number per tensor into one per element and ``sums`` is its adjoint."""
+
+    def __init__(self, params: list[Tensor]):
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.total = sum(self.sizes)
+        self.k = len(params)
+        like = params[0]
+        self.device, self.dtype = like.device, like.dtype
+        self._counts: Tensor | None = None
+        self._starts: Tensor | None = None
+
+    def counts(self) -> Tensor:
+        if self._counts is None:
+            self._counts = torch.tensor(self.sizes, device=self.device)
+        return self._counts
+
+    def starts(self) -> Tensor:
+        if self._starts is None:
+            offsets = [0]
+            for n in self.sizes[:-1]:
+                offsets.append(offsets[-1] + n)
+            self._starts = torch.tensor(offsets, device=self.device)
+        return self._starts
+
+    def join(self, values: list[Tensor]) -> Tensor:
+        """One flat tensor of ``values`` (one per tensor, each its tensor's shape). Values
+        that already lie end to end in one storage (the views ``split`` returned) are
+        read in place, without a copy, where no graph is being recorded."""
+        if self.k == 1:
+            return values[0].reshape(-1)
+        laid = _laid_end_to_end(values, self.total)
+        return laid if laid is not None else torch.cat([v.reshape(-1) for v in values])
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """The inverse of ``join``: views of ``flat``, one per tensor, in its shape."""
+        if flat.dim() == 0:
+            flat = flat.expand(self.total)
+        if self.k == 1:
+            return [flat.view(self.shapes[0])]
+        return [x.view(s) for x, s in zip(flat.split(self.sizes), self.shapes)]
+
+    def spread(self, values: list[Tensor]) -> Tensor:
+        """One number per tensor (0-dim each) as one per element; the same tensor for
+        every position stays 0-dim (it broadcasts)."""
+        first = values[0]
+        if all(v is first for v in values) or self.k == 1:
+            return first
+        return torch.repeat_interleave(torch.stack(values), self.counts(), output_size=self.total)
+
+    def sums(self, flat: Tensor) -> list[Tensor]:
+        """The adjoint of ``spread`` for each position: a per-element cotangent summed
+        over each tensor's elements (0-dim each)."""
+        if flat.dim() == 0:
+            flat = flat.expand(self.total)
+        if self.k == 1:
+            return [flat.sum()]
+        return [x.sum() for x in flat.split(self.sizes)]
+
+    def pick(self, flat: Tensor) -> list[Tensor]:
+        """One number per tensor from a per-element result that is constant on each
+        tensor (a spread value's image): its value at each tensor's first element."""
+        if flat.dim() == 0:
+            return [flat] * self.k
+        return list(flat[self.starts()].unbind()) if self.k > 1 else [flat[0]]
+
+    def place(self, values: list[Tensor | None]) -> Tensor | None:
+        """The adjoint of ``pick``: each tensor's cotangent at its first element, 0 elsewhere."""
+        if all(v is None for v in values):
+            return None
+        like = next(v for v in values if v is not None)
+        stacked = torch.stack([torch.zeros_like(like) if v is None else v for v in values])
+        out = torch.zeros(self.total, dtype=stacked.dtype, device=stacked.device)
+        return out.index_copy_(0, self.starts(), stacked)
+
+
+def _laid_end_to_end(values: list[Tensor], total: int) -> Tensor | None:
+    """A flat view over ``values`` if they are contiguous and consecutive in one
+    storage (and none needs a graph), else None."""
+    first = values[0]
+    if torch.is_grad_enabled() and any(v.requires_grad for v in values):
+        return None
+    size = first.element_size()
+    ptr = first.data_ptr()
+    storage = first.untyped_storage().data_ptr()
+    for v in values:
+        if not v.is_contiguous() or v.dtype != first.dtype or v.data_ptr() != ptr \
+                or v.untyped_storage().data_ptr() != storage:
+            return None
+        ptr += v.numel() * size
+    if (first.storage_offset() + total) * size > first.untyped_storage().nbytes():
+        return None
+    return first.as_strided((total,), (1,), first.storage_offset())
+
+
+# --- running a rule over one call's tensors ----------------------------------------------
+class _Kind(NamedTuple):
+    """How a State field is carried through a flat call."""
+
+    kind: str           # "none", "int", "scalar" (one number per tensor), "full" (tensor-shaped)
+    value: Any = None   # the int, for "int"
+
+
+def field_kind(values: list[Any], params: list[Tensor]) -> _Kind:
+    """The kind of one State field over a call's tensors (the same for all: see ``key``)."""
+    first = values[0]
+    if first is None:
+        return _Kind("none")
+    if not isinstance(first, Tensor):
+        return _Kind("int", first)
+    if first.dim() == 0 and params[0].dim() > 0:
+        return _Kind("scalar")
+    return _Kind("full")
+
+
+def field_kinds(state: Any, idx: list[int], params: list[Tensor]) -> list[_Kind]:
+    own = [params[i] for i in idx]
+    return [field_kind([values[i] for i in idx], own) for values in state]
+
+
+def key(state: Any, i: int, param: Tensor) -> tuple[Any, ...]:
+    """What tensors of one call must share: each State field's kind (an int such as the
+    step count by value, so that t is one number per call), and the dtype and device."""
+    out: list[Any] = [param.dtype, param.device]
+    for values in state:
+        x = values[i]
+        out.append(None if x is None else x if not isinstance(x, Tensor)
+                   else ("scalar" if x.dim() == 0 and param.dim() > 0 else "full", x.dtype))
+    return tuple(out)
+
+
+def _reduced(dtype: torch.dtype) -> bool:
+    return hyper_dtype(dtype) != dtype
+
+
+def _wide(x: Any) -> Any:
+    """A tensor in the hyperparameters' dtype (float32 at least): the VJP of a
+    reduced-precision model's step is taken without bfloat16's rounding or float16's range."""
+    return x.to(hyper_dtype(x.dtype)) if isinstance(x, Tensor) and x.is_floating_point() \
+        and _reduced(x.dtype) else x
+
+
+def _stored(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return x if dtype is None or x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
+
+
+class Call:
+    """One rule call: tensors ``idx`` of the optimizer, with equal flags and equal
+    :func:`key`, stepped together (flat if the rule is elementwise, else one by one)."""
+
+    def __init__(self, rule: Rule, flags: Any, idx: list[int], params: list[Tensor]):
+        self.rule, self.flags, self.idx = rule, flags, idx
+        own = [params[i] for i in idx]
+        self.kinds: list[_Kind] = []       # the state's, set before each use (field_kinds)
+        self.segments = Segments(own) if rule.elementwise else None
+        self.param_dtype = own[0].dtype
+
+    # -- the flat path ----------------------------------------------------------------------
+    def _state_in(self, state: Any) -> Any:
+        seg = self.segments
+        assert seg is not None
+        fields: list[Any] = []
+        for values, kind in zip(state, self.kinds):
+            mine = [values[i] for i in self.idx]
+            fields.append(None if kind.kind == "none" else kind.value if kind.kind == "int"
+                          else seg.spread(mine) if kind.kind == "scalar" else seg.join(mine))
+        return type(state)(*fields)
+
+    def _hypers_in(self, hp: Mapping[str, list[Tensor]]) -> dict[str, Tensor]:
+        seg = self.segments
+        assert seg is not None
+        out = {}
+        for name, values in hp.items():
+            mine = [values[i] for i in self.idx]
+            if name not in self.rule.hypers:        # a module's weight: one tensor for all
+                out[name] = mine[0]
+            elif all(v.dim() == 0 for v in mine):
+                out[name] = seg.spread(mine)
+            else:                                   # per element (some 0-dim, at most)
+                out[name] = seg.join([v.expand(s) for v, s in zip(mine, seg.shapes)])
+        return out
+
+    def _per_element(self, hp: Mapping[str, list[Tensor]], key: str) -> bool:
+        """Whether state entry ``key``, one number per tensor in torch.optim, is one per
+        element here because a hyperparameter that shapes it is learned per element."""
+        return any(state_key == key and hp[name][self.idx[0]].dim() > 0
+                   for name, state_key in self.rule.scalar_state.items() if name in hp)
+
+    def _state_out(self, new_state: Any, old_kinds: list[_Kind], hp: Mapping[str, list[Tensor]],
+                   dtypes: list[torch.dtype | None]) -> list[list[Any]]:
+        seg = self.segments
+        assert seg is not None
+        out: list[list[Any]] = []
+        for name, x, kind, dtype in zip(type(new_state)._fields, new_state, old_kinds, dtypes):
+            if x is None:
+                out.append([None] * seg.k)
+            elif not isinstance(x, Tensor):
+                out.append([x] * seg.k)
+            elif kind.kind == "scalar" and not self._per_element(hp, name):
+                out.append(seg.pick(x))
+            else:
+                out.append(seg.split(_stored(x, dtype)))
+        return out
+
+    def step(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
+             hp: Mapping[str, list[Tensor]]) -> tuple[list[Tensor], list[list[Any]]]:
+        """θ' and each State field for the call's tensors, stored as torch.optim stores them:
+        θ' in its parameter's dtype, a state entry in the dtype it came in (one this step
+        creates, as SGD's first buffer, in its parameter's)."""
+        if self.segments is None:
+            return self._step_each(params, state, grads, hp)
+        seg = self.segments
+        first = self.idx[0]
+        mine = [values[first] for values in state]
+        dtypes = [x.dtype if isinstance(x, Tensor) and k.kind == "full" else
+                  None if k.kind == "scalar" else self.param_dtype for x, k in zip(mine, self.kinds)]
+        p = seg.join([params[i] for i in self.idx])
+        g = seg.join([grads[i] for i in self.idx])        # type: ignore[misc]
+        new_p, new_state = self.rule.step(self.flags, p, self._state_in(state), g, self._hypers_in(hp))
+        return seg.split(_stored(new_p, self.param_dtype)), \
+            self._state_out(new_state, self.kinds, hp, dtypes)
+
+    def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
+            hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
+            need: frozenset[str]) -> tuple[list[Tensor], list[list[Any]], list[Tensor],
+                                           dict[str, list[Tensor]]]:
+        """b_j, S_j (per field), o_j and a_j (per hyperparameter) for the call's tensors."""
+        if self.segments is None:
+            return self._vjp_each(params, state, grads, hp, cot_params, cot_state, need)
+        seg = self.segments
+        p = _wide(seg.join([params[i] for i in self.idx]))
+        g = _wide(seg.join([grads[i] for i in self.idx]))    # type: ignore[misc]
+        st = type(state)(*(_wide(x) for x in self._state_in(state)))
+        hp_in = self._hypers_in(hp)
+        P = _wide(seg.join([cot_params[i] for i in self.idx]))
+        S = type(state)(*self._cot_state_in(cot_state, hp))
+        run = self.rule.vjp or autograd_vjp(self.rule)
+        out = run(self.flags, p, st, g, hp_in, P, S, need)
+        fields: list[list[Any]] = []
+        for x, kind in zip(out.state, self.kinds):
+            if x is None or kind.kind in ("none", "int"):
+                fields.append([None] * seg.k)
+            elif kind.kind == "scalar":
+                fields.append(seg.sums(x))
+            else:
+                fields.append(seg.split(x))
+        hypers = {}
+        for name in need:
+            a = out.hypers.get(name)
+            like = [hp[name][i] for i in self.idx]
+            if a is None:
+                hypers[name] = [torch.zeros_like(v) for v in like]
+            elif name not in self.rule.hypers:           # a module's weight: the call's total
+                hypers[name] = [a] + [torch.zeros_like(v) for v in like[1:]]
+            elif all(v.dim() == 0 for v in like):
+                hypers[name] = seg.sums(a)
+            else:
+                hypers[name] = [x.sum() if v.dim() == 0 else x for x, v in zip(seg.split(a), like)]
+        return seg.split(out.params), fields, seg.split(out.grads), hypers
+
+    def _cot_state_in(self, cot_state: Any, hp: Mapping[str, list[Tensor]]) -> list[Any]:
+        seg = self.segments
+        assert seg is not None
+        out: list[Any] = []
+        for name, values, kind in zip(type(cot_state)._fields, cot_state, self.kinds):
+            mine = [values[i] for i in self.idx]
+            if kind.kind == "int" or all(v is None for v in mine):
+                out.append(None)
+            elif kind.kind == "scalar" and not self._per_element(hp, name):
+                out.append(_wide(seg.place(mine)))
+            else:
+                out.append(_wide(seg.join([torch.zeros(s, dtype=seg.dtype, device=seg.device)
+                                           if v is None else v for v, s in zip(mine, seg.shapes)])))
+        return out
+
+    # -- tensor by tensor ---------------------------------------------------------------------
+    def _step_each(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
+                   hp: Mapping[str, list[Tensor]]) -> tuple[list[Tensor], list[list[Any]]]:
+        new_params: list[Tensor] = []
+        fields: list[list[Any]] = [[] for _ in state]
+        for i in self.idx:
+            p, g = params[i], grads[i]
+            assert g is not None
+            old = type(state)(*(values[i] for values in state))
+            new_p, new = self.rule.step(self.flags, p, old, g, {k: v[i] for k, v in hp.items()})
+            new_params.append(_stored(new_p, p.dtype))
+            for out, x, before in zip(fields, new, old):
+                out.append(_stored(x, before.dtype if isinstance(before, Tensor) else
+                                   p.dtype if isinstance(x, Tensor) and x.dim() > 0 else None)
+                           if isinstance(x, Tensor) else x)
+        return new_params, fields
+
+    def _vjp_each(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
+                  hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
+                  need: frozenset[str]) -> tuple[list[Tensor], list[list[Any]], list[Tensor],
+                                                 dict[str, list[Tensor]]]:
+        run = self.rule.vjp or autograd_vjp(self.rule)
+        b: list[Tensor] = []
+        o: list[Tensor] = []
+        fields: list[list[Any]] = [[] for _ in state]
+        hypers: dict[str, list[Tensor]] = {name: [] for name in need}
+        for i in self.idx:
+            hp_i = {k: v[i] for k, v in hp.items()}
+            out = run(self.flags, _wide(params[i]), type(state)(*(_wide(v[i]) for v in state)),
+                      _wide(grads[i]), hp_i, _wide(cot_params[i]),
+                      type(cot_state)(*(_wide(v[i]) if isinstance(v[i], Tensor) else None
+                                        for v in cot_state)), need)
+            b.append(out.params)
+            o.append(out.grads)
+            for f, x in zip(fields, out.state):
+                f.append(x if isinstance(x, Tensor) else None)
+            for name in need:
+                a = out.hypers.get(name)
+                like = hp_i[name]
+                hypers[name].append(torch.zeros_like(like) if a is None else
+                                    a if a.shape == like.shape else a.sum_to_size(like.shape))
+        return b, fields, o, hypers
+
+
+def autograd_vjp(rule: Rule) -> VjpFn:
+    """The four cotangents of one ``rule.step`` by autograd on that single step, for
+    rules without a closed-form VJP (user-defined and learned optimizers): it stays
+    local to step j, inside the hand-written sweep. A hyperparameter or state entry
+    that broadcasts (one number for the tensor) gets its cotangent per element, as a
+    closed-form VJP returns it (the caller sums it)."""
+
+    def vjp(flags: Any, p: Tensor, state: Any, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+            S: Any, need: frozenset[str]) -> VJP:
+        def leaf(x: Tensor, spread: bool) -> Tensor:
+            x = x.detach()
+            return (x.expand(p.shape) if spread and x.dim() < p.dim() else x).requires_grad_()
+
+        with torch.enable_grad():
+            p, g = leaf(p, False), leaf(g, False)
+            slots = [f for f, x in enumerate(state) if isinstance(x, Tensor) and x.is_floating_point()]
+            fields = list(state)
+            for f in slots:
+                fields[f] = leaf(fields[f], True)
+            state = type(state)(*fields)
+            hp = {k: leaf(v, k in rule.hypers) if k in need else v for k, v in hp.items()}
+            new_p, new_state = rule.step(flags, p, state, g, hp)
+            outs = [(new_p, P)] + [(x, s) for x, s in zip(new_state, S)
+                                   if isinstance(x, Tensor) and isinstance(s, Tensor)]
+            outs = [(x, c) for x, c in outs if x.requires_grad]
+            names = sorted(need)
+            inputs = [p] + [fields[f] for f in slots] + [g] + [hp[n] for n in names]
+            raw: tuple[Tensor | None, ...] = (None,) * len(inputs)
+            if outs:
+                raw = torch.autograd.grad([x for x, _ in outs], inputs,
+                                          [c.expand_as(x) for x, c in outs], allow_unused=True)
+        found = [torch.zeros_like(x) if r is None else r for r, x in zip(raw, inputs)]
+        s_bar: list[Any] = [None] * len(state)
+        for f, r in zip(slots, found[1:1 + len(slots)]):
+            s_bar[f] = r
+        return VJP(found[0], type(state)(*s_bar), found[1 + len(slots)],
+                   dict(zip(names, found[2 + len(slots):])))
+
+    return vjp
