@@ -46,17 +46,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (NONNEGATIVE, VJP, Hypers, Interval, group_float, reduce_to, step_count,
-                    step_tensor)
+from . import _pieces as pc
+from ._core import NONNEGATIVE, VJP, Interval, group_float, step_count
+from ._rule import Rule
 
 HYPERS = ("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay")
-GROUP_KEYS = {"eps1": ("eps", 0), "eps2": ("eps", 1)}  # where param_groups keep them
 _PER_TENSOR = ("scalar", "group", "tensor")
-GRANULARITIES = {"beta2_decay": _PER_TENSOR, "eps1": _PER_TENSOR, "eps2": _PER_TENSOR,
-                 "d": _PER_TENSOR}
-# as torch.optim.Adafactor's constructor checks them: τ ≤ 0, d ≥ 1, the rest ≥ 0
-RANGES = {"lr": NONNEGATIVE, "beta2_decay": Interval(hi=0.0), "eps1": NONNEGATIVE,
-          "eps2": NONNEGATIVE, "d": Interval(1.0), "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -64,10 +59,10 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    step: list[int]
-    row_var: list[Tensor | None]    # R, for tensors with ≥ 2 dimensions
-    col_var: list[Tensor | None]    # C, likewise
-    variance: list[Tensor | None]   # v, for vectors and 0-dim tensors
+    step: int
+    row_var: Tensor | None      # R, for tensors with ≥ 2 dimensions
+    col_var: Tensor | None      # C, likewise
+    variance: Tensor | None     # v, for vectors and 0-dim tensors
 
 
 def _eps1(group: dict[str, Any]) -> float:
@@ -104,22 +99,14 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
     if _factored(param):
         shape = list(param.shape)
         row, col = shape[:-1] + [1], shape[:-2] + [1, shape[-1]]
-        return State([t], [moment("row_var", row)], [moment("col_var", col)], [None])
-    return State([t], [None], [None], [moment("variance", list(param.shape))])
-
-
-def write_state(state: State, i: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": step_tensor(state.step[i])}
-    for key, field in (("row_var", state.row_var), ("col_var", state.col_var),
-                       ("variance", state.variance)):
-        if field[i] is not None:
-            out[key] = field[i]
-    return out
+        return State(t, moment("row_var", row), moment("col_var", col), None)
+    return State(t, None, None, moment("variance", list(param.shape)))
 
 
 class _Forward(NamedTuple):
     """The intermediates of (F1)–(F8) for one tensor, shared by step and vjp."""
 
+    t: int
     G: Tensor
     w: Tensor
     rho: Tensor
@@ -140,129 +127,121 @@ class _Forward(NamedTuple):
     theta: Tensor
 
 
-def _forward(flags: Flags, t: int, p: Tensor, R: Tensor | None, C: Tensor | None,
-             v: Tensor | None, g: Tensor, lr: Tensor, tau: Tensor, eps1: Tensor, eps2: Tensor,
-             d: Tensor, wd: Tensor) -> _Forward:
-    G = -g if flags.maximize else g
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+    lr, tau, eps1, eps2, d, wd = (hp[k] for k in HYPERS)
+    t = s.step + 1
+    G = pc.signed(g, flags.maximize)
     sqrt_n = p.numel() ** 0.5
     w = float(t) ** tau                                             # (F1)
     rho = torch.minimum(lr, lr.new_full((), 1 / t**0.5))
     rms_theta = p.norm() / sqrt_n                                   # (F2)
     a = torch.maximum(eps2, rms_theta)
-    p1 = p * (1 - lr * wd)
+    p1 = pc.decoupled_decay(p, lr, wd)
     mu_r = mu_c = R1 = C1 = rbar = z = None
-    if R is not None and C is not None:
+    if s.row_var is not None and s.col_var is not None:
         mu_r = G.norm(dim=-1, keepdim=True).square() / G.size(-1)   # (F3)
         mu_c = G.norm(dim=-2, keepdim=True).square() / G.size(-2)
-        R1, C1 = torch.lerp(R, mu_r, w), torch.lerp(C, mu_c, w)
+        R1, C1 = torch.lerp(s.row_var, mu_r, w), torch.lerp(s.col_var, mu_c, w)
         rbar = R1.mean(dim=-2, keepdim=True)                        # (F4)
         z = torch.maximum(rbar, eps1)
         V = R1 * C1 / z
     else:
-        assert v is not None
-        V = torch.lerp(v, G * G, w)                                 # (F5)
+        assert s.variance is not None
+        V = torch.lerp(s.variance, G * G, w)                        # (F5)
     iota = torch.maximum(V, eps1 * eps1).rsqrt()                    # (F6)
     U = iota * G
     nu = U.norm() / (sqrt_n * d)                                    # (F7)
     D = torch.maximum(nu, nu.new_ones(()))
     k = a * rho / D
-    return _Forward(G, w, rho, rms_theta, a, mu_r, mu_c, R1, C1, rbar, z, V, iota, U, nu, D, k,
+    return _Forward(t, G, w, rho, rms_theta, a, mu_r, mu_c, R1, C1, rbar, z, V, iota, U, nu, D, k,
                     p1 - k * U)                                     # (F8)
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new = [_forward(flags, t + 1, p, R, C, v, g, *hps)
-           for p, t, R, C, v, g, *hps in zip(params, *state, grads, *(hp[k] for k in HYPERS))]
-    return [f.theta for f in new], State(
-        [t + 1 for t in state.step], [f.R1 for f in new], [f.C1 for f in new],
-        [None if f.R1 is not None else f.V for f in new])
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    f = _forward(flags, p, s, g, hp)
+    return f.theta, State(f.t, f.R1, f.C1, None if f.R1 is not None else f.V)
 
 
-def _tie_weight(x: Tensor, y: Tensor) -> Tensor:
-    """∂max(x, y)/∂x as autograd takes it: 1 where x > y, ½ at a tie, 0 below."""
-    return (x > y).to(x.dtype) + 0.5 * (x == y).to(x.dtype)
+def _plus(x: Tensor | None, y: Tensor) -> Tensor:
+    """x + y, an absent cotangent x counting as 0."""
+    return y if x is None else x + y
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adafactor.md, eq. F9–F18)."""
-    sign = -1.0 if flags.maximize else 1.0
-    b_out: list[Tensor] = []
-    o_out: list[Tensor] = []
-    S_R: list[Tensor | None] = []
-    S_C: list[Tensor | None] = []
-    S_v: list[Tensor | None] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, t, R, C, v, g, P, Rb, Cb, Vb) in enumerate(zip(
-            params, *state, grads, cot_params, cot_state.row_var, cot_state.col_var,
-            cot_state.variance)):
-        lr, tau, eps1, eps2, d, wd = (hp[k][i] for k in HYPERS)
-        t = t + 1
-        f = _forward(flags, t, p, R, C, v, g, lr, tau, eps1, eps2, d, wd)
-        n = p.numel()
-        G, U = f.G, f.U
-        # (F9) θ' = θ₁ − (α/D) U: the adjoints of α (per element), D and U
-        alpha_bar = -P * U / f.D
-        D_bar = (P * f.k * U).sum() / f.D
-        U_bar = -f.k * P
-        # (F10) D = max(1, ν), ν = ‖U‖/(√n d)
-        nu_bar = D_bar * _tie_weight(f.nu, f.nu.new_ones(()))
-        nu_pos = f.nu > 0
-        U_bar = U_bar + torch.where(nu_pos, nu_bar / (n * d * d * torch.where(nu_pos, f.nu, 1.0)),
-                                    0.0) * U
-        d_bar = -nu_bar * f.nu / d
-        # (F11) U = ι G, ι = q^{-1/2}, q = max(V̂, ε₁²)
-        G_bar = U_bar * f.iota
-        q_bar = -0.5 * U_bar * G * f.iota ** 3
-        to_V = _tie_weight(f.V, eps1 * eps1)
-        V_bar = to_V * q_bar
-        eps1_bar = 2 * eps1 * ((1 - to_V) * q_bar).sum()
-        if R is not None and C is not None:
-            assert f.R1 is not None and f.C1 is not None and f.z is not None \
-                and f.rbar is not None and f.mu_r is not None and f.mu_c is not None \
-                and Rb is not None and Cb is not None
-            # (F12) V̂ = R' C' / z, z = max(mean₋₂ R', ε₁)
-            z_bar = -(V_bar * f.V).sum(dim=(-2, -1), keepdim=True) / f.z
-            to_rbar = _tie_weight(f.rbar, eps1)
-            eps1_bar = eps1_bar + ((1 - to_rbar) * z_bar).sum()
-            R1_bar = Rb + (V_bar * f.C1).sum(dim=-1, keepdim=True) / f.z \
-                + to_rbar * z_bar / f.R1.size(-2)
-            C1_bar = Cb + (V_bar * f.R1).sum(dim=-2, keepdim=True) / f.z
-            # (F13) R' = lerp(R, μ_r, w), C' = lerp(C, μ_c, w): state adjoint and w̄
-            S_R.append((1 - f.w) * R1_bar)
-            S_C.append((1 - f.w) * C1_bar)
-            S_v.append(None)
-            w_bar = (R1_bar * (f.mu_r - R)).sum() + (C1_bar * (f.mu_c - C)).sum()
-            # (F14) μ_r = mean₋₁ G², μ_c = mean₋₂ G²
-            G_bar = G_bar + 2 * f.w * G * (R1_bar / G.size(-1) + C1_bar / G.size(-2))
-        else:
-            assert v is not None and Vb is not None
-            v1_bar = Vb + V_bar                                     # (F15) v' = lerp(v, G², w)
-            S_R.append(None)
-            S_C.append(None)
-            S_v.append((1 - f.w) * v1_bar)
-            w_bar = (v1_bar * (G * G - v)).sum()
-            G_bar = G_bar + 2 * f.w * G * v1_bar
-        o_out.append(sign * G_bar)                                  # o_j               (F16)
-        # (F17) α = max(ε₂, RMS(θ)) ρ, θ₁ = (1 − γλ) θ: the direct path b_j
-        a_bar = (alpha_bar * f.rho).sum()
-        to_rms = _tie_weight(f.rms_theta, eps2)
-        rms_bar = a_bar * to_rms
-        rms_pos = f.rms_theta > 0
-        b_out.append((1 - lr * wd) * P + torch.where(
-            rms_pos, rms_bar / (n * torch.where(rms_pos, f.rms_theta, 1.0)), 0.0) * p)
-        rho_bar = alpha_bar * f.a
-        contrib = {                                                 # (F18)
-            "lr": lambda: rho_bar * _tie_weight(-lr, -f.rho.new_full((), 1 / t**0.5))
-            - wd * p * P,
-            "beta2_decay": lambda: w_bar * f.w * math.log(t),
-            "eps1": lambda: eps1_bar,
-            "eps2": lambda: a_bar * (1 - to_rms),
-            "d": lambda: d_bar,
-            "weight_decay": lambda: -lr * p * P,
-        }
-        for name in need:
-            a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
-    steps_bar = [None] * len(params)                            # step counts have no cotangent
-    return VJP(b_out, State(steps_bar, S_R, S_C, S_v), o_out, a_out)  # type: ignore[arg-type]
+    lr, tau, eps1, eps2, d, wd = (hp[k] for k in HYPERS)
+    f = _forward(flags, p, s, g, hp)
+    t, n = f.t, p.numel()
+    G, U = f.G, f.U
+    # (F9) θ' = θ₁ − (α/D) U: the adjoints of α (per element), D and U
+    alpha_bar = -P * U / f.D
+    D_bar = (P * f.k * U).sum() / f.D
+    U_bar = -f.k * P
+    # (F10) D = max(1, ν), ν = ‖U‖/(√n d)
+    nu_bar = D_bar * pc.max_share(f.nu, f.nu.new_ones(()))
+    nu_pos = f.nu > 0
+    U_bar = U_bar + torch.where(nu_pos, nu_bar / (n * d * d * torch.where(nu_pos, f.nu, 1.0)),
+                                0.0) * U
+    d_bar = -nu_bar * f.nu / d
+    # (F11) U = ι G, ι = q^{-1/2}, q = max(V̂, ε₁²)
+    G_bar = U_bar * f.iota
+    q_bar = -0.5 * U_bar * G * f.iota ** 3
+    to_V = pc.max_share(f.V, eps1 * eps1)
+    V_bar = to_V * q_bar
+    eps1_bar = 2 * eps1 * ((1 - to_V) * q_bar).sum()
+    S_R = S_C = S_v = None
+    if s.row_var is not None and s.col_var is not None:
+        assert f.R1 is not None and f.C1 is not None and f.z is not None \
+            and f.rbar is not None and f.mu_r is not None and f.mu_c is not None
+        # (F12) V̂ = R' C' / z, z = max(mean₋₂ R', ε₁)
+        z_bar = -(V_bar * f.V).sum(dim=(-2, -1), keepdim=True) / f.z
+        to_rbar = pc.max_share(f.rbar, eps1)
+        eps1_bar = eps1_bar + ((1 - to_rbar) * z_bar).sum()
+        R1_bar = _plus(S.row_var, (V_bar * f.C1).sum(dim=-1, keepdim=True) / f.z
+                       + to_rbar * z_bar / f.R1.size(-2))
+        C1_bar = _plus(S.col_var, (V_bar * f.R1).sum(dim=-2, keepdim=True) / f.z)
+        # (F13) R' = lerp(R, μ_r, w), C' = lerp(C, μ_c, w): state adjoint and w̄
+        S_R = (1 - f.w) * R1_bar
+        S_C = (1 - f.w) * C1_bar
+        w_bar = (R1_bar * (f.mu_r - s.row_var)).sum() + (C1_bar * (f.mu_c - s.col_var)).sum()
+        # (F14) μ_r = mean₋₁ G², μ_c = mean₋₂ G²
+        G_bar = G_bar + 2 * f.w * G * (R1_bar / G.size(-1) + C1_bar / G.size(-2))
+    else:
+        assert s.variance is not None
+        v1_bar = _plus(S.variance, V_bar)                           # (F15) v' = lerp(v, G², w)
+        S_v = (1 - f.w) * v1_bar
+        w_bar = (v1_bar * (G * G - s.variance)).sum()
+        G_bar = G_bar + 2 * f.w * G * v1_bar
+    o_out = pc.signed(G_bar, flags.maximize)                        # o_j               (F16)
+    # (F17) α = max(ε₂, RMS(θ)) ρ, θ₁ = (1 − γλ) θ: the direct path b_j
+    a_bar = (alpha_bar * f.rho).sum()
+    to_rms = pc.max_share(f.rms_theta, eps2)
+    rms_bar = a_bar * to_rms
+    rms_pos = f.rms_theta > 0
+    decay_bar, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)
+    b_out = decay_bar + torch.where(
+        rms_pos, rms_bar / (n * torch.where(rms_pos, f.rms_theta, 1.0)), 0.0) * p
+    rho_bar = alpha_bar * f.a
+    contrib = {                                                     # (F18)
+        "lr": lambda: rho_bar * pc.max_share(-lr, -f.rho.new_full((), 1 / t**0.5)) + lr_decay_bar,
+        "beta2_decay": lambda: w_bar * f.w * math.log(t),
+        "eps1": lambda: eps1_bar,
+        "eps2": lambda: a_bar * (1 - to_rms),
+        "d": lambda: d_bar,
+        "weight_decay": lambda: wd_bar,
+    }
+    return VJP(b_out, State(0, S_R, S_C, S_v), o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    # as torch.optim.Adafactor's constructor checks them: τ ≤ 0, d ≥ 1, the rest ≥ 0
+    ranges={"lr": NONNEGATIVE, "beta2_decay": Interval(hi=0.0), "eps1": NONNEGATIVE,
+            "eps2": NONNEGATIVE, "d": Interval(1.0), "weight_decay": NONNEGATIVE},
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    elementwise=False,              # R and C are row/column means; RMS(θ), RMS(U) whole-tensor
+    group_keys={"eps1": ("eps", 0), "eps2": ("eps", 1)},           # where param_groups keep them
+    granularities={"beta2_decay": _PER_TENSOR, "eps1": _PER_TENSOR, "eps2": _PER_TENSOR,
+                   "d": _PER_TENSOR},
+)

@@ -40,22 +40,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import NONNEGATIVE, REAL, VJP, Hypers, group_float, reduce_to
+from . import _pieces as pc
+from ._core import NONNEGATIVE, REAL, VJP, group_float
+from ._rule import Rule
 
 HYPERS = ("lr", "weight_decay", "momentum", "ns_a", "ns_b", "ns_c", "eps")
-# the step rounds inside (finite differences of L^val cannot check its derivative; gimli.check)
-STRAIGHT_THROUGH = ("Muon runs its Newton–Schulz iteration in bfloat16, so L^val is a staircase at "
-                    "that scale; gimli (like autograd on the same step) differentiates it straight "
-                    "through")
-GROUP_KEYS = {"ns_a": ("ns_coefficients", 0), "ns_b": ("ns_coefficients", 1),
-              "ns_c": ("ns_coefficients", 2)}
+_GROUP_KEYS = {"ns_a": ("ns_coefficients", 0), "ns_b": ("ns_coefficients", 1),
+               "ns_c": ("ns_coefficients", 2)}
 # the Newton–Schulz coefficients and ε act on a whole matrix (M3–M4): no per-element value
 _WHOLE_MATRIX = ("scalar", "group", "tensor")
-GRANULARITIES = {"ns_a": _WHOLE_MATRIX, "ns_b": _WHOLE_MATRIX, "ns_c": _WHOLE_MATRIX,
-                 "eps": _WHOLE_MATRIX}
-# as torch.optim.Muon's constructor checks them (the coefficients and ε it does not check)
-RANGES = {"lr": NONNEGATIVE, "weight_decay": NONNEGATIVE, "momentum": NONNEGATIVE, "ns_a": REAL,
-          "ns_b": REAL, "ns_c": REAL, "eps": REAL}
 
 
 class Flags(NamedTuple):
@@ -65,11 +58,11 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    momentum_buffer: list[Tensor]
+    momentum_buffer: Tensor
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
-    hypers = {name: group_float(group, *GROUP_KEYS.get(name, (name, None))) for name in HYPERS}
+    hypers = {name: group_float(group, *_GROUP_KEYS.get(name, (name, None))) for name in HYPERS}
     return Flags(bool(group["nesterov"]), int(group["ns_steps"]), group["adjust_lr_fn"]), hypers
 
 
@@ -81,11 +74,7 @@ def inactive_hypers(flags: Flags) -> dict[str, str]:
 
 def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:
     buf = torch_state.get("momentum_buffer")                    # torch starts it at zeros
-    return State([torch.zeros_like(param) if buf is None else buf.detach().clone()])
-
-
-def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"momentum_buffer": state.momentum_buffer[i]}
+    return State(torch.zeros_like(param) if buf is None else buf.detach().clone())
 
 
 def _shape_ratio(flags: Flags, shape: torch.Size) -> float:
@@ -190,63 +179,68 @@ def _needs_grad(*xs: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new_params: list[Tensor] = []
-    new_bufs: list[Tensor] = []
-    for p, buf, g, lr, wd, mu, a, b, c, eps in zip(params, state.momentum_buffer, grads,
-                                                   *(hp[k] for k in HYPERS)):
-        if p.ndim != 2:
-            raise ValueError(f"Muon steps 2-D parameters only, not a tensor of shape {tuple(p.shape)}")
-        f = _momentum(flags, buf, g, mu)
-        o = _orthogonalize_rounded(f.u, a, b, c, eps, flags.ns_steps)   # (M3)–(M5): torch's value
-        if _needs_grad(f.u, a, b, c, eps):                      # ... the exact map's derivative
-            exact = _orthogonalize_exact(f.u, a, b, c, eps, flags.ns_steps).out
-            o = o + (exact - exact.detach())                    # straight-through (module doc)
-        new_params.append(p * (1 - lr * wd) - (lr * _shape_ratio(flags, p.shape)) * o)  # (M6)
-        new_bufs.append(f.buf)
-    return new_params, State(new_bufs)
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    lr, wd, mu, a, b, c, eps = (hp[k] for k in HYPERS)
+    if p.ndim != 2:
+        raise ValueError(f"Muon steps 2-D parameters only, not a tensor of shape {tuple(p.shape)}")
+    f = _momentum(flags, s.momentum_buffer, g, mu)
+    o = _orthogonalize_rounded(f.u, a, b, c, eps, flags.ns_steps)   # (M3)–(M5): torch's value
+    if _needs_grad(f.u, a, b, c, eps):                          # ... the exact map's derivative
+        exact = _orthogonalize_exact(f.u, a, b, c, eps, flags.ns_steps).out
+        o = o + (exact - exact.detach())                        # straight-through (module doc)
+    return pc.decoupled_decay(p, lr, wd) - (lr * _shape_ratio(flags, p.shape)) * o, State(f.buf)  # (M6)
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/muon.md, eq. M7–M13)."""
-    b_out: list[Tensor] = []
-    s_out: list[Tensor] = []
-    o_out: list[Tensor] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, buf, g, P, M) in enumerate(zip(params, state.momentum_buffer, grads, cot_params,
-                                              cot_state.momentum_buffer)):
-        lr, wd, mu, a, b, c, eps = (hp[k][i] for k in HYPERS)
-        rho = _shape_ratio(flags, p.shape)
-        f = _momentum(flags, buf, g, mu)
-        ex = _orthogonalize_exact(f.u, a, b, c, eps, flags.ns_steps)
-        o_bar = -(lr * rho) * P                                 # Ō = ∂θ'/∂O ᵀP = −γρP    (M6)
-        u_bar, a_bar, b_bar, c_bar, eps_bar = _orthogonalize_vjp(ex, o_bar, a, b, c, eps)  # (M7)–(M9)
-        if flags.nesterov:                                      # (M10) U = lerp(g, B', μ)
-            buf1_bar = M + mu * u_bar
-            g_bar = (1 - mu) * u_bar
-            mu_bar = u_bar * (f.buf - g)
-        else:
-            buf1_bar = M + u_bar
-            g_bar = torch.zeros_like(g)
-            mu_bar = torch.zeros_like(g)
-        s_out.append(mu * buf1_bar)                             # S_j = μ B̄'              (M11)
-        o_out.append(g_bar + (1 - mu) * buf1_bar)               # o_j                      (M11)
-        mu_bar = mu_bar + buf1_bar * (buf - g)                  # (M1): ∂B'/∂μ = B − g
-        b_out.append((1 - lr * wd) * P)                         # b_j                      (M12)
+    lr, wd, mu, a, b, c, eps = (hp[k] for k in HYPERS)
+    buf, M = s.momentum_buffer, S.momentum_buffer
+    rho = _shape_ratio(flags, p.shape)
+    f = _momentum(flags, buf, g, mu)
+    ex = _orthogonalize_exact(f.u, a, b, c, eps, flags.ns_steps)
+    o_bar = -(lr * rho) * P                                     # Ō = ∂θ'/∂O ᵀP = −γρP    (M6)
+    u_bar, a_bar, b_bar, c_bar, eps_bar = _orthogonalize_vjp(ex, o_bar, a, b, c, eps)  # (M7)–(M9)
+    if flags.nesterov:                                          # (M10) U = lerp(g, B', μ)
+        buf1_bar = mu * u_bar if M is None else M + mu * u_bar
+        g_bar = (1 - mu) * u_bar
+        mu_bar = u_bar * (f.buf - g)
+    else:
+        buf1_bar = u_bar if M is None else M + u_bar
+        g_bar = torch.zeros_like(g)
+        mu_bar = torch.zeros_like(g)
+    s_out = mu * buf1_bar                                       # S_j = μ B̄'              (M11)
+    o_out = g_bar + (1 - mu) * buf1_bar                         # o_j                      (M11)
+    mu_bar = mu_bar + buf1_bar * (buf - g)                      # (M1): ∂B'/∂μ = B − g
+    b_out, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)   # b_j          (M12)
 
-        def lr_bar() -> Tensor:                                 # O is torch's rounded value
-            o = _orthogonalize_rounded(f.u, a, b, c, eps, flags.ns_steps)
-            return -P * (wd * p + rho * o)
+    def lr_bar() -> Tensor:                                     # O is torch's rounded value
+        o = _orthogonalize_rounded(f.u, a, b, c, eps, flags.ns_steps)
+        return lr_decay_bar - P * rho * o
 
-        contrib = {                                             # (M13)
-            "lr": lr_bar,
-            "weight_decay": lambda: -lr * P * p,
-            "momentum": lambda: mu_bar,
-            "ns_a": lambda: a_bar, "ns_b": lambda: b_bar, "ns_c": lambda: c_bar,
-            "eps": lambda: eps_bar,
-        }
-        for name in need:
-            a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
-    return VJP(b_out, State(s_out), o_out, a_out)
+    contrib = {                                                 # (M13)
+        "lr": lr_bar,
+        "weight_decay": lambda: wd_bar,
+        "momentum": lambda: mu_bar,
+        "ns_a": lambda: a_bar, "ns_b": lambda: b_bar, "ns_c": lambda: c_bar,
+        "eps": lambda: eps_bar,
+    }
+    return VJP(b_out, State(s_out), o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    # as torch.optim.Muon's constructor checks them (the coefficients and ε it does not check)
+    ranges={"lr": NONNEGATIVE, "weight_decay": NONNEGATIVE, "momentum": NONNEGATIVE, "ns_a": REAL,
+            "ns_b": REAL, "ns_c": REAL, "eps": REAL},
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    elementwise=False,              # Newton–Schulz orthogonalises the whole matrix
+    group_keys=_GROUP_KEYS,
+    granularities={"ns_a": _WHOLE_MATRIX, "ns_b": _WHOLE_MATRIX, "ns_c": _WHOLE_MATRIX,
+                   "eps": _WHOLE_MATRIX},
+    inactive=inactive_hypers,
+    # the step rounds inside (finite differences of L^val cannot check its derivative; gimli.check)
+    straight_through=("Muon runs its Newton–Schulz iteration in bfloat16, so L^val is a staircase "
+                      "at that scale; gimli (like autograd on the same step) differentiates it "
+                      "straight through"),
+)

@@ -39,16 +39,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (NONNEGATIVE, REAL, VJP, Hypers, Interval, group_float, reduce_to, step_count,
-                    step_tensor)
+from . import _pieces as pc
+from ._core import NONNEGATIVE, REAL, VJP, Interval, group_float, step_count, step_tensor
+from ._rule import Rule
 
-INSENSITIVE_TO_G = "uses only the sign of the gradient (∂θ'/∂G = 0 almost everywhere)"
 HYPERS = ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")
-GROUP_KEYS = {"etaminus": ("etas", 0), "etaplus": ("etas", 1),      # where param_groups keep them
-              "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)}
-# as torch.optim.Rprop's constructor checks them: 0 < η₋ < 1 < η₊ (the step sizes it does not check)
-RANGES = {"lr": NONNEGATIVE, "etaminus": Interval(0.0, 1.0, lo_open=True, hi_open=True),
-          "etaplus": Interval(1.0, lo_open=True), "step_size_min": REAL, "step_size_max": REAL}
+_GROUP_KEYS = {"etaminus": ("etas", 0), "etaplus": ("etas", 1),    # where param_groups keep them
+               "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)}
 
 
 class Flags(NamedTuple):
@@ -56,33 +53,32 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    step: list[int]
-    prev: list[Tensor]
-    step_size: list[Tensor | None]   # None until the tensor's first step (created from lr, P3)
+    step: int
+    prev: Tensor
+    step_size: Tensor | None    # None until the tensor's first step (created from lr, P3)
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
-    hypers = {name: group_float(group, *GROUP_KEYS.get(name, (name, None))) for name in HYPERS}
+    hypers = {name: group_float(group, *_GROUP_KEYS.get(name, (name, None))) for name in HYPERS}
     return Flags(bool(group["maximize"])), hypers
 
 
 def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:
     prev = torch_state.get("prev")
     size = torch_state.get("step_size")
-    return State([step_count(torch_state)],
-                 [torch.zeros_like(param) if prev is None else prev.detach().clone()],
-                 [None if size is None else size.detach().clone()])
+    return State(step_count(torch_state),
+                 torch.zeros_like(param) if prev is None else prev.detach().clone(),
+                 None if size is None else size.detach().clone())
 
 
-def write_state(state: State, i: int) -> dict[str, Any]:
-    size = state.step_size[i]
-    if size is None:                                            # torch has not created it yet
+def write_state(state: State) -> dict[str, Any]:
+    if state.step_size is None:                                 # torch has not created it yet
         return {}
-    return {"step": step_tensor(state.step[i]), "prev": state.prev[i], "step_size": size}
+    return {"step": step_tensor(state.step), "prev": state.prev, "step_size": state.step_size}
 
 
 class _Forward(NamedTuple):
-    """The intermediates of (P1)–(P6) for one tensor, shared by step and vjp."""
+    """The intermediates of (P1)–(P6), shared by step and vjp."""
 
     sigma: Tensor
     f: Tensor
@@ -94,12 +90,12 @@ class _Forward(NamedTuple):
     theta: Tensor
 
 
-def _forward(flags: Flags, p: Tensor, prev: Tensor, size: Tensor | None, g: Tensor, lr: Tensor,
-             eta_minus: Tensor, eta_plus: Tensor, lo: Tensor, hi: Tensor) -> _Forward:
-    g = -g if flags.maximize else g
-    sigma = (g * prev).sign()                                                   # (P1)
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+    lr, eta_minus, eta_plus, lo, hi = (hp[k] for k in HYPERS)
+    g = pc.signed(g, flags.maximize)
+    sigma = (g * s.prev).sign()                                                 # (P1)
     f = torch.where(sigma > 0, eta_plus, torch.where(sigma < 0, eta_minus, 1.0))  # (P2)
-    eta = lr.expand(p.shape) if size is None else size                         # (P3)
+    eta = lr.expand(p.shape) if s.step_size is None else s.step_size           # (P3)
     x = eta * f                                                                 # (P4)
     eta1 = torch.clamp(x, min=lo, max=hi)
     g_hat = torch.where(sigma < 0, 0.0, g)                                      # (P5)
@@ -107,47 +103,44 @@ def _forward(flags: Flags, p: Tensor, prev: Tensor, size: Tensor | None, g: Tens
     return _Forward(sigma, f, eta, x, eta1, g_hat, d, p - d * eta1)             # (P6)
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new = [_forward(flags, p, prev, size, g, lr, eta_minus, eta_plus, lo, hi)
-           for p, prev, size, g, lr, eta_minus, eta_plus, lo, hi
-           in zip(params, state.prev, state.step_size, grads, *(hp[k] for k in HYPERS))]
-    return [f.theta for f in new], State(
-        [t + 1 for t in state.step], [f.g_hat for f in new], [f.eta1 for f in new])
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    f = _forward(flags, p, s, g, hp)
+    return f.theta, State(s.step + 1, f.g_hat, f.eta1)
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/rprop.md, eq. P7–P10)."""
-    sign = -1.0 if flags.maximize else 1.0
-    S_prev: list[Tensor] = []
-    S_size: list[Tensor | None] = []
-    o_out: list[Tensor] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, prev, size, g, P, R, E) in enumerate(zip(
-            params, state.prev, state.step_size, grads, cot_params, cot_state.prev,
-            cot_state.step_size)):
-        lr, eta_minus, eta_plus, lo, hi = (hp[k][i] for k in HYPERS)
-        f = _forward(flags, p, prev, size, g, lr, eta_minus, eta_plus, lo, hi)
-        eta1_bar = E - f.d * P                                      # (P7) η̄' = E − sign(ĝ)·P
-        # (P8) clamp with tensor bounds, autograd's convention: ties go to x
-        inside = (f.x >= lo) & (f.x <= hi)
-        x_bar = torch.where(inside, eta1_bar, 0.0)
-        lo_bar = torch.where((f.x < lo) & (lo < hi), eta1_bar, 0.0)
-        hi_bar = torch.where((f.x > hi) | (hi < lo), eta1_bar, 0.0)
-        eta_bar = f.f * x_bar                                       # (P9) η̄ = f·x̄
-        S_size.append(None if size is None else eta_bar)            # S_j for the step size
-        S_prev.append(torch.zeros_like(prev))                       # (P10) p is read by σ only
-        o_out.append(torch.where(f.sigma < 0, 0.0, sign * R))       # (P10) o_j: p' = ĝ
-        contrib = {                                                 # (P9)
-            "lr": lambda: eta_bar if size is None else torch.zeros_like(lr),
-            "etaminus": lambda: torch.where(f.sigma < 0, x_bar * f.eta, 0.0),
-            "etaplus": lambda: torch.where(f.sigma > 0, x_bar * f.eta, 0.0),
-            "step_size_min": lambda: lo_bar,
-            "step_size_max": lambda: hi_bar,
-        }
-        for name in need:
-            a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
-    steps_bar = [None] * len(params)                            # step counts have no cotangent
-    return VJP(list(cot_params), State(steps_bar, S_prev, S_size), o_out,  # type: ignore[arg-type]
-               a_out)                                               # (P7) b_j = P
+    lr, lo, hi = hp["lr"], hp["step_size_min"], hp["step_size_max"]
+    f = _forward(flags, p, s, g, hp)
+    eta1_bar = -f.d * P if S.step_size is None else S.step_size - f.d * P   # (P7) η̄' = E − sign(ĝ)·P
+    # (P8) clamp with tensor bounds, autograd's convention: ties go to x
+    inside = (f.x >= lo) & (f.x <= hi)
+    x_bar = torch.where(inside, eta1_bar, 0.0)
+    lo_bar = torch.where((f.x < lo) & (lo < hi), eta1_bar, 0.0)
+    hi_bar = torch.where((f.x > hi) | (hi < lo), eta1_bar, 0.0)
+    eta_bar = f.f * x_bar                                       # (P9) η̄ = f·x̄
+    S_size = None if s.step_size is None else eta_bar           # S_j for the step size
+    S_prev = torch.zeros_like(s.prev)                           # (P10) p is read by σ only
+    o_out = torch.zeros_like(g) if S.prev is None else \
+        torch.where(f.sigma < 0, 0.0, pc.signed(S.prev, flags.maximize))    # (P10) o_j: p' = ĝ
+    contrib = {                                                 # (P9)
+        "lr": lambda: eta_bar if s.step_size is None else torch.zeros_like(lr),
+        "etaminus": lambda: torch.where(f.sigma < 0, x_bar * f.eta, 0.0),
+        "etaplus": lambda: torch.where(f.sigma > 0, x_bar * f.eta, 0.0),
+        "step_size_min": lambda: lo_bar,
+        "step_size_max": lambda: hi_bar,
+    }
+    return VJP(P, State(0, S_prev, S_size), o_out,              # (P7) b_j = P
+               {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    # as torch.optim.Rprop's constructor checks them: 0 < η₋ < 1 < η₊ (the step sizes it does not check)
+    ranges={"lr": NONNEGATIVE, "etaminus": Interval(0.0, 1.0, lo_open=True, hi_open=True),
+            "etaplus": Interval(1.0, lo_open=True), "step_size_min": REAL, "step_size_max": REAL},
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp, write_state=write_state,
+    group_keys=_GROUP_KEYS,
+    insensitive_to_g="uses only the sign of the gradient (∂θ'/∂G = 0 almost everywhere)",
+)
