@@ -26,13 +26,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (NONNEGATIVE, VJP, Hypers, Interval, group_float, reduce_to, step_count,
-                    step_tensor)
+from . import _pieces as pc
+from ._core import NONNEGATIVE, VJP, Interval, group_float, step_count
+from ._rule import Rule
 
 HYPERS = ("lr", "rho", "eps", "weight_decay")
-# as torch.optim.Adadelta's constructor checks them: 0 ≤ ρ ≤ 1, the rest ≥ 0
-RANGES = {"lr": NONNEGATIVE, "rho": Interval(0.0, 1.0), "eps": NONNEGATIVE,
-          "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -40,9 +38,9 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    step: list[int]
-    square_avg: list[Tensor]
-    acc_delta: list[Tensor]
+    step: int
+    square_avg: Tensor
+    acc_delta: Tensor
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
@@ -54,16 +52,11 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
         value = torch_state.get(key)
         return torch.zeros_like(param) if value is None else value.detach().clone()
 
-    return State([step_count(torch_state)], [avg("square_avg")], [avg("acc_delta")])
-
-
-def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"step": step_tensor(state.step[i]), "square_avg": state.square_avg[i],
-            "acc_delta": state.acc_delta[i]}
+    return State(step_count(torch_state), avg("square_avg"), avg("acc_delta"))
 
 
 class _Forward(NamedTuple):
-    """The intermediates of (D1)–(D5) for one tensor, shared by step and vjp."""
+    """The intermediates of (D1)–(D5), shared by step and vjp."""
 
     g2: Tensor
     v1: Tensor
@@ -74,57 +67,55 @@ class _Forward(NamedTuple):
     theta: Tensor
 
 
-def _forward(flags: Flags, p: Tensor, v: Tensor, u: Tensor, g: Tensor, lr: Tensor,
-             rho: Tensor, eps: Tensor, wd: Tensor) -> _Forward:
-    g2 = (-g if flags.maximize else g) + wd * p                     # (D1)
-    v1 = rho * v + (1 - rho) * g2 * g2                              # (D2)
-    sigma, nu = (v1 + eps).sqrt(), (u + eps).sqrt()                 # (D3)
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+    lr, rho, eps, wd = (hp[k] for k in HYPERS)
+    g2 = pc.coupled_decay(g, p, wd, flags.maximize)                 # (D1)
+    v1 = pc.ema(s.square_avg, g2 * g2, rho)                         # (D2)
+    sigma, nu = (v1 + eps).sqrt(), (s.acc_delta + eps).sqrt()       # (D3)
     d = nu / sigma * g2                                             # (D4)
-    u1 = rho * u + (1 - rho) * d * d
+    u1 = pc.ema(s.acc_delta, d * d, rho)
     return _Forward(g2, v1, sigma, nu, d, u1, p - lr * d)           # (D5)
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new = [_forward(flags, p, v, u, g, *hps)
-           for p, v, u, g, *hps
-           in zip(params, state.square_avg, state.acc_delta, grads, *(hp[k] for k in HYPERS))]
-    return [f.theta for f in new], State(
-        [t + 1 for t in state.step], [f.v1 for f in new], [f.u1 for f in new])
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    f = _forward(flags, p, s, g, hp)
+    return f.theta, State(s.step + 1, f.v1, f.u1)
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adadelta.md, eq. D6–D11)."""
-    sign = -1.0 if flags.maximize else 1.0
-    b_out: list[Tensor] = []
-    o_out: list[Tensor] = []
-    S_v: list[Tensor] = []
-    S_u: list[Tensor] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, v, u, g, P, V, U) in enumerate(zip(
-            params, state.square_avg, state.acc_delta, grads, cot_params,
-            cot_state.square_avg, cot_state.acc_delta)):
-        lr, rho, eps, wd = (hp[k][i] for k in HYPERS)
-        f = _forward(flags, p, v, u, g, lr, rho, eps, wd)
-        d_bar = -lr * P + 2 * (1 - rho) * f.d * U                   # (D6)
-        nu_bar = d_bar * f.g2 / f.sigma                             # ∂d/∂ν = g₂/σ           (D7)
-        sigma_bar = -d_bar * f.d / f.sigma                          # ∂d/∂σ = −d/σ           (D7)
-        u_rad_bar = nu_bar / (2 * f.nu)                             # ν = √(u+ε)             (D8)
-        v_rad_bar = sigma_bar / (2 * f.sigma)                       # σ = √(v'+ε)            (D8)
-        v1_bar = V + v_rad_bar                                      # (D8)
-        S_v.append(rho * v1_bar)                                    # S^v_j = ρ v̄'           (D9)
-        S_u.append(rho * U + u_rad_bar)                             # S^u_j = ρU + ν̄/(2ν)    (D9)
-        g2_bar = d_bar * f.nu / f.sigma + 2 * (1 - rho) * f.g2 * v1_bar  # (D10)
-        b_out.append(P + wd * g2_bar)                               # b_j = P + λ ḡ₂         (D10)
-        o_out.append(sign * g2_bar)                                 # o_j = s ḡ₂             (D10)
-        contrib = {                                                 # (D11)
-            "lr": lambda: -P * f.d,
-            "rho": lambda: v1_bar * (v - f.g2 * f.g2) + U * (u - f.d * f.d),
-            "eps": lambda: u_rad_bar + v_rad_bar,
-            "weight_decay": lambda: g2_bar * p,
-        }
-        for name in need:
-            a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
-    steps_bar = [None] * len(params)                            # step counts have no cotangent
-    return VJP(b_out, State(steps_bar, S_v, S_u), o_out, a_out)  # type: ignore[arg-type]
+    f = _forward(flags, p, s, g, hp)
+    lr, rho, eps, wd = (hp[k] for k in HYPERS)
+    d_bar = -lr * P                                                 # (D6)
+    S_u: Tensor | int = 0                                           # ρU, the direct part of S^u_j
+    rho_bar: Tensor | int = 0
+    U = S.acc_delta
+    if U is not None:
+        S_u, dd_bar, rho_bar = pc.ema_vjp(U, s.acc_delta, f.d * f.d, rho)
+        d_bar = d_bar + 2 * f.d * dd_bar                            # (D6)
+    nu_bar = d_bar * f.g2 / f.sigma                                 # ∂d/∂ν = g₂/σ           (D7)
+    sigma_bar = -d_bar * f.d / f.sigma                              # ∂d/∂σ = −d/σ           (D7)
+    u_rad_bar = nu_bar / (2 * f.nu)                                 # ν = √(u+ε)             (D8)
+    v_rad_bar = sigma_bar / (2 * f.sigma)                           # σ = √(v'+ε)            (D8)
+    v1_bar = v_rad_bar if S.square_avg is None else S.square_avg + v_rad_bar   # (D8)
+    S_v, sq_bar, v_rho_bar = pc.ema_vjp(v1_bar, s.square_avg, f.g2 * f.g2, rho)  # S^v_j = ρ v̄' (D9)
+    g2_bar = d_bar * f.nu / f.sigma + 2 * f.g2 * sq_bar             # (D10)
+    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)   # (D10)
+    contrib = {                                                     # (D11)
+        "lr": lambda: -P * f.d,
+        "rho": lambda: v_rho_bar + rho_bar,
+        "eps": lambda: u_rad_bar + v_rad_bar,
+        "weight_decay": lambda: wd_bar,
+    }
+    return VJP(P + decay_bar, State(0, S_v, S_u + u_rad_bar),       # S^u_j = ρU + ν̄/(2ν)    (D9)
+               o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    # as torch.optim.Adadelta's constructor checks them: 0 ≤ ρ ≤ 1, the rest ≥ 0
+    ranges={"lr": NONNEGATIVE, "rho": Interval(0.0, 1.0), "eps": NONNEGATIVE,
+            "weight_decay": NONNEGATIVE},
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+)

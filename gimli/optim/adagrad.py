@@ -26,11 +26,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (NONNEGATIVE, VJP, Hypers, group_float, reduce_to, step_count, step_tensor,
-                   )
+from . import _pieces as pc
+from ._core import NONNEGATIVE, VJP, group_float, step_count
+from ._rule import Rule
 
 HYPERS = ("lr", "lr_decay", "weight_decay", "eps")
-RANGES = dict.fromkeys(HYPERS, NONNEGATIVE)   # as torch.optim.Adagrad's constructor checks them
 
 
 class Flags(NamedTuple):
@@ -38,8 +38,8 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    step: list[int]
-    sum: list[Tensor]
+    step: int
+    sum: Tensor
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
@@ -50,57 +50,59 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
     acc = torch_state.get("sum")
     if acc is None:
         acc = torch.full_like(param, group_float(group, "initial_accumulator_value"))
-    return State([step_count(torch_state)], [acc.detach().clone()])
+    return State(step_count(torch_state), acc.detach().clone())
 
 
-def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"step": step_tensor(state.step[i]), "sum": state.sum[i]}
+class _Forward(NamedTuple):
+    """The intermediates of (G1)–(G3), shared by step and vjp."""
+
+    g2: Tensor
+    acc1: Tensor        # Σ'
+    root: Tensor        # √Σ'
+    delta: Tensor
+    decay: Tensor       # 1 + (t − 1)κ, the hyperparameters' shape
+    eta: Tensor
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new_params: list[Tensor] = []
-    new_sums: list[Tensor] = []
-    for p, t, acc, g, lr, kappa, wd, eps in zip(params, *state, grads, *(hp[k] for k in HYPERS)):
-        g2 = (-g if flags.maximize else g) + wd * p                 # (G1)
-        acc = acc + g2 * g2                                         # (G2)
-        eta = lr / (1 + t * kappa)                                  # (G3), t = step − 1 here
-        new_params.append(p - eta * g2 / (acc.sqrt() + eps))        # (G4)
-        new_sums.append(acc)
-    return new_params, State([t + 1 for t in state.step], new_sums)
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+    lr, kappa, wd, eps = (hp[k] for k in HYPERS)
+    g2 = pc.coupled_decay(g, p, wd, flags.maximize)                 # (G1)
+    acc1 = s.sum + g2 * g2                                          # (G2)
+    decay = 1 + s.step * kappa                                      # (G3), s.step = t − 1
+    root = acc1.sqrt()
+    return _Forward(g2, acc1, root, root + eps, decay, lr / decay)
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    f = _forward(flags, p, s, g, hp)
+    return p - f.eta * f.g2 / f.delta, State(s.step + 1, f.acc1)    # (G4)
+
+
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adagrad.md, eq. G5–G9)."""
-    sign = -1.0 if flags.maximize else 1.0
-    b_out: list[Tensor] = []
-    o_out: list[Tensor] = []
-    s_out: list[Tensor] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, t, acc, g, P, Sigma) in enumerate(zip(params, *state, grads, cot_params,
-                                                     cot_state.sum)):
-        lr, kappa, wd, eps = (hp[k][i] for k in HYPERS)
-        g2 = sign * g + wd * p
-        root = (acc + g2 * g2).sqrt()
-        delta = root + eps
-        eta = lr / (1 + t * kappa)
-        update = g2 / delta                                         # θ' = θ − η_t·update
-        delta_bar = eta * P * update / delta                        # ∂θ'/∂δ = η_t g₂/δ²     (G5)
-        pos = root > 0                                              # guard: √ at Σ' = 0
-        acc1_bar = Sigma + torch.where(pos, delta_bar / (2 * torch.where(pos, root, 1.0)), 0.0)
-        g2_bar = -eta * P / delta + 2 * g2 * acc1_bar               # (G6)
-        s_out.append(acc1_bar)                                      # S_j = Σ̄'               (G7)
-        b_out.append(P + wd * g2_bar)                               # (G8)
-        o_out.append(sign * g2_bar)
-        eta_bar = -P * update
-        contrib = {                                                 # (G9)
-            "lr": lambda: eta_bar / (1 + t * kappa),
-            "lr_decay": lambda: -eta_bar * lr * t / (1 + t * kappa) ** 2,
-            "weight_decay": lambda: g2_bar * p,
-            "eps": lambda: delta_bar,
-        }
-        for name in need:
-            a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
-    steps_bar = [None] * len(params)                            # step counts have no cotangent
-    return VJP(b_out, State(steps_bar, s_out), o_out, a_out)  # type: ignore[arg-type]
+    f = _forward(flags, p, s, g, hp)
+    lr, kappa, wd, eps = (hp[k] for k in HYPERS)
+    update = f.g2 / f.delta                                         # θ' = θ − η_t·update
+    delta_bar = f.eta * P * update / f.delta                        # ∂θ'/∂δ = η_t g₂/δ²     (G5)
+    root_bar = pc.sqrt_vjp(delta_bar, f.root)                       # guard: √ at Σ' = 0
+    acc1_bar = root_bar if S.sum is None else S.sum + root_bar
+    g2_bar = -f.eta * P / f.delta + 2 * f.g2 * acc1_bar             # (G6)
+    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)   # (G8)
+    eta_bar = -P * update
+    t = s.step
+    contrib = {                                                     # (G9)
+        "lr": lambda: eta_bar / f.decay,
+        "lr_decay": lambda: -eta_bar * lr * t / f.decay ** 2,
+        "weight_decay": lambda: wd_bar,
+        "eps": lambda: delta_bar,
+    }
+    return VJP(P + decay_bar, State(0, acc1_bar),                   # S_j = Σ̄'  (G7)
+               o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    ranges=dict.fromkeys(HYPERS, NONNEGATIVE),   # as torch.optim.Adagrad's constructor checks them
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+)

@@ -29,14 +29,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, reduce_to, step_count, step_tensor,
-                   )
+from . import _pieces as pc
+from ._core import BETA, NONNEGATIVE, VJP, group_float, step_count
+from ._rule import Rule
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
-GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
-# as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
-RANGES = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
-          "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -44,9 +41,9 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    step: list[int]
-    exp_avg: list[Tensor]
-    exp_inf: list[Tensor]
+    step: int
+    exp_avg: Tensor
+    exp_inf: Tensor
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
@@ -65,80 +62,77 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
         value = torch_state.get(key)
         return torch.zeros_like(param) if value is None else value.detach().clone()
 
-    return State([step_count(torch_state)], [moment("exp_avg")], [moment("exp_inf")])
-
-
-def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"step": step_tensor(state.step[i]), "exp_avg": state.exp_avg[i],
-            "exp_inf": state.exp_inf[i]}
+    return State(step_count(torch_state), moment("exp_avg"), moment("exp_inf"))
 
 
 class _Forward(NamedTuple):
-    """The intermediates of (X1)–(X5) for one tensor, shared by step and vjp."""
+    """The intermediates of (X1)–(X5), shared by step and vjp."""
 
+    t: int
     g2: Tensor
     m1: Tensor
     decayed: Tensor     # β₂u, the first argument of (X3)
     fresh: Tensor       # |g₂| + ε, the second
     u1: Tensor
-    c1: Tensor
+    c1: Tensor          # the hyperparameters' shape
     theta: Tensor
 
 
-def _forward(flags: Flags, t: int, p: Tensor, m: Tensor, u: Tensor, g: Tensor, lr: Tensor,
-             b1: Tensor, b2: Tensor, eps: Tensor, wd: Tensor) -> _Forward:
-    g2 = (-g if flags.maximize else g) + wd * p                     # (X1)
-    m1 = b1 * m + (1 - b1) * g2                                     # (X2)
-    decayed, fresh = b2 * u, g2.abs() + eps
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+    lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
+    g2 = pc.coupled_decay(g, p, wd, flags.maximize)                 # (X1)
+    m1 = pc.ema(s.exp_avg, g2, b1)                                  # (X2)
+    decayed, fresh = b2 * s.exp_inf, g2.abs() + eps
     u1 = torch.maximum(decayed, fresh)                              # (X3)
-    c1 = 1 - b1**t                                                  # (X4)
-    return _Forward(g2, m1, decayed, fresh, u1, c1, p - (lr / c1) * m1 / u1)   # (X5)
+    t = s.step + 1
+    c1 = pc.bias_correction(b1, t)                                  # (X4)
+    return _Forward(t, g2, m1, decayed, fresh, u1, c1, p - (lr / c1) * m1 / u1)   # (X5)
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new = [_forward(flags, t + 1, p, m, u, g, *hps)
-           for p, t, m, u, g, *hps in zip(params, *state, grads, *(hp[k] for k in HYPERS))]
-    return [f.theta for f in new], State(
-        [t + 1 for t in state.step], [f.m1 for f in new], [f.u1 for f in new])
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    f = _forward(flags, p, s, g, hp)
+    return f.theta, State(f.t, f.m1, f.u1)
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adamax.md, eq. X6–X11)."""
-    sign = -1.0 if flags.maximize else 1.0
-    b_out: list[Tensor] = []
-    o_out: list[Tensor] = []
-    S_m: list[Tensor] = []
-    S_u: list[Tensor] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, t, m, u, g, P, M, U) in enumerate(zip(
-            params, *state, grads, cot_params, cot_state.exp_avg, cot_state.exp_inf)):
-        lr, b1, b2, eps, wd = (hp[k][i] for k in HYPERS)
-        t = t + 1
-        f = _forward(flags, t, p, m, u, g, lr, b1, b2, eps, wd)
-        step_size = lr / f.c1
-        update = f.m1 / f.u1                                        # θ' = θ − (γ/c₁)·update
-        m1_bar = M - step_size * P / f.u1                           # (X6)
-        u1_bar = U + step_size * P * update / f.u1                  # ∂θ'/∂u' = (γ/c₁) m'/u'² (X7)
-        c1_bar = step_size * P * update / f.c1                      # ∂θ'/∂c₁ = (γ/c₁²) m'/u' (X7)
-        # (X8) u' = max(β₂u, |g₂|+ε): 1 to the larger argument, ½ each at a tie
-        to_decayed = (f.decayed > f.fresh).to(p.dtype) + 0.5 * (f.decayed == f.fresh).to(p.dtype)
-        decayed_bar = to_decayed * u1_bar
-        fresh_bar = (1 - to_decayed) * u1_bar
-        S_m.append(b1 * m1_bar)                                     # S^m_j = β₁ m̄'          (X9)
-        S_u.append(b2 * decayed_bar)                                # S^u_j = β₂ ā           (X9)
-        g2_bar = (1 - b1) * m1_bar + f.g2.sign() * fresh_bar        # d|g₂|/dg₂ = sign, 0 at 0 (X10)
-        b_out.append(P + wd * g2_bar)                               # b_j = P + λ ḡ₂         (X10)
-        o_out.append(sign * g2_bar)                                 # o_j = s ḡ₂             (X10)
-        contrib = {                                                 # (X11)
-            "lr": lambda: -P * update / f.c1,
-            "beta1": lambda: m1_bar * (m - f.g2) - c1_bar * t * b1 ** (t - 1),
-            "beta2": lambda: decayed_bar * u,
-            "eps": lambda: fresh_bar,
-            "weight_decay": lambda: g2_bar * p,
-        }
-        for name in need:
-            a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
-    steps_bar = [None] * len(params)                            # step counts have no cotangent
-    return VJP(b_out, State(steps_bar, S_m, S_u), o_out, a_out)  # type: ignore[arg-type]
+    f = _forward(flags, p, s, g, hp)
+    lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
+    step_size = lr / f.c1
+    update = f.m1 / f.u1                                            # θ' = θ − (γ/c₁)·update
+    m1_bar = -step_size * P / f.u1                                  # (X6)
+    if S.exp_avg is not None:
+        m1_bar = S.exp_avg + m1_bar
+    u1_bar = step_size * P * update / f.u1                          # ∂θ'/∂u' = (γ/c₁) m'/u'² (X7)
+    if S.exp_inf is not None:
+        u1_bar = S.exp_inf + u1_bar
+    c1_bar = step_size * P * update / f.c1                          # ∂θ'/∂c₁ = (γ/c₁²) m'/u' (X7)
+    # (X8) u' = max(β₂u, |g₂|+ε): 1 to the larger argument, ½ each at a tie
+    to_decayed = pc.max_share(f.decayed, f.fresh)
+    decayed_bar = to_decayed * u1_bar
+    fresh_bar = (1 - to_decayed) * u1_bar
+    S_m, m_g2_bar, b1_bar = pc.ema_vjp(m1_bar, s.exp_avg, f.g2, b1)   # S^m_j = β₁ m̄'   (X9)
+    S_u = b2 * decayed_bar                                          # S^u_j = β₂ ā           (X9)
+    g2_bar = m_g2_bar + f.g2.sign() * fresh_bar                     # d|g₂|/dg₂ = sign, 0 at 0 (X10)
+    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)   # (X10)
+    contrib = {                                                     # (X11)
+        "lr": lambda: -P * update / f.c1,
+        # ∂c₁/∂β₁ = −t β₁^(t−1)
+        "beta1": lambda: b1_bar + c1_bar * pc.bias_correction_grad(b1, f.t),
+        "beta2": lambda: decayed_bar * s.exp_inf,
+        "eps": lambda: fresh_bar,
+        "weight_decay": lambda: wd_bar,
+    }
+    return VJP(P + decay_bar, State(0, S_m, S_u),                   # b_j = P + λ ḡ₂, o_j = s ḡ₂
+               o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    # as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
+    ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+            "weight_decay": NONNEGATIVE},
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    group_keys={"beta1": ("betas", 0), "beta2": ("betas", 1)},     # where param_groups keep them
+)
