@@ -56,7 +56,7 @@ def _builtin_rules() -> dict[type[torch.optim.Optimizer], Any]:
 
 # optimizer class → its rule (a module or object with the interface of _core.py's docstring)
 SUPPORTED: dict[type[torch.optim.Optimizer], Any] = _builtin_rules()
-SUPPORTED[LearnedOptimizer] = learned
+SUPPORTED[LearnedOptimizer] = learned.RULE
 
 
 def facts(rule: Any) -> Rule:
@@ -77,8 +77,8 @@ def facts(rule: Any) -> Rule:
 
 
 def register(cls: type[torch.optim.Optimizer], rule: Any) -> None:
-    """Make ``cls`` (exact class) differentiable through ``rule`` (an object or module
-    with the rule interface of ``_core.py``)."""
+    """Make ``cls`` (exact class) differentiable through ``rule`` (a :class:`Rule`, or a
+    module with the list interface of ``_core.py``)."""
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(f"register a torch.optim.Optimizer subclass, not {cls!r}")
     SUPPORTED[cls] = rule
@@ -397,7 +397,7 @@ def capabilities() -> dict[str, dict[str, tuple[str, ...]]]:
     """Each built-in optimizer's learnable hyperparameters and their granularities."""
     out: dict[str, dict[str, tuple[str, ...]]] = {}
     for cls, rule in SUPPORTED.items():
-        if rule is learned or cls.__name__ in out or not (cls.__name__ in BUILTIN):
+        if rule is learned.RULE or cls.__name__ in out or not (cls.__name__ in BUILTIN):
             continue
         described = facts(rule)
         out[cls.__name__] = {name: described.granularities_of(name) for name in described.hypers

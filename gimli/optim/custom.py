@@ -1,4 +1,4 @@
-"""User-defined optimizers: per-tensor pure functions turned into a gimli rule.
+"""User-defined optimizers: per-tensor pure functions turned into a gimli :class:`Rule`.
 
 The user supplies, for one parameter tensor,
 
@@ -9,11 +9,14 @@ The user supplies, for one parameter tensor,
 * optionally ``vjp(param, state, grad, hp, cot_param, cot_state) ->
   (param_bar, state_bar, grad_bar, hp_bar)``: its closed-form VJP. Without it
   the engine takes the four cotangents by autograd on that one step, still
-  inside the hand-written sweep.
+  inside the hand-written sweep (``_rule.autograd_vjp``).
 
 ``register_optimizer`` ties these to the user's own ``torch.optim.Optimizer``
 subclass, whose param groups hold the hyperparameters and whose ``state[p]``
-holds the same keys as ``init`` returns.
+holds the same keys as ``init`` returns. The state dict of one tensor becomes a
+``State`` namedtuple with one field per key (sorted), one value per field, as the
+rule protocol (``_rule.py``) wants. A user's update is not known to act element by
+element, so the rule runs tensor by tensor (``elementwise=False``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._core import VJP, Hypers, Interval, group_float, reduce_to
+from ._core import VJP, Interval, group_float
+from ._rule import Rule
 
 InitFn = Callable[[Tensor, dict[str, Any]], dict[str, Tensor]]
 StepFn = Callable[[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]],
@@ -33,67 +37,59 @@ StepFn = Callable[[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]],
 VjpFn = Callable[..., tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]]
 
 
-class CustomRule:
-    """A gimli optimizer rule made of a user's per-tensor functions."""
+class CustomRule(Rule):
+    """A gimli :class:`Rule` made of a user's per-tensor functions."""
 
     def __init__(self, hypers: Sequence[str], init: InitFn, step: StepFn, vjp: VjpFn | None = None,
                  group_keys: Mapping[str, tuple[str, int]] | None = None,
                  ranges: Mapping[str, Interval] | None = None):
-        self.HYPERS = tuple(hypers)
-        self.GROUP_KEYS = dict(group_keys or {})
-        self.RANGES = dict(ranges or {})
-        self._init, self._step, self._vjp = init, step, vjp
-        self._types: dict[tuple[str, ...], Any] = {}
-        if vjp is not None:
-            self.vjp = self._closed_form_vjp
+        names = tuple(hypers)
+        keys = dict(group_keys or {})
+        types: dict[tuple[str, ...], Any] = {}
 
-    def _state_type(self, keys: Sequence[str]) -> Any:
-        key = tuple(sorted(keys))
-        if key not in self._types:
-            self._types[key] = namedtuple("State", key)
-        return self._types[key]
+        def state_type(fields: Sequence[str]) -> Any:
+            """One namedtuple type per set of state keys (sorted), shared by all tensors."""
+            key = tuple(sorted(fields))
+            if key not in types:
+                types[key] = namedtuple("State", key)
+            return types[key]
 
-    def read_group(self, group: dict[str, Any]) -> tuple[None, dict[str, float]]:
-        values = {}
-        for name in self.HYPERS:
-            key, index = self.GROUP_KEYS.get(name, (name, None))
-            values[name] = group_float(group, key, index)
-        return None, values
+        def as_dict(state: Any) -> dict[str, Any]:
+            return dict(zip(state._fields, state))
 
-    def read_state(self, torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> Any:
-        state = dict(torch_state) if torch_state else self._init(param, group)
-        state = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in state.items()}
-        kind = self._state_type(list(state))
-        return kind(*([state[k]] for k in kind._fields))
+        def read_group(group: dict[str, Any]) -> tuple[None, dict[str, float]]:
+            values = {}
+            for name in names:
+                key, index = keys.get(name, (name, None))
+                values[name] = group_float(group, key, index)
+            return None, values
 
-    def write_state(self, state: Any, i: int) -> dict[str, Any]:
-        return {k: field[i] for k, field in zip(state._fields, state)}
+        def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> Any:
+            state = dict(torch_state) if torch_state else init(param, group)
+            state = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+            kind = state_type(list(state))
+            return kind(*(state[k] for k in kind._fields))
 
-    def step(self, flags: None, params: list[Tensor], state: Any, grads: list[Tensor],
-             hp: Hypers) -> tuple[list[Tensor], Any]:
-        new_params, new_states = [], []
-        for i, (p, g) in enumerate(zip(params, grads)):
-            p, s = self._step(p, self.write_state(state, i), g, {k: v[i] for k, v in hp.items()})
-            new_params.append(p)
-            new_states.append(s)
-        kind = self._state_type(list(new_states[0]))
-        return new_params, kind(*([s[k] for s in new_states] for k in kind._fields))
+        def rule_step(flags: None, p: Tensor, s: Any, g: Tensor,
+                      hp: dict[str, Tensor]) -> tuple[Tensor, Any]:
+            new_p, new = step(p, as_dict(s), g, hp)
+            if set(new) != set(s._fields):
+                raise ValueError(f"the registered step returned state keys {sorted(new)}, but the "
+                                 f"optimizer's state (init) has {sorted(s._fields)}: step must "
+                                 f"return the same keys")
+            return new_p, type(s)(*(new[k] for k in s._fields))
 
-    def _closed_form_vjp(self, flags: None, params: list[Tensor], state: Any, grads: list[Tensor],
-                         hp: Hypers, cot_params: list[Tensor], cot_state: Any,
-                         need: frozenset[str]) -> VJP:
-        assert self._vjp is not None
-        b, o, s_bar = [], [], []
-        a: Hypers = {name: [] for name in need}
-        for i, (p, g, P) in enumerate(zip(params, grads, cot_params)):
-            hp_i = {k: v[i] for k, v in hp.items()}
-            p_bar, st_bar, g_bar, hp_bar = self._vjp(p, self.write_state(state, i), g, hp_i, P,
-                                                     self.write_state(cot_state, i))
-            b.append(p_bar)
-            o.append(g_bar)
-            s_bar.append(st_bar)
-            for name in need:
-                a[name].append(reduce_to(hp_bar[name], hp_i[name]) if name in hp_bar
-                               else torch.zeros_like(hp_i[name]))
-        fields = type(state)._fields
-        return VJP(b, type(state)(*([sb.get(k) for sb in s_bar] for k in fields)), o, a)
+        def rule_vjp(flags: None, p: Tensor, s: Any, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+                     S: Any, need: frozenset[str]) -> VJP:
+            assert vjp is not None
+            # a state cotangent the sweep has none for is 0 (the user's vjp reads tensors)
+            cot = {k: torch.zeros_like(x) if c is None and isinstance(x, Tensor)
+                   and x.is_floating_point() else c for k, x, c in zip(s._fields, s, S)}
+            p_bar, s_bar, g_bar, hp_bar = vjp(p, as_dict(s), g, hp, P, cot)
+            return VJP(p_bar, type(s)(*(s_bar.get(k) for k in s._fields)), g_bar,
+                       {name: hp_bar[name] for name in need if name in hp_bar})
+
+        super().__init__(hypers=names, ranges=dict(ranges or {}), read_group=read_group,
+                         read_state=read_state, step=rule_step,
+                         vjp=None if vjp is None else rule_vjp, write_state=as_dict,
+                         elementwise=False, group_keys=keys)

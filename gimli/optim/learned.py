@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._core import BETA, NONNEGATIVE, Hypers, group_float, hyper_dtype
+from ._core import BETA, NONNEGATIVE, group_float, hyper_dtype
+from ._rule import Call, Rule, field_kinds, key
 
 HYPERS = ("lr", "beta")     # and the module-valued "net", one hyperparameter per weight
 RANGES = {"lr": NONNEGATIVE, "beta": BETA}     # as LearnedOptimizer's constructor checks them
@@ -35,7 +36,7 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    momentum: list[Tensor]
+    momentum: Tensor
 
 
 def default_net(hidden: int = 16) -> nn.Module:
@@ -65,25 +66,36 @@ def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, Any]]:
 
 def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> State:
     m = torch_state.get("momentum")
-    return State([torch.zeros_like(param) if m is None else m.detach().clone()])
+    return State(torch.zeros_like(param) if m is None else m.detach().clone())
 
 
-def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"momentum": state.momentum[i]}
+def _network(net: nn.Module, weights: dict[str, Tensor], g: Tensor, m1: Tensor) -> Tensor:
+    """(L2) u = f_ψ(g, m'), element by element, in the wider of the features' and the
+    weights' dtypes (a bfloat16 network stepping a bfloat16 model stays bfloat16; the
+    VJP, taken on float32 features, runs it in float32)."""
+    features = torch.stack([g, m1], -1)
+    dtype = features.dtype
+    for w in weights.values():
+        if w.is_floating_point():
+            dtype = torch.promote_types(dtype, w.dtype)
+    weights = {k: w.to(dtype) if w.is_floating_point() else w for k, w in weights.items()}
+    return functional_call(net, weights, (features.to(dtype),))[..., 0]
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new_params, new_m = [], []
-    for i, (p, m, g) in enumerate(zip(params, state.momentum, grads)):
-        lr, beta = hp["lr"][i], hp["beta"][i]
-        weights = {k[len("net."):]: v[i] for k, v in hp.items() if k.startswith("net.")}
-        m1 = (beta * m + (1 - beta) * g).to(m.dtype)    # (L1), stored as m (a float32 β per
-                                                         # element of a bfloat16 model)
-        u = functional_call(flags.net, weights, (torch.stack([g, m1], -1),))[..., 0]  # (L2)
-        new_params.append(p - lr * u)                                           # (L3)
-        new_m.append(m1)
-    return new_params, State(new_m)
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    lr, beta = hp["lr"], hp["beta"]
+    weights = {k[len("net."):]: v for k, v in hp.items() if k.startswith("net.")}
+    m1 = (beta * s.momentum + (1 - beta) * g).to(s.momentum.dtype)  # (L1), stored as m (a float32
+                                                                    # β per element of a bfloat16 model)
+    u = _network(flags.net, weights, g, m1)                         # (L2)
+    return p - lr * u, State(m1)                                    # (L3)
+
+
+# No closed-form VJP: autograd on the single step. The network acts per element, so the
+# rule runs once over the concatenation of a call's tensors; the weights ``net.<name>`` are
+# not in ``hypers``: each is one tensor shared by every element of the call.
+RULE = Rule(hypers=HYPERS, ranges=RANGES, read_group=read_group, read_state=read_state,
+            step=step, elementwise=True)
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -130,18 +142,27 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            flags, values = read_group(group)
-            state = State([read_state(self.state[p], p, group).momentum[0] for p in params])
-            like = {"dtype": hyper_dtype(params[0].dtype), "device": params[0].device}
-            hp = {"lr": [torch.tensor(values["lr"], **like)] * len(params),
-                  "beta": [torch.tensor(values["beta"], **like)] * len(params)}
-            hp.update({f"net.{n}": [w.detach()] * len(params) for n, w in flags.net.named_parameters()})
-            new_params, new_state = step(flags, params, state, [p.grad for p in params], hp)
-            for p, new_p, m in zip(params, new_params, new_state.momentum):
-                p.copy_(new_p)
-                self.state[p]["momentum"] = m
+        members = [(p, group) for group in self.param_groups for p in group["params"]
+                   if p.grad is not None]
+        if not members:
+            return loss
+        params = [p for p, _ in members]
+        grads: list[Tensor | None] = [p.grad for p in params]
+        momenta: Any = [read_state(self.state[p], p, group).momentum for p, group in members]
+        state = State(momenta)          # one list per field, as InnerOptimizer.read_state
+        hp = {name: [torch.tensor(group_float(group, name), dtype=hyper_dtype(p.dtype), device=p.device)
+                     for p, group in members] for name in HYPERS}
+        # the calls gimli's unroll makes (InnerOptimizer._calls): tensors with the same network
+        # and the same dtype, device and state kinds step together, over their concatenation
+        calls: dict[Any, list[int]] = {}
+        for i, (p, group) in enumerate(members):
+            calls.setdefault((Flags(group["net"]), key(state, i, p)), []).append(i)
+        for (flags, _), idx in calls.items():
+            weights = {f"net.{n}": [w.detach()] * len(params) for n, w in flags.net.named_parameters()}
+            call = Call(RULE, flags, idx, params)
+            call.kinds = field_kinds(state, idx, params)
+            new_params, (new_m,) = call.step(params, state, grads, {**hp, **weights})
+            for k, i in enumerate(idx):
+                params[i].copy_(new_params[k])
+                self.state[params[i]]["momentum"] = new_m[k]
         return loss
