@@ -158,8 +158,12 @@ class Problem:
         """A private copy of the model's buffers, for one unroll to update."""
         return {n: b.clone() for n, b in self.module.named_buffers()}
 
-    def train_loss(self, theta: list[Tensor], buffers: dict[str, Tensor], batch: Any) -> Tensor:
-        return _scalar(self.loss_fn(self.view(theta, buffers), batch, self.meta), "loss_fn")
+    def train_loss(self, theta: list[Tensor], buffers: dict[str, Tensor], batch: Any, *,
+                   checked: bool = True) -> Tensor:
+        """ℓ(θ, φ^loss) on ``batch``; ``checked``: raise NonFiniteError on an inf or NaN loss
+        (a host sync; the unroll checks every step's at once instead: Unroll.check)."""
+        return _scalar(self.loss_fn(self.view(theta, buffers), batch, self.meta), "loss_fn",
+                       checked=checked)
 
     def val_loss(self, theta: list[Tensor], buffers: dict[str, Tensor], batch: Any) -> Tensor:
         model = self.view(theta, buffers)
@@ -224,10 +228,10 @@ def _check_dtypes(inner: InnerOptimizer, meta: MetaParams) -> None:
                              f"convert it (or the module holding it) with .to({dtype}){also}")
 
 
-def _scalar(loss: Any, who: str) -> Tensor:
+def _scalar(loss: Any, who: str, *, checked: bool = True) -> Tensor:
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"{who} must return a scalar tensor, got {shape}")
-    if not torch.isfinite(loss.detach()).all():
+    if checked and not torch.isfinite(loss.detach()).all():
         raise NonFiniteError(f"{who} returned a non-finite loss ({loss.item()})")
     return loss.reshape(())

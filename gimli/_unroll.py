@@ -51,10 +51,13 @@ class Step(NamedTuple):
 
 
 class RngTape:
-    """Each step's random-number state, recorded on first run and replayed after."""
+    """Each step's random-number state, recorded on first run and replayed after. With
+    ``every=False`` (an unroll that runs each step once, in order) only step 0's is kept:
+    enough to replay the steps in order from the start (Unroll.check)."""
 
-    def __init__(self, devices: set[torch.device]):
+    def __init__(self, devices: set[torch.device], every: bool = True):
         self.cuda = any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
+        self.every = every
         self.saved: dict[int | str, Any] = {}
 
     def _get(self) -> Any:
@@ -68,6 +71,8 @@ class RngTape:
     def enter(self, j: int) -> None:
         if j in self.saved:
             self._set(self.saved[j])
+            return
+        if not self.every and j > 0:
             return
         rng = self._get()
         last = self.saved.get(j - 1)
@@ -108,6 +113,19 @@ def _nonfinite(grads: list[Tensor | None]) -> int | None:
     return present[int((~finite).nonzero()[0])][0]
 
 
+def _all_finite(loss: Tensor, grads: list[Tensor | None]) -> Tensor:
+    """Whether the loss and every gradient are finite, as a 0-dim bool tensor (no host
+    sync): one foreach max-norm over the gradients (finite entries never overflow it)."""
+    present = [g.detach() for g in grads if g is not None]
+    norms = list(torch._foreach_norm(present, float("inf"))) if present else []
+    ok = torch.isfinite(loss.reshape(()))
+    if norms and all(n.dtype == norms[0].dtype and n.device == norms[0].device for n in norms):
+        return ok & torch.isfinite(torch.stack(norms)).all().to(ok.device)
+    for n in norms:                                 # (mixed dtypes or devices)
+        ok = ok & torch.isfinite(n).to(ok.device)
+    return ok
+
+
 def _finite_batch(batch: Any) -> bool:
     """Whether every floating-point tensor in a batch (nested tuples, lists, dicts) is finite."""
     if isinstance(batch, Tensor):
@@ -143,18 +161,27 @@ def _same_rng(a: Any, b: Any) -> bool:
 
 
 class Unroll:
-    """A J-step unroll from the model's weights and the optimizer's state (line 3)."""
+    """A J-step unroll from the model's weights and the optimizer's state (line 3).
+
+    Whether each ℓ_j and G_j is finite is read once, after the forward pass
+    (:meth:`check`), not step by step, unless ``check_each`` (a caller that runs
+    steps on its own, out of order)."""
 
     def __init__(self, problem: Problem, hypers: Sequence[Hypers], batches: Sequence[Any], *,
                  memory: str = "retain", snapshots: int | None = None, graph: bool = True,
-                 truncate: int | None = None):
+                 truncate: int | None = None, check_each: bool = False):
         self.problem, self.hypers, self.batches = problem, hypers, batches
         self.memory, self.snapshots, self.graph = memory, snapshots, graph
         self.J = len(batches)
         self.first = 0 if truncate is None else max(0, self.J - truncate)   # oldest step swept
         self.forward_steps = 0          # optimizer steps evaluated, recomputations included
         self.train_losses: list[float] = [float("nan")] * self.J
-        self.rng = RngTape({p.device for p in problem.inner.params})
+        # each step's detached ℓ_j and whether ℓ_j and G_j are finite, kept on the device
+        # until check() reads them all with one host sync
+        self._losses: list[Tensor] = []
+        self._finite: list[Tensor] = []
+        self._checking = check_each     # a host check per step (or replaying: check())
+        self.rng = RngTape({p.device for p in problem.inner.params}, every=memory != "retain")
         self.trained = problem.trained()    # tensors that step (requires_grad, as torch.optim)
         self.start = Point([p.detach().clone() for p in problem.inner.params],   # line 3
                            problem.inner.read_state(), problem.buffers(),
@@ -169,7 +196,7 @@ class Unroll:
         buffers = {n: b.clone() for n, b in point.buffers.items()}
         versions = [t._version for t in theta]
         try:
-            loss = self.problem.train_loss(theta, buffers, self.batches[j])
+            loss = self.problem.train_loss(theta, buffers, self.batches[j], checked=self._checking)
         except NonFiniteError as e:
             if not _finite_batch(self.batches[j]):
                 raise NonFiniteError(f"{e} at step {j} of the unroll: training batch {j} itself "
@@ -191,6 +218,11 @@ class Unroll:
                              "evaluates every loss at the unroll's own θ'_j, so loss_fn must only "
                              "read them (use out-of-place operations, e.g. w = w * mask, not w.mul_)")
         G = self.problem.inner_grads(loss, theta, graph=graph)
+        if not self._checking:
+            if len(self._losses) == j:              # first run of step j: checked at check()
+                self._losses.append(loss.detach())
+                self._finite.append(_all_finite(loss.detach(), G))
+            return Step(j, theta, point.state, G), buffers
         value = loss.item()
         bad = _nonfinite(G)
         if bad is not None:
@@ -218,6 +250,26 @@ class Unroll:
             point = self.run(k, point, graph=False)[1]
         return point
 
+    def check(self) -> None:
+        """Read every step's loss, and raise NonFiniteError if some ℓ_j or G_j was not finite:
+        one host sync for the whole unroll. The steps are then replayed in order from the
+        start with a check each, so the error names the first bad step as a per-step
+        check would have, and says why."""
+        if not self._losses:
+            return
+        losses = torch.stack([x.to(self._losses[0].device, torch.float64) for x in self._losses])
+        finite = torch.stack([x.to(losses.device) for x in self._finite]).to(torch.float64)
+        values = torch.cat([losses, finite]).tolist()
+        n = len(self._losses)
+        for j in range(n):
+            self.train_losses[j] = values[j]
+        if all(values[n:]):
+            return
+        self._checking = True
+        self.rng.enter(0)
+        self.advance(0, self.start, n)
+        raise AssertionError("a step's loss or gradient was not finite, but not when replayed")
+
     # --- the steps in reverse order ------------------------------------------------------
     def reversed(self) -> Iterator[Point | Step]:
         """First the final point J, then Step J−1, …, Step ``first`` (line 10's order)."""
@@ -236,6 +288,7 @@ class Unroll:
         for j in range(self.first, self.J):
             step, point = self.run(j, point, graph=self.graph)
             steps.append(step)
+        self.check()
         yield point
         while steps:
             yield steps.pop()
@@ -245,6 +298,7 @@ class Unroll:
         for j in range(self.first, self.J):
             points.append(point)
             point = self.run(j, point, graph=False)[1]
+        self.check()
         yield point
         for j in reversed(range(self.first, self.J)):
             yield self.grads(j, points.pop(), graph=self.graph)[0]
@@ -253,11 +307,15 @@ class Unroll:
         """Reverse points a … b−1 (point J is the validation loss's) with ``point`` = the
         point at a held, and ``free`` more snapshots to place: binomial checkpointing."""
         if b - a == 1:
+            if a == self.J:
+                self.check()
             yield point if a == self.J else self.grads(a, point, graph=self.graph)[0]
             return
         if free == 0:                               # no room: recompute from a each time
             for j in reversed(range(a, b)):
                 target = self.advance(a, point, j)
+                if j == self.J:
+                    self.check()
                 yield target if j == self.J else self.grads(j, target, graph=self.graph)[0]
             return
         m = a + split(b - a, free)

@@ -603,7 +603,8 @@ class _Objective:
 
     def _run(self, record: bool) -> float:
         problem, J = self.problem, len(self.batches)
-        run = Unroll(problem, problem.split(J).per_step(J), self.batches, memory="recompute", graph=False)
+        run = Unroll(problem, problem.split(J).per_step(J), self.batches, memory="recompute", graph=False,
+                     check_each=True)
         first = 0 if record else self.cut
         if first == 0:
             torch.manual_seed(self.seed)
