@@ -39,6 +39,21 @@ def _zeros_like_state(state: Any) -> Any:
                          for field in state))
 
 
+def _accumulate(totals: list[Tensor], terms: Sequence[Tensor | None]) -> None:
+    """totals[i] += terms[i] where a term exists, in place (one foreach call): the totals
+    are the sweep's own tensors. A total that cannot take an in-place add (a broadcast
+    view, or a term of a wider dtype) is replaced by the sum."""
+    pairs = [(i, t) for i, t in enumerate(terms) if t is not None]
+    inplace = [(i, t) for i, t in pairs if totals[i].is_contiguous() and t.dtype == totals[i].dtype
+               and t.shape == totals[i].shape and not totals[i].requires_grad]
+    if inplace:
+        torch._foreach_add_([totals[i] for i, _ in inplace], [t for _, t in inplace])
+    done = {i for i, _ in inplace}
+    for i, t in pairs:
+        if i not in done:
+            totals[i] = totals[i] + t
+
+
 def _or_zeros(grads: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
 
@@ -84,7 +99,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
                         [None if g is None else g.detach() for g in G], unroll.hypers[j], B, S, need)
         for name in need:                                       # line 12: A^opt += a_j
             a_j = out.hypers[name] if schedule is None else schedule.pull_back(j, name, out.hypers[name])
-            A_opt[name] = [acc if a is None else acc + a for acc, a in zip(A_opt[name], a_j)]
+            _accumulate(A_opt[name], a_j)
         # lines 13–14: (h_j, m_j) = ∇_(θ'_j, φ^loss) ⟨o_j, G_j⟩, one double-backward call
         inputs = theta[:targets] + leaves
         hm: list[Tensor | None] = [None] * len(inputs)
@@ -94,8 +109,8 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
             hm = grad_of([g for g, _ in pairs], inputs, [o for _, o in pairs])
         A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
         reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
-        B = [b + h for b, h in zip(out.params, _or_zeros(hm[:targets], theta[:targets]))] \
-            if targets else out.params                                          # line 14
+        B = list(out.params)                                                    # line 14
+        _accumulate(B, hm[:targets])        # (b_j is the VJP's own: added to in place)
         S = out.state
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]
