@@ -303,6 +303,14 @@ class Call:
         return any(state_key == key and hp[name][self.idx[0]].dim() > 0
                    for name, state_key in self.rule.scalar_state.items() if name in hp)
 
+    def _one_per_tensor(self, key: str, kind: _Kind, hp: Mapping[str, list[Tensor]]) -> bool:
+        """Whether state entry ``key`` leaves the step one number per tensor (and its
+        cotangent comes back so): it came in so ("scalar"), or the step creates it ("none":
+        ASGD's eta, created from lr at the first step) and the rule names it in
+        ``scalar_state``; unless a hyperparameter learned per element makes it per element."""
+        created = kind.kind == "none" and key in self.rule.scalar_state.values()
+        return (kind.kind == "scalar" or created) and not self._per_element(hp, key)
+
     def _state_out(self, new_state: Any, old_kinds: list[_Kind], hp: Mapping[str, list[Tensor]],
                    dtypes: list[torch.dtype | None]) -> list[list[Any]]:
         seg = self.segments
@@ -313,7 +321,7 @@ class Call:
                 out.append([None] * seg.k)
             elif not isinstance(x, Tensor):
                 out.append([x] * seg.k)
-            elif kind.kind == "scalar" and not self._per_element(hp, name):
+            elif self._one_per_tensor(name, kind, hp):
                 out.append(seg.pick(x))
             else:
                 out.append(seg.split(_stored(x, dtype)))
@@ -383,7 +391,7 @@ class Call:
             mine = [values[i] for i in self.idx]
             if kind.kind == "int" or all(v is None for v in mine):
                 out.append(None)
-            elif kind.kind == "scalar" and not self._per_element(hp, name):
+            elif self._one_per_tensor(name, kind, hp):
                 out.append(_wide(seg.place(mine)))
             else:
                 out.append(_wide(seg.join([torch.zeros(s, dtype=seg.dtype, device=seg.device)
