@@ -46,20 +46,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (NONNEGATIVE, REAL, VJP, Hypers, group_float, hyper_dtype, reduce_to,
-                    scalar_dtype, step_count, step_tensor)
+from . import _pieces as pc
+from ._core import (NONNEGATIVE, REAL, VJP, group_float, hyper_dtype, scalar_dtype, step_count,
+                    step_tensor)
+from ._rule import Rule
 
 HYPERS = ("lr", "lambd", "alpha", "t0", "weight_decay")
-# t0 only moves the averaged iterate ax, which θ never reads: the hypergradient of any
-# loss on θ w.r.t. t0 is identically 0 (its VJP is still exact and tested locally)
-NO_HYPERGRADIENT = {"t0": "t0 only moves ASGD's averaged iterate ax, which θ never reads"}
-# as torch.optim.ASGD's constructor checks them (α and t₀ it does not check); λ it does not
-# check either, but a negative λ makes D = 1 + λγt negative within a few steps, where
-# torch.optim.ASGD's own η = γ/D^α is complex (λ is a decay): kept ≥ 0
-RANGES = {"lr": NONNEGATIVE, "lambd": NONNEGATIVE, "alpha": REAL, "t0": REAL,
-          "weight_decay": NONNEGATIVE}
-# η' = R(γ D^{−α}) is per element where γ, λ or α is, but torch.optim keeps η as one number per tensor
-SCALAR_STATE = {"lr": "eta", "lambd": "eta", "alpha": "eta"}
 
 
 class Flags(NamedTuple):
@@ -68,10 +60,10 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    step: list[int]
-    eta: list[Tensor | None]    # None until the tensor's first step (created from lr, AS1)
-    mu: list[Tensor]
-    ax: list[Tensor]
+    step: int
+    eta: Tensor | None          # None until the tensor's first step (created from lr, AS1)
+    mu: Tensor
+    ax: Tensor
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
@@ -89,17 +81,16 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
 
     ax = torch_state.get("ax")
     mu = scalar("mu")
-    return State([step_count(torch_state)], [scalar("eta")],
-                 [torch.ones((), **kw) if mu is None else mu],
-                 [torch.zeros_like(param) if ax is None else ax.detach().clone()])
+    return State(step_count(torch_state), scalar("eta"),
+                 torch.ones((), **kw) if mu is None else mu,
+                 torch.zeros_like(param) if ax is None else ax.detach().clone())
 
 
-def write_state(state: State, i: int) -> dict[str, Any]:
-    eta = state.eta[i]
-    if eta is None:                                             # torch has not created it yet
+def write_state(state: State) -> dict[str, Any]:
+    if state.eta is None:                                       # torch has not created it yet
         return {}
-    return {"step": step_tensor(state.step[i]), "eta": eta.to(scalar_dtype()),
-            "mu": state.mu[i].to(scalar_dtype()), "ax": state.ax[i]}
+    return {"step": step_tensor(state.step), "eta": state.eta.to(scalar_dtype()),
+            "mu": state.mu.to(scalar_dtype()), "ax": state.ax}
 
 
 def _stored(x: Tensor, flags: Flags) -> Tensor:
@@ -108,8 +99,9 @@ def _stored(x: Tensor, flags: Flags) -> Tensor:
 
 
 class _Forward(NamedTuple):
-    """The intermediates of (AS1)–(AS6) for one tensor, shared by step and vjp."""
+    """The intermediates of (AS1)–(AS6), shared by step and vjp."""
 
+    t: int
     eta: Tensor
     g2: Tensor
     theta: Tensor
@@ -122,71 +114,74 @@ class _Forward(NamedTuple):
     mu1: Tensor
 
 
-def _forward(flags: Flags, t: int, p: Tensor, eta: Tensor | None, mu: Tensor, ax: Tensor,
-             g: Tensor, lr: Tensor, lambd: Tensor, alpha: Tensor, t0: Tensor,
-             wd: Tensor) -> _Forward:
-    eta = _stored(lr, flags) if eta is None else eta                           # (AS1)
-    g2 = (-g if flags.maximize else g) + wd * p                                 # (AS2)
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+    lr, lambd, alpha, t0, wd = (hp[k] for k in HYPERS)
+    t = s.step + 1
+    eta = _stored(lr, flags) if s.eta is None else s.eta                       # (AS1)
+    g2 = pc.coupled_decay(g, p, wd, flags.maximize)                             # (AS2)
     p1 = p * (1 - lambd * eta) - eta * g2                                       # (AS3)
-    ax1 = ax + mu * (p1 - ax)                                                   # (AS4)
+    ax1 = s.ax + s.mu * (p1 - s.ax)                                             # (AS4)
     D = 1 + lambd * lr * t                                                      # (AS5)
     D_alpha = D**alpha
     eta1_raw = lr / D_alpha
     m = torch.maximum(t - t0, torch.ones_like(t0))                              # (AS6)
-    return _Forward(eta, g2, p1, ax1, D, D_alpha, eta1_raw, _stored(eta1_raw, flags), m,
+    return _Forward(t, eta, g2, p1, ax1, D, D_alpha, eta1_raw, _stored(eta1_raw, flags), m,
                     _stored(1 / m, flags))
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new = [_forward(flags, t + 1, p, eta, mu, ax, g, lr, lambd, alpha, t0, wd)
-           for p, t, eta, mu, ax, g, lr, lambd, alpha, t0, wd
-           in zip(params, *state, grads, *(hp[k] for k in HYPERS))]
-    return [f.theta for f in new], State(
-        [t + 1 for t in state.step], [f.eta1 for f in new], [f.mu1 for f in new],
-        [f.ax for f in new])
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    f = _forward(flags, p, s, g, hp)
+    return f.theta, State(f.t, f.eta1, f.mu1, f.ax)
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
-    """Closed-form cotangents of :func:`step` (proofs/asgd.md, eq. AS7–AS11)."""
-    sign = -1.0 if flags.maximize else 1.0
-    b_out: list[Tensor] = []
-    o_out: list[Tensor] = []
-    S_eta: list[Tensor | None] = []
-    S_mu: list[Tensor] = []
-    S_ax: list[Tensor] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, t, eta, mu, ax, g, P, E, M, A) in enumerate(zip(
-            params, *state, grads, cot_params, cot_state.eta, cot_state.mu, cot_state.ax)):
-        lr, lambd, alpha, t0, wd = (hp[k][i] for k in HYPERS)
-        t = t + 1
-        f = _forward(flags, t, p, eta, mu, ax, g, lr, lambd, alpha, t0, wd)
-        theta1_bar = P + mu * A                                     # (AS7) θ' is read by ā'
-        S_ax.append(reduce_to((1 - mu) * A, ax))                    # (AS8) ∂ā'/∂ā = 1 − μ
-        S_mu.append(reduce_to(A * (f.theta - ax), mu))              #       ∂ā'/∂μ = θ' − ā
-        g2_bar = -f.eta * theta1_bar                                # (AS9)
-        b_out.append((1 - lambd * f.eta) * theta1_bar + wd * g2_bar)
-        o_out.append(sign * g2_bar)
-        eta_bar = -(lambd * p + f.g2) * theta1_bar                  # (AS10) ∂θ'/∂η = −(λθ + g₂)
-        S_eta.append(None if eta is None else reduce_to(eta_bar, eta))
-        # (AS11) η' = γ D^{−α}: ∂/∂γ = D^{−α} − αλt·η'/D, ∂/∂λ = −αγt·η'/D, ∂/∂α = −η' ln D
-        E_over_D = E * f.eta1_raw / f.D
-        # μ' = 1/m, m = max(t − t₀, 1): ∂μ'/∂t₀ = π/m², π = 1 (t − t₀ > 1), ½ (tie), 0 (t − t₀ < 1)
-        pi = (t - t0 > 1).to(t0.dtype) + 0.5 * (t - t0 == 1).to(t0.dtype)
-        # each term is summed to the hyperparameter's shape on its own: θ-path terms have
-        # θ's shape, η'/μ'-path terms the state's (0-dim for a 0-dim hyperparameter)
-        contrib = {
-            "lr": lambda: (E / f.D_alpha - alpha * lambd * t * E_over_D,
-                           eta_bar if eta is None else None),
-            "lambd": lambda: (-f.eta * p * theta1_bar, -alpha * lr * t * E_over_D),
-            "alpha": lambda: (-E * f.eta1_raw * f.D.log(),),
-            "t0": lambda: (M * pi / (f.m * f.m),),
-            "weight_decay": lambda: (g2_bar * p,),
-        }
-        for name in need:
-            like = hp[name][i]
-            a_out[name].append(sum((reduce_to(a, like) for a in contrib[name]() if a is not None),
-                                   torch.zeros_like(like)))
-    steps_bar = [None] * len(params)                            # step counts have no cotangent
-    return VJP(b_out, State(steps_bar, S_eta, S_mu, S_ax), o_out, a_out)  # type: ignore[arg-type]
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
+    """Closed-form cotangents of :func:`step` (proofs/asgd.md, eq. AS7–AS11).
+
+    Every term is returned per element (the engine sums each to its hyperparameter's or
+    state entry's shape): η, μ, η', μ' may be one number for the tensor, and the
+    cotangents E and M of η' and μ' then arrive at the tensor's first element only."""
+    lr, lambd, alpha, t0, wd = (hp[k] for k in HYPERS)
+    f = _forward(flags, p, s, g, hp)
+    t = f.t
+    A = S.ax
+    E = torch.zeros_like(f.eta1_raw) if S.eta is None else S.eta    # cotangents of η', μ'
+    M = torch.zeros_like(f.mu1) if S.mu is None else S.mu
+    theta1_bar = P if A is None else P + s.mu * A               # (AS7) θ' is read by ā'
+    S_ax = None if A is None else (1 - s.mu) * A                # (AS8) ∂ā'/∂ā = 1 − μ
+    S_mu = None if A is None else A * (f.theta - s.ax)          #       ∂ā'/∂μ = θ' − ā
+    g2_bar = -f.eta * theta1_bar                                # (AS9)
+    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)
+    b_out = (1 - lambd * f.eta) * theta1_bar + decay_bar
+    eta_bar = -(lambd * p + f.g2) * theta1_bar                  # (AS10) ∂θ'/∂η = −(λθ + g₂)
+    S_eta = None if s.eta is None else eta_bar
+    # (AS11) η' = γ D^{−α}: ∂/∂γ = D^{−α} − αλt·η'/D, ∂/∂λ = −αγt·η'/D, ∂/∂α = −η' ln D
+    E_over_D = E * f.eta1_raw / f.D
+    # μ' = 1/m, m = max(t − t₀, 1): ∂μ'/∂t₀ = π/m², π = 1 (t − t₀ > 1), ½ (tie), 0 (t − t₀ < 1)
+    pi = pc.max_share(t - t0, torch.ones_like(t0))
+    contrib = {
+        "lr": lambda: E / f.D_alpha - alpha * lambd * t * E_over_D
+        + (eta_bar if s.eta is None else 0),                        # η = R(γ) at the first step
+        "lambd": lambda: -f.eta * p * theta1_bar - alpha * lr * t * E_over_D,
+        "alpha": lambda: -E * f.eta1_raw * f.D.log(),
+        "t0": lambda: M * pi / (f.m * f.m),
+        "weight_decay": lambda: wd_bar,
+    }
+    return VJP(b_out, State(0, S_eta, S_mu, S_ax), o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    # as torch.optim.ASGD's constructor checks them (α and t₀ it does not check); λ it does not
+    # check either, but a negative λ makes D = 1 + λγt negative within a few steps, where
+    # torch.optim.ASGD's own η = γ/D^α is complex (λ is a decay): kept ≥ 0
+    ranges={"lr": NONNEGATIVE, "lambd": NONNEGATIVE, "alpha": REAL, "t0": REAL,
+            "weight_decay": NONNEGATIVE},
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp, write_state=write_state,
+    # η' = R(γ D^{−α}) is per element where γ, λ or α is, μ' = R(1/max(t − t₀, 1)) where t₀
+    # is, but torch.optim keeps η and μ as one number per tensor
+    scalar_state={"lr": "eta", "lambd": "eta", "alpha": "eta", "t0": "mu"},
+    # t0 only moves the averaged iterate ax, which θ never reads: the hypergradient of any
+    # loss on θ w.r.t. t0 is identically 0 (its VJP is still exact and tested locally)
+    no_hypergradient={"t0": "t0 only moves ASGD's averaged iterate ax, which θ never reads"},
+)

@@ -44,16 +44,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, hyper_dtype, reduce_to,
-                    scalar_dtype, step_count, step_tensor)
+from . import _pieces as pc
+from ._core import BETA, NONNEGATIVE, VJP, group_float, hyper_dtype, scalar_dtype, step_count, step_tensor
+from ._rule import Rule
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")
-GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
-# as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
-RANGES = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
-          "weight_decay": NONNEGATIVE, "momentum_decay": NONNEGATIVE}
-# μ_t (so Π) is per element where β₁ or ψ is, but torch.optim keeps Π as one number per tensor
-SCALAR_STATE = {"beta1": "mu_product", "momentum_decay": "mu_product"}
 _LN_096 = math.log(0.96)
 
 
@@ -64,10 +59,10 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    step: list[int]
-    mu_product: list[Tensor]    # Π, 0-dim, or shaped like β₁/ψ where those are per element
-    exp_avg: list[Tensor]
-    exp_avg_sq: list[Tensor]
+    step: int
+    mu_product: Tensor      # Π, 0-dim, or per element where β₁ or ψ is (or spread over a call)
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
@@ -94,18 +89,19 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
     prod = torch_state.get("mu_product")
     kw: dict[str, Any] = {"dtype": hyper_dtype(param.dtype), "device": param.device}
     prod = torch.ones((), **kw) if prod is None else prod.detach().to(**kw, copy=True)
-    return State([step_count(torch_state)], [prod], [moment("exp_avg")], [moment("exp_avg_sq")])
+    return State(step_count(torch_state), prod, moment("exp_avg"), moment("exp_avg_sq"))
 
 
-def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"step": step_tensor(state.step[i]),
-            "mu_product": state.mu_product[i].to(scalar_dtype()),      # torch's dtype for it
-            "exp_avg": state.exp_avg[i], "exp_avg_sq": state.exp_avg_sq[i]}
+def write_state(state: State) -> dict[str, Any]:
+    return {"step": step_tensor(state.step),
+            "mu_product": state.mu_product.to(scalar_dtype()),     # torch's dtype for it
+            "exp_avg": state.exp_avg, "exp_avg_sq": state.exp_avg_sq}
 
 
 class _Forward(NamedTuple):
-    """The intermediates of (N1)–(N7) for one tensor, shared by step and vjp."""
+    """The intermediates of (N1)–(N7), shared by step and vjp."""
 
+    t: int
     g2: Tensor
     e: Tensor           # 0.96^{tψ}
     e_next: Tensor      # 0.96^{(t+1)ψ}
@@ -123,100 +119,95 @@ class _Forward(NamedTuple):
     theta: Tensor
 
 
-def _forward(flags: Flags, t: int, p: Tensor, prod: Tensor, m: Tensor, v: Tensor, g: Tensor,
-             lr: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, wd: Tensor, psi: Tensor) -> _Forward:
-    g = -g if flags.maximize else g
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+    lr, b1, b2, eps, wd, psi = (hp[k] for k in HYPERS)
+    t = s.step + 1
     if flags.decoupled:
-        g2, p1 = g, p * (1 - lr * wd)                               # (N1), (N2)
+        g2, p1 = pc.signed(g, flags.maximize), pc.decoupled_decay(p, lr, wd)   # (N1), (N2)
     else:
-        g2, p1 = g + wd * p, p
+        g2, p1 = pc.coupled_decay(g, p, wd, flags.maximize), p
     e, e_next = 0.96 ** (t * psi), 0.96 ** ((t + 1) * psi)         # (N3)
     mu, mu_next = b1 * (1 - 0.5 * e), b1 * (1 - 0.5 * e_next)
-    prod1 = prod * mu                                               # (N4)
+    prod1 = s.mu_product * mu                                       # (N4)
     if torch.finfo(flags.mu_dtype).eps > torch.finfo(prod1.dtype).eps:
         # torch's value fl(Π·fl(μ_t)) in its scalar dtype; derivative of the exact product
-        kept = (prod.detach().to(flags.mu_dtype) * mu.detach().to(flags.mu_dtype)).to(prod1.dtype)
+        kept = (s.mu_product.detach().to(flags.mu_dtype) * mu.detach().to(flags.mu_dtype)).to(prod1.dtype)
         prod1 = prod1 + (kept - prod1.detach())
     prod2 = prod1 * mu_next
-    m1 = b1 * m + (1 - b1) * g2                                     # (N5)
-    v1 = b2 * v + (1 - b2) * g2 * g2
-    c2 = 1 - b2**t                                                  # (N6)
+    m1 = pc.ema(s.exp_avg, g2, b1)                                  # (N5)
+    v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
+    c2 = pc.bias_correction(b2, t)                                  # (N6)
     r = (v1 / c2).sqrt()
     delta = r + eps
     alpha = lr * (1 - mu) / (1 - prod1)                             # (N7)
     kappa = lr * mu_next / (1 - prod2)
     theta = p1 - alpha * g2 / delta - kappa * m1 / delta
-    return _Forward(g2, e, e_next, mu, mu_next, prod1, prod2, m1, v1, c2, r, delta, alpha, kappa,
-                    theta)
+    return _Forward(t, g2, e, e_next, mu, mu_next, prod1, prod2, m1, v1, c2, r, delta, alpha,
+                    kappa, theta)
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new = [_forward(flags, t + 1, p, prod, m, v, g, *hps)
-           for p, t, prod, m, v, g, *hps
-           in zip(params, *state, grads, *(hp[k] for k in HYPERS))]
-    return [f.theta for f in new], State(
-        [t + 1 for t in state.step], [f.prod for f in new], [f.m1 for f in new],
-        [f.v1 for f in new])
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    f = _forward(flags, p, s, g, hp)
+    return f.theta, State(f.t, f.prod, f.m1, f.v1)
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
-    """Closed-form cotangents of :func:`step` (proofs/nadam.md, eq. N8–N16)."""
-    sign = -1.0 if flags.maximize else 1.0
-    b_out: list[Tensor] = []
-    o_out: list[Tensor] = []
-    S_prod: list[Tensor] = []
-    S_m: list[Tensor] = []
-    S_v: list[Tensor] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, t, prod, m, v, g, P, Q, M, V) in enumerate(zip(
-            params, *state, grads, cot_params, cot_state.mu_product, cot_state.exp_avg,
-            cot_state.exp_avg_sq)):
-        lr, b1, b2, eps, wd, psi = (hp[k][i] for k in HYPERS)
-        t = t + 1
-        f = _forward(flags, t, p, prod, m, v, g, lr, b1, b2, eps, wd, psi)
-        qg, qm = f.g2 / f.delta, f.m1 / f.delta                     # θ' = θ₁ − α q_g − κ q_m
-        m1_bar = M - f.kappa * P / f.delta                          # (N8)
-        delta_bar = P * (f.alpha * qg + f.kappa * qm) / f.delta     # ∂θ'/∂δ = (αg₂ + κm')/δ²  (N9)
-        # (N10) r = √(v'/c₂): v̄' = r̄/(2 c₂ r), set to 0 where v' = 0 (guard, module doc)
-        r_pos = f.r > 0
-        v1_bar = V + torch.where(r_pos, delta_bar / (2 * f.c2 * torch.where(r_pos, f.r, 1.0)), 0.0)
-        c2_bar = -delta_bar * f.r / (2 * f.c2)                      # ∂r/∂c₂ = −r/(2c₂)
-        # (N11) α, κ and all of N3–N4 may be smaller than θ (0-dim hyperparameters and Π):
-        # each elementwise term is summed to its quantity's shape before it is combined
-        alpha_bar = reduce_to(-P * qg, f.alpha)
-        kappa_bar = reduce_to(-P * qm, f.kappa)
-        one_p1, one_p2 = 1 - f.prod, 1 - f.prod_next
-        prod2_bar = reduce_to(kappa_bar * f.kappa / one_p2, f.prod_next)   # (N12) ∂κ/∂Π'' = κ/(1−Π'')
-        prod1_bar = Q + reduce_to(alpha_bar * f.alpha / one_p1, f.prod) + prod2_bar * f.mu_next
-        mu_bar = (reduce_to(-alpha_bar * lr / one_p1, f.mu)               # (N13) μ̄_t
-                  + reduce_to(prod1_bar * prod, f.mu))
-        mu_next_bar = (reduce_to(kappa_bar * lr / one_p2, f.mu_next)     # μ̄_{t+1}
-                       + reduce_to(prod2_bar * f.prod, f.mu_next))
-        S_prod.append(reduce_to(prod1_bar * f.mu, prod))            # (N14) state adjoint
-        S_m.append(b1 * m1_bar)
-        S_v.append(b2 * v1_bar)
-        g2_bar = -f.alpha * P / f.delta + (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar  # (N15)
-        if flags.decoupled:
-            b_out.append((1 - lr * wd) * P)                         # (N15) b_j
-        else:
-            b_out.append(P + wd * g2_bar)
-        o_out.append(sign * g2_bar)                                 # o_j                     (N15)
-        contrib = {                                                 # (N16)
-            "lr": lambda: [alpha_bar * (1 - f.mu) / one_p1, kappa_bar * f.mu_next / one_p2]
-            + ([-P * wd * p] if flags.decoupled else []),
-            "beta1": lambda: [m1_bar * (m - f.g2),
-                              mu_bar * (1 - 0.5 * f.e) + mu_next_bar * (1 - 0.5 * f.e_next)],
-            "beta2": lambda: [v1_bar * (v - f.g2 * f.g2) - c2_bar * t * b2 ** (t - 1)],
-            "eps": lambda: [delta_bar],
-            "weight_decay": lambda: [(-P * lr * p) if flags.decoupled else g2_bar * p],
-            "momentum_decay": lambda: [-0.5 * b1 * _LN_096 * (mu_bar * t * f.e
-                                                              + mu_next_bar * (t + 1) * f.e_next)],
-        }
-        for name in need:
-            like = hp[name][i]                                      # terms of different shapes
-            a_out[name].append(sum((reduce_to(x, like) for x in contrib[name]()),
-                                   torch.zeros_like(like)))
-    steps_bar = [None] * len(params)                            # step counts have no cotangent
-    return VJP(b_out, State(steps_bar, S_prod, S_m, S_v), o_out, a_out)  # type: ignore[arg-type]
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
+    """Closed-form cotangents of :func:`step` (proofs/nadam.md, eq. N8–N16).
+
+    Every term is returned per element: α, κ, μ_τ, Π' and Π'' may be one number for the
+    tensor (0-dim hyperparameters and Π), and the engine sums each per-element cotangent
+    to that shape; every term is linear in one of P, Q, M, V, so summing once at the end
+    equals summing each term to its quantity's shape on the way."""
+    lr, b1, b2, eps, wd, psi = (hp[k] for k in HYPERS)
+    f = _forward(flags, p, s, g, hp)
+    t = f.t
+    qg, qm = f.g2 / f.delta, f.m1 / f.delta                         # θ' = θ₁ − α q_g − κ q_m
+    kappa_P = f.kappa * P / f.delta
+    m1_bar = -kappa_P if S.exp_avg is None else S.exp_avg - kappa_P                    # (N8)
+    delta_bar = P * (f.alpha * qg + f.kappa * qm) / f.delta     # ∂θ'/∂δ = (αg₂ + κm')/δ²  (N9)
+    # (N10) r = √(v'/c₂): v̄' = r̄/(2 c₂ r), set to 0 where v' = 0 (guard, module doc)
+    v1_from_r = pc.sqrt_vjp(delta_bar, f.r) / f.c2
+    v1_bar = v1_from_r if S.exp_avg_sq is None else S.exp_avg_sq + v1_from_r
+    c2_bar = -delta_bar * f.r / (2 * f.c2)                          # ∂r/∂c₂ = −r/(2c₂)
+    alpha_bar, kappa_bar = -P * qg, -P * qm                         # (N11)
+    one_p1, one_p2 = 1 - f.prod, 1 - f.prod_next
+    prod2_bar = kappa_bar * f.kappa / one_p2                        # (N12) ∂κ/∂Π'' = κ/(1−Π'')
+    prod1_bar = alpha_bar * f.alpha / one_p1 + prod2_bar * f.mu_next
+    if S.mu_product is not None:
+        prod1_bar = prod1_bar + S.mu_product
+    mu_bar = -alpha_bar * lr / one_p1 + prod1_bar * s.mu_product   # (N13) μ̄_t
+    mu_next_bar = kappa_bar * lr / one_p2 + prod2_bar * f.prod      # μ̄_{t+1}
+    g2_bar = -f.alpha * P / f.delta + (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar  # (N15)
+    if flags.decoupled:
+        b_out, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)             # (N15) b_j
+        o_out = pc.signed(g2_bar, flags.maximize)                   # o_j                     (N15)
+    else:
+        decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)
+        b_out, lr_decay_bar = P + decay_bar, None
+    contrib = {                                                     # (N16)
+        "lr": lambda: alpha_bar * (1 - f.mu) / one_p1 + kappa_bar * f.mu_next / one_p2
+        + (0 if lr_decay_bar is None else lr_decay_bar),
+        "beta1": lambda: m1_bar * (s.exp_avg - f.g2)
+        + mu_bar * (1 - 0.5 * f.e) + mu_next_bar * (1 - 0.5 * f.e_next),
+        "beta2": lambda: v1_bar * (s.exp_avg_sq - f.g2 * f.g2)
+        + c2_bar * pc.bias_correction_grad(b2, t),
+        "eps": lambda: delta_bar,
+        "weight_decay": lambda: wd_bar,
+        "momentum_decay": lambda: -0.5 * b1 * _LN_096 * (mu_bar * t * f.e
+                                                         + mu_next_bar * (t + 1) * f.e_next),
+    }
+    return VJP(b_out, State(0, f.mu * prod1_bar, b1 * m1_bar, b2 * v1_bar),   # (N14) state adjoint
+               o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    # as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
+    ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+            "weight_decay": NONNEGATIVE, "momentum_decay": NONNEGATIVE},
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp, write_state=write_state,
+    group_keys={"beta1": ("betas", 0), "beta2": ("betas", 1)},     # where param_groups keep them
+    # μ_t (so Π) is per element where β₁ or ψ is, but torch.optim keeps Π as one number per tensor
+    scalar_state={"beta1": "mu_product", "momentum_decay": "mu_product"},
+)

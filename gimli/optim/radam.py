@@ -40,14 +40,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._core import (BETA, NONNEGATIVE, VJP, Hypers, group_float, reduce_to, step_count, step_tensor,
-                   )
+from . import _pieces as pc
+from ._core import BETA, NONNEGATIVE, VJP, group_float, step_count
+from ._rule import Rule
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
-GROUP_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # where param_groups keep them
-# as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
-RANGES = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
-          "weight_decay": NONNEGATIVE}
 
 
 class Flags(NamedTuple):
@@ -56,9 +53,9 @@ class Flags(NamedTuple):
 
 
 class State(NamedTuple):
-    step: list[int]
-    exp_avg: list[Tensor]
-    exp_avg_sq: list[Tensor]
+    step: int
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
 
 
 def read_group(group: dict[str, Any]) -> tuple[Flags, dict[str, float]]:
@@ -78,17 +75,13 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
         value = torch_state.get(key)
         return torch.zeros_like(param) if value is None else value.detach().clone()
 
-    return State([step_count(torch_state)], [moment("exp_avg")], [moment("exp_avg_sq")])
-
-
-def write_state(state: State, i: int) -> dict[str, Any]:
-    return {"step": step_tensor(state.step[i]),
-            "exp_avg": state.exp_avg[i], "exp_avg_sq": state.exp_avg_sq[i]}
+    return State(step_count(torch_state), moment("exp_avg"), moment("exp_avg_sq"))
 
 
 class _Forward(NamedTuple):
-    """The intermediates of (RA1)–(RA7) for one tensor, shared by step and vjp."""
+    """The intermediates of (RA1)–(RA7), shared by step and vjp."""
 
+    t: int
     g2: Tensor
     m1: Tensor
     v1: Tensor
@@ -104,84 +97,82 @@ class _Forward(NamedTuple):
     theta: Tensor
 
 
-def _forward(flags: Flags, t: int, p: Tensor, m: Tensor, v: Tensor, g: Tensor,
-             lr: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, wd: Tensor) -> _Forward:
-    g = -g if flags.maximize else g
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+    lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
+    t = s.step + 1
     if flags.decoupled:
-        g2, p1 = g, p * (1 - lr * wd)                               # (RA1), (RA2)
+        g2, p1 = pc.signed(g, flags.maximize), pc.decoupled_decay(p, lr, wd)   # (RA1), (RA2)
     else:
-        g2, p1 = g + wd * p, p
-    m1 = b1 * m + (1 - b1) * g2                                     # (RA3)
-    v1 = b2 * v + (1 - b2) * g2 * g2
-    c1, c2 = 1 - b1**t, 1 - b2**t                                   # (RA4)
+        g2, p1 = pc.coupled_decay(g, p, wd, flags.maximize), p
+    m1 = pc.ema(s.exp_avg, g2, b1)                                  # (RA3)
+    v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
+    c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)   # (RA4)
     rho_inf = 2 / (1 - b2) - 1                                      # (RA5)
     rho_t = rho_inf - 2 * t * b2**t / c2
-    on = rho_t > 5                                                  # (RA6), the switch
+    # (RA6), the switch: elementwise, for a β₂ learned per element (or spread over a call)
+    on = rho_t > 5
     rt, ri = torch.where(on, rho_t, 6.0), torch.where(on, rho_inf, 6.0)
     R = ((rt - 4) * (rt - 2) * ri / ((ri - 4) * (ri - 2) * rt)).sqrt()
     root = torch.where(on, v1, 1.0).sqrt()
     delta = root + eps
     k = torch.where(on, R * c2.sqrt() / delta, 1.0)
-    return _Forward(g2, m1, v1, c1, c2, on, rt, ri, R, root, delta, k,
+    return _Forward(t, g2, m1, v1, c1, c2, on, rt, ri, R, root, delta, k,
                     p1 - lr * (m1 / c1) * k)                        # (RA7)
 
 
-def step(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor],
-         hp: Hypers) -> tuple[list[Tensor], State]:
-    new = [_forward(flags, t + 1, p, m, v, g, *hps)
-           for p, t, m, v, g, *hps in zip(params, *state, grads, *(hp[k] for k in HYPERS))]
-    return [f.theta for f in new], State(
-        [t + 1 for t in state.step], [f.m1 for f in new], [f.v1 for f in new])
+def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
+    f = _forward(flags, p, s, g, hp)
+    return f.theta, State(f.t, f.m1, f.v1)
 
 
-def vjp(flags: Flags, params: list[Tensor], state: State, grads: list[Tensor], hp: Hypers,
-        cot_params: list[Tensor], cot_state: State, need: frozenset[str]) -> VJP:
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+        S: State, need: frozenset[str]) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/radam.md, eq. RA8–RA15)."""
-    sign = -1.0 if flags.maximize else 1.0
-    b_out: list[Tensor] = []
-    o_out: list[Tensor] = []
-    S_m: list[Tensor] = []
-    S_v: list[Tensor] = []
-    a_out: Hypers = {name: [] for name in need}
-    for i, (p, t, m, v, g, P, M, V) in enumerate(zip(
-            params, *state, grads, cot_params, cot_state.exp_avg, cot_state.exp_avg_sq)):
-        lr, b1, b2, eps, wd = (hp[k][i] for k in HYPERS)
-        t = t + 1
-        f = _forward(flags, t, p, m, v, g, lr, b1, b2, eps, wd)
-        on = f.on
-        step_size = lr / f.c1
-        m1_bar = M - step_size * f.k * P                            # (RA8)
-        k_bar = -step_size * f.m1 * P                               # (RA9) ∂θ'/∂k = −γm'/c₁
-        c1_bar = step_size * f.m1 * f.k * P / f.c1                  # ∂θ'/∂c₁ = γm'k/c₁²
-        # (RA10) rectified branch only: k = R√c₂/δ
-        delta_bar = torch.where(on, -k_bar * f.k / f.delta, 0.0)    # ∂k/∂δ = −k/δ
-        c2_bar = torch.where(on, k_bar * f.k / (2 * f.c2), 0.0)     # ∂k/∂c₂ = k/(2c₂)
-        R_bar = torch.where(on, k_bar * f.c2.sqrt() / f.delta, 0.0)  # ∂k/∂R = √c₂/δ
-        # v̄' through δ = √v' + ε: δ̄/(2√v'), set to 0 where v' = 0 (guard, module doc)
-        live = on & (f.v1 > 0)
-        v1_bar = V + torch.where(live, delta_bar / (2 * torch.where(live, f.root, 1.0)), 0.0)
-        # (RA11) ∂ ln R/∂ρ_t and ∂ ln R/∂ρ_∞, then ρ_t = ρ_∞ − h(β₂)
-        half_R = R_bar * f.R / 2
-        rho_t_bar = half_R * (1 / (f.rho_t - 4) + 1 / (f.rho_t - 2) - 1 / f.rho_t)
-        rho_inf_bar = half_R * (1 / f.rho_inf - 1 / (f.rho_inf - 4) - 1 / (f.rho_inf - 2)) \
-            + rho_t_bar
-        S_m.append(b1 * m1_bar)                                     # (RA12) state adjoint
-        S_v.append(b2 * v1_bar)
-        g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar   # (RA13)
-        if flags.decoupled:
-            b_out.append((1 - lr * wd) * P)                         # (RA14)
-        else:
-            b_out.append(P + wd * g2_bar)
-        o_out.append(sign * g2_bar)                                 # o_j                     (RA14)
-        contrib = {                                                 # (RA15)
-            "lr": lambda: -(P * f.m1 * f.k / f.c1) - (P * wd * p if flags.decoupled else 0.0),
-            "beta1": lambda: m1_bar * (m - f.g2) - c1_bar * t * b1 ** (t - 1),
-            "beta2": lambda: v1_bar * (v - f.g2 * f.g2) - c2_bar * t * b2 ** (t - 1)
-            + rho_inf_bar * 2 / (1 - b2) ** 2 - rho_t_bar * 2 * t * t * b2 ** (t - 1) / f.c2 ** 2,
-            "eps": lambda: delta_bar,
-            "weight_decay": lambda: (-P * lr * p) if flags.decoupled else g2_bar * p,
-        }
-        for name in need:
-            a_out[name].append(reduce_to(contrib[name](), hp[name][i]))
-    steps_bar = [None] * len(params)                            # step counts have no cotangent
-    return VJP(b_out, State(steps_bar, S_m, S_v), o_out, a_out)  # type: ignore[arg-type]
+    lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
+    f = _forward(flags, p, s, g, hp)
+    t, on = f.t, f.on
+    step_size = lr / f.c1
+    kP = step_size * f.k * P
+    m1_bar = -kP if S.exp_avg is None else S.exp_avg - kP           # (RA8)
+    k_bar = -step_size * f.m1 * P                                   # (RA9) ∂θ'/∂k = −γm'/c₁
+    c1_bar = step_size * f.m1 * f.k * P / f.c1                      # ∂θ'/∂c₁ = γm'k/c₁²
+    # (RA10) rectified branch only: k = R√c₂/δ
+    delta_bar = torch.where(on, -k_bar * f.k / f.delta, 0.0)        # ∂k/∂δ = −k/δ
+    c2_bar = torch.where(on, k_bar * f.k / (2 * f.c2), 0.0)         # ∂k/∂c₂ = k/(2c₂)
+    R_bar = torch.where(on, k_bar * f.c2.sqrt() / f.delta, 0.0)     # ∂k/∂R = √c₂/δ
+    # v̄' through δ = √v' + ε: δ̄/(2√v'), set to 0 where v' = 0 (guard, module doc);
+    # off the rectified branch δ̄ = 0 and √ was taken of 1
+    v1_from_delta = pc.sqrt_vjp(delta_bar, torch.where(on, f.root, 0.0))
+    v1_bar = v1_from_delta if S.exp_avg_sq is None else S.exp_avg_sq + v1_from_delta
+    # (RA11) ∂ ln R/∂ρ_t and ∂ ln R/∂ρ_∞, then ρ_t = ρ_∞ − h(β₂)
+    half_R = R_bar * f.R / 2
+    rho_t_bar = half_R * (1 / (f.rho_t - 4) + 1 / (f.rho_t - 2) - 1 / f.rho_t)
+    rho_inf_bar = half_R * (1 / f.rho_inf - 1 / (f.rho_inf - 4) - 1 / (f.rho_inf - 2)) \
+        + rho_t_bar
+    g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar       # (RA13)
+    if flags.decoupled:
+        b_out, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)             # (RA14)
+        o_out = pc.signed(g2_bar, flags.maximize)                   # o_j                     (RA14)
+    else:
+        decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)
+        b_out, lr_decay_bar = P + decay_bar, None
+    contrib = {                                                     # (RA15)
+        "lr": lambda: -(P * f.m1 * f.k / f.c1) + (0 if lr_decay_bar is None else lr_decay_bar),
+        "beta1": lambda: m1_bar * (s.exp_avg - f.g2) + c1_bar * pc.bias_correction_grad(b1, t),
+        "beta2": lambda: v1_bar * (s.exp_avg_sq - f.g2 * f.g2) + c2_bar * pc.bias_correction_grad(b2, t)
+        + rho_inf_bar * 2 / (1 - b2) ** 2 - rho_t_bar * 2 * t * t * b2 ** (t - 1) / f.c2 ** 2,
+        "eps": lambda: delta_bar,
+        "weight_decay": lambda: wd_bar,
+    }
+    return VJP(b_out, State(0, b1 * m1_bar, b2 * v1_bar),           # (RA12) state adjoint
+               o_out, {name: contrib[name]() for name in need})
+
+
+RULE = Rule(
+    hypers=HYPERS,
+    # as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
+    ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+            "weight_decay": NONNEGATIVE},
+    read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    group_keys={"beta1": ("betas", 0), "beta2": ("betas", 1)},     # where param_groups keep them
+)
