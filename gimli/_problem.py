@@ -136,7 +136,11 @@ class Problem:
         hp = self.inner.constant_hypers()
         if self.scheduler is not None:      # the un-scheduled lr is the scheduler's base lr
             bases = base_lrs(self.inner)
-            hp["lr"] = [torch.tensor(bases[g], dtype=hyper_dtype(p.dtype), device=p.device)
+            first = {g: p for p, g in zip(self.inner.params, self.inner.group_of())}
+            per_group = {g: torch.tensor(bases[g], dtype=hyper_dtype(p.dtype), device=p.device)
+                         for g, p in first.items()}
+            hp["lr"] = [per_group[g] if p.dtype == first[g].dtype and p.device == first[g].device
+                        else torch.tensor(bases[g], dtype=hyper_dtype(p.dtype), device=p.device)
                         for p, g in zip(self.inner.params, self.inner.group_of())]
         for name in self.meta.granularity:
             hp[name] = self.meta.expand(name) if differentiable else self.meta.hyper_values(name)

@@ -49,7 +49,7 @@ def test_vjp_matches_autograd(row: OptimRow, data: st.DataObject, pre_steps: int
     grads = [torch.randn(p.shape, generator=g, dtype=p.dtype).requires_grad_() for p in params]
     hp = inner.constant_hypers()
     hp = {name: [v.expand(params[i].shape).clone() if i == 1 and "element" in granularities(opt, name)
-                 else v for i, v in enumerate(vals)]
+                 else v.clone() for i, v in enumerate(vals)]   # (independent leaves)
           for name, vals in hp.items()}
     for vals in hp.values():
         for v in vals:

@@ -190,7 +190,17 @@ class InnerOptimizer:
     def constant_hypers(self) -> Hypers:
         """Every hyperparameter as one 0-dim tensor per parameter, from param_groups."""
         values = self.group_hypers()
-        return {name: [_as_tensor(values[g][name], p) for p, g in zip(self.params, self.group_of())]
+        made: dict[Any, Tensor] = {}        # one tensor per value (a call then broadcasts it)
+
+        def constant(value: float | Tensor, like: Tensor) -> Tensor:
+            if isinstance(value, Tensor):
+                return value.detach()
+            key = (repr(value), hyper_dtype(like.dtype), like.device)
+            if key not in made:
+                made[key] = _as_tensor(value, like)
+            return made[key]
+
+        return {name: [constant(values[g][name], p) for p, g in zip(self.params, self.group_of())]
                 for name in values[0]}
 
     def read_state(self) -> Any:
