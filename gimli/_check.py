@@ -2,8 +2,8 @@
 kind, gimli's sweep against the full autograd unroll (``_oracle.py``) in float64.
 
 Each case is a small two-group tanh MLP (bias-free for Muon, which steps matrices
-only), an optimizer with its options switched on (momentum, weight decay,
-AMSGrad, ...), J inner steps on random regression batches, and one solver that
+only), an optimizer at its typical settings (``optim/_settings.py``: every option
+that keeps a hyperparameter in play on; a few flags also off, ``CHANGES``), J inner steps on random regression batches, and one solver that
 learns, at one granularity, every hyperparameter the optimizer offers there, an
 L2 coefficient (φ^loss) and the initial weights (θ₀) at once. The error of a kind
 is max |g − g_ref| / max |g_ref| over its meta-parameters.
@@ -21,33 +21,43 @@ from ._meta import MetaParams
 from ._oracle import full_unroll_hypergradient
 from ._solver import GimliSolver
 from .optim import bind, capabilities
+from .optim._settings import TYPICAL
 from .optim.learned import LearnedOptimizer, default_net
 
 TOLERANCE = 1e-9
 
-# one representative setting per optimizer: every option that changes the update on
-ZOO: dict[str, tuple[Callable[..., torch.optim.Optimizer] | None, dict[str, Any]]] = {
-    "SGD": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)),
-    "SGD nesterov": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
-    "Adam": (torch.optim.Adam, dict(lr=0.02, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.01)),
-    "Adam amsgrad": (torch.optim.Adam, dict(lr=0.02, betas=(0.8, 0.95), eps=1e-3, amsgrad=True)),
-    "AdamW": (torch.optim.AdamW, dict(lr=0.02, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.05)),
-    "Adagrad": (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, eps=1e-3,
-                                          initial_accumulator_value=0.1)),
-    "RMSprop": (torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.01,
-                                          momentum=0.5, centered=True)),
-    "Adadelta": (torch.optim.Adadelta, dict(lr=0.5, rho=0.9, eps=1e-3, weight_decay=0.01)),
-    "Adamax": (torch.optim.Adamax, dict(lr=0.02, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.01)),
-    "NAdam": (torch.optim.NAdam, dict(lr=0.02, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.01,
-                                      momentum_decay=4e-3)),
-    "RAdam": (torch.optim.RAdam, dict(lr=0.02, betas=(0.8, 0.6), eps=1e-3, weight_decay=0.01)),
-    "Rprop": (torch.optim.Rprop, dict(lr=0.01, etas=(0.5, 1.2), step_sizes=(0.0045, 0.0125))),
-    "ASGD": (torch.optim.ASGD, dict(lr=0.02, lambd=1e-3, alpha=0.75, t0=1.0, weight_decay=0.01)),
-    "Adafactor": (getattr(torch.optim, "Adafactor", None), dict(lr=0.02, weight_decay=0.01)),
-    "Muon": (getattr(torch.optim, "Muon", None), dict(lr=0.02, momentum=0.9, weight_decay=0.01)),
-    "LearnedOptimizer": (lambda groups, **kw: LearnedOptimizer(groups, net=default_net().double(), **kw),
-                         dict(lr=0.05, beta=0.9)),
+# the zoo's rows besides one per optimizer at its typical settings (optim/_settings.py's
+# TYPICAL): a flag's other branch, as changes to the settings of the optimizer the row's
+# name starts with; a row named by the optimizer alone changes its own row. Listed in
+# TYPICAL's order, each variant right after its optimizer.
+CHANGES: dict[str, dict[str, Any]] = {
+    "SGD nesterov": dict(nesterov=True, dampening=0.0),     # Nesterov momentum needs dampening 0
+    "Adam": dict(amsgrad=False),                            # the typical Adam has AMSGrad on
+    "Adam amsgrad": dict(amsgrad=True),
 }
+
+
+def _constructor(name: str) -> Callable[..., torch.optim.Optimizer] | None:
+    """The optimizer's class (None where this torch has none)."""
+    if name == "LearnedOptimizer":
+        return lambda groups, **kw: LearnedOptimizer(groups, net=default_net().double(), **kw)
+    return getattr(torch.optim, name, None)
+
+
+def _zoo() -> dict[str, tuple[Callable[..., torch.optim.Optimizer] | None, dict[str, Any]]]:
+    zoo = {}
+    for name, settings in TYPICAL.items():
+        rows = [name] + [row for row in CHANGES if row.startswith(name + " ")]
+        for row in rows:
+            zoo[row] = (_constructor(name), {**settings, **CHANGES.get(row, {})})
+    unplaced = set(CHANGES) - set(zoo)
+    if unplaced:
+        raise AssertionError(f"zoo variants of no optimizer in TYPICAL: {', '.join(sorted(unplaced))}")
+    return zoo
+
+
+# row name → (optimizer class, constructor keyword arguments)
+ZOO: dict[str, tuple[Callable[..., torch.optim.Optimizer] | None, dict[str, Any]]] = _zoo()
 KINDS = ("φ^opt", "φ^loss", "θ₀")
 
 
@@ -93,7 +103,7 @@ def run_case(optimizer: str, granularity: str, steps: int = 4, seed: int = 0) ->
     opt = cls([{"params": list(first.parameters())},
                {"params": list(second.parameters()), "lr": lr2}], **kwargs)
     bound = bind(opt)
-    off = {h for flags in bound.flags for h in bound.facts.inactive_hypers(flags)}  # refused there
+    off = {h for flags in bound.flags for h in bound.rule.inactive_hypers(flags)}  # refused there
     hypers = tuple(h for h in hypers if h not in off)
     if not hypers:
         return None

@@ -115,7 +115,7 @@ def check(solver: GimliSolver, state: Any) -> None:
 def _written_keys(solver: GimliSolver) -> list[str]:
     """The param-group entries gimli writes: learned hyperparameters and, with a
     scheduler, its learning-rate entries."""
-    rule = solver.problem.inner.facts
+    rule = solver.problem.inner.rule
     keys = {rule.group_key(name)[0]
             for name in solver.meta.granularity if "." not in name}
     if solver.problem.scheduler is not None:

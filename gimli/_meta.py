@@ -219,7 +219,7 @@ def valid_range(inner: InnerOptimizer, name: str) -> Interval:
     whole real line where a rule declares none, as a user's own optimizer)."""
     out = REAL
     for flags in inner.flags:
-        out = out & inner.facts.ranges_for(flags).get(name, REAL)
+        out = out & inner.rule.ranges_for(flags).get(name, REAL)
     return out
 
 
@@ -258,16 +258,16 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
     if name not in inner.hyper_names:
         raise ValueError(f"{inner.name} has no differentiable hyperparameter {name!r}; "
                          f"its hyperparameters are {', '.join(inner.hyper_names)}")
-    allowed = inner.facts.granularities_of(name)
+    allowed = inner.rule.granularities_of(name)
     if per not in allowed:
         raise ValueError(f"granularity of {name!r} for {inner.name} must be one of {allowed}, "
                          f"not {per!r}")
-    unread = inner.facts.no_hypergradient
+    unread = inner.rule.no_hypergradient
     if name in unread:
         raise ValueError(f"{name} cannot be meta-learned with {inner.name}: {unread[name]}, so "
                          f"the hypergradient of a loss on θ is identically 0")
     for g, flags in enumerate(inner.flags):
-        off = inner.facts.inactive_hypers(flags)
+        off = inner.rule.inactive_hypers(flags)
         if name in off:
             raise ValueError(f"{inner.name}, param group {g}: {name} {off[name]}")
     groups = inner.group_hypers()
@@ -291,7 +291,7 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
 
 
 def _set_group_value(inner: InnerOptimizer, group: dict[str, Any], name: str, value: float) -> None:
-    key, index = inner.facts.group_key(name)
+    key, index = inner.rule.group_key(name)
     if index is None:
         group[key] = value
     else:

@@ -85,7 +85,7 @@ class Problem:
         names = [name_of[id(p)] for p in inner.params]
         frozen = [n for n, _ in model.named_parameters() if n not in set(names)]
         _check_dtypes(inner, meta)
-        blind = inner.facts.insensitive_to_g
+        blind = inner.rule.insensitive_to_g
         if blind and any(True for _ in meta.loss.parameters()):
             warnings.warn(f"{inner.name} {blind}: φ^loss (loss=) changes θ'_J through no step, so its "
                           f"hypergradient is at most L^val's direct term (Requirement II of the "

@@ -172,12 +172,12 @@ def learnable_now(row: OptimRow, opt: torch.optim.Optimizer, *, meta: bool = Tru
     """The row's hyperparameters that have an effect in every param group; with
     ``meta``, only those that can be meta-parameters (that reach θ)."""
     inner = bind(opt)
-    off = set().union(*(inner.facts.inactive_hypers(f) for f in inner.flags))
+    off = set().union(*(inner.rule.inactive_hypers(f) for f in inner.flags))
     if meta:
-        off |= set(inner.facts.no_hypergradient)
+        off |= set(inner.rule.no_hypergradient)
     return tuple(n for n in row.learnable if n not in off)
 
 
 def granularities(opt: torch.optim.Optimizer, name: str) -> tuple[str, ...]:
     """The granularities the optimizer's rule allows for hyperparameter ``name``."""
-    return bind(opt).facts.granularities_of(name)
+    return bind(opt).rule.granularities_of(name)

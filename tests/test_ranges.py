@@ -21,7 +21,7 @@ from torch import nn
 
 import gimli
 from gimli._meta import valid_range
-from gimli.optim import BUILTIN, SUPPORTED, bind, capabilities, facts
+from gimli.optim import BUILTIN, SUPPORTED, bind, capabilities
 from gimli.optim._core import POSITIVE, REAL, Interval
 from setups import SETTINGS, optimizer_class, setup
 from strategies import mlp, mse, regression_batches
@@ -48,7 +48,7 @@ def batches_after_real_steps(name: str, model: nn.Module, opt: torch.optim.Optim
 def kwargs_with(cls_name: str, base: dict[str, Any], hyper: str, value: float) -> dict[str, Any]:
     """Constructor arguments with hyperparameter ``hyper`` set to ``value`` (into its tuple
     where the optimizer keeps it in one: Adam's betas, Rprop's etas, ...)."""
-    key, index = facts(SUPPORTED[type(setup(cls_name, "group")[1])]).group_key(hyper)
+    key, index = SUPPORTED[type(setup(cls_name, "group")[1])].group_key(hyper)
     out = dict(base)
     if index is None:
         out[key] = value
@@ -86,7 +86,7 @@ def test_every_rule_declares_every_range() -> None:
     hyperparameters."""
     for cls, rule in SUPPORTED.items():
         if cls.__name__ in BUILTIN or cls is gimli.LearnedOptimizer:
-            assert set(facts(rule).ranges) == set(facts(rule).hypers), cls.__name__
+            assert set(rule.ranges) == set(rule.hypers), cls.__name__
 
 
 # where gimli is stricter than the constructor, and the value it excludes that breaks
@@ -98,7 +98,7 @@ NARROWER = {("ASGD", "lambd"): -1e3}
 def test_ranges_are_the_constructors(opt_name: str, hyper: str) -> None:
     """RANGES[hyper] holds exactly the values the torch.optim constructor accepts (probed on
     both sides of every finite end), with every other argument at a typical setting."""
-    interval = facts(SUPPORTED[type(setup(opt_name, "group")[1])]).ranges[hyper]
+    interval = SUPPORTED[type(setup(opt_name, "group")[1])].ranges[hyper]
     for value in probes(interval):
         kwargs = kwargs_with(opt_name, SETTINGS[opt_name], hyper, value)
         if (opt_name, hyper) in NARROWER:
@@ -112,7 +112,7 @@ def test_asgd_negative_lambd_breaks_torch_itself() -> None:
     negative D: a complex number (torch warns that it drops the imaginary part)."""
     value = NARROWER[("ASGD", "lambd")]
     assert accepted("ASGD", {"lr": 0.02, "lambd": value})
-    assert value not in facts(SUPPORTED[torch.optim.ASGD]).ranges["lambd"]
+    assert value not in SUPPORTED[torch.optim.ASGD].ranges["lambd"]
     param = nn.Parameter(torch.ones(2))
     opt = torch.optim.ASGD([param], lr=0.02, lambd=value)
     param.grad = torch.ones(2)

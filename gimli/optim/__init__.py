@@ -1,11 +1,10 @@
 """Differentiable counterparts of ``torch.optim`` optimizers.
 
-One file per optimizer (``sgd.py``, ``adam.py``, ``adagrad.py``), each a
-``State`` and pure ``step``/``vjp`` functions over lists of tensors; this
-module binds a user's ``torch.optim`` instance to the right file, reading its
-param groups and its current state, and applies the pure functions group by
-group over the whole parameter list.
-"""
+One file per optimizer (``sgd.py``, ``adam.py``, ...), each a ``Rule`` (``_rule.py``):
+a step and its VJP written for one tensor, and the facts gimli asks about. This module
+binds a user's ``torch.optim`` instance to its rule, reading its param groups and its
+current state, and runs the rule over the tensors in as few calls as the flags allow
+(README.md of this folder)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import copy
 import importlib
 import importlib.util
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import learned
-from ._core import VJP, Hypers, Interval, autograd_vjp, hyper_dtype, step_tensor, stored_as_torch, swept_wide
+from ._core import VJP, Hypers, Interval, hyper_dtype
 from ._rule import Call, Rule, field_kinds
 from ._rule import key as call_key
 from .custom import CustomRule, InitFn, StepFn, VjpFn
@@ -44,43 +43,28 @@ REFUSED = {
 }
 
 
-def _builtin_rules() -> dict[type[torch.optim.Optimizer], Any]:
-    rules: dict[type[torch.optim.Optimizer], Any] = {}
+def _builtin_rules() -> dict[type[torch.optim.Optimizer], Rule]:
+    rules: dict[type[torch.optim.Optimizer], Rule] = {}
     for cls_name, file in BUILTIN.items():
         cls = getattr(torch.optim, cls_name, None)
         if cls is not None and importlib.util.find_spec(f"{__name__}.{file}") is not None:
             module = importlib.import_module(f"{__name__}.{file}")
-            rules[cls] = getattr(module, "RULE", module)
+            rules[cls] = module.RULE
     return rules
 
 
-# optimizer class → its rule (a module or object with the interface of _core.py's docstring)
-SUPPORTED: dict[type[torch.optim.Optimizer], Any] = _builtin_rules()
+# optimizer class → its rule (gimli/optim/_rule.py)
+SUPPORTED: dict[type[torch.optim.Optimizer], Rule] = _builtin_rules()
 SUPPORTED[LearnedOptimizer] = learned.RULE
 
 
-def facts(rule: Any) -> Rule:
-    """A rule's description as a :class:`Rule` (a rule module not yet on the protocol is
-    read through its upper-case attributes)."""
-    if isinstance(rule, Rule):
-        return rule
-    return Rule(hypers=tuple(rule.HYPERS), ranges=getattr(rule, "RANGES", {}),
-                read_group=rule.read_group, read_state=rule.read_state, step=rule.step,
-                group_keys=getattr(rule, "GROUP_KEYS", {}),
-                granularities=getattr(rule, "GRANULARITIES", {}),
-                inactive=getattr(rule, "inactive_hypers", None),
-                narrowed=getattr(rule, "ranges", None),
-                straight_through=getattr(rule, "STRAIGHT_THROUGH", ""),
-                scalar_state=getattr(rule, "SCALAR_STATE", {}),
-                no_hypergradient=getattr(rule, "NO_HYPERGRADIENT", {}),
-                insensitive_to_g=getattr(rule, "INSENSITIVE_TO_G", ""))
-
-
 def register(cls: type[torch.optim.Optimizer], rule: Any) -> None:
-    """Make ``cls`` (exact class) differentiable through ``rule`` (a :class:`Rule`, or a
-    module with the list interface of ``_core.py``)."""
+    """Make ``cls`` (exact class) differentiable through ``rule`` (a :class:`Rule`)."""
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(f"register a torch.optim.Optimizer subclass, not {cls!r}")
+    if not isinstance(rule, Rule):
+        raise TypeError(f"register a gimli.optim.Rule for {cls.__name__}, not {type(rule).__name__} "
+                        f"(gimli.register_optimizer builds one from your per-tensor functions)")
     SUPPORTED[cls] = rule
 
 
@@ -134,7 +118,7 @@ class InnerOptimizer:
     """
 
     torch_optimizer: torch.optim.Optimizer
-    rule: Any
+    rule: Rule
     params: list[Tensor]
     groups: list[slice]
     flags: list[Any]
@@ -144,15 +128,11 @@ class InnerOptimizer:
     def name(self) -> str:
         return type(self.torch_optimizer).__name__
 
-    @property
-    def facts(self) -> Rule:
-        """The rule's description (hyperparameters, ranges, granularities, …)."""
-        return facts(self.rule)
-
     def __deepcopy__(self, memo: dict[int, Any]) -> InnerOptimizer:
-        """A copy over copied tensors and optimizer, sharing the rule (a module)."""
-        return InnerOptimizer(*(copy.deepcopy(getattr(self, f.name), memo) if f.name != "rule"
-                                else self.rule for f in fields(self) if f.name != "_call_cache"))
+        """A copy over copied tensors and optimizer, sharing the rule (immutable)."""
+        return InnerOptimizer(copy.deepcopy(self.torch_optimizer, memo), self.rule,
+                              copy.deepcopy(self.params, memo), list(self.groups),
+                              copy.deepcopy(self.flags, memo))
 
     @property
     def hyper_names(self) -> tuple[str, ...]:
@@ -208,27 +188,12 @@ class InnerOptimizer:
         groups = self.torch_optimizer.param_groups
         per_param = [self.rule.read_state(self.torch_optimizer.state.get(p, {}), p, groups[g])
                      for p, g in zip(self.params, self.group_of())]
-        if isinstance(self.rule, Rule):             # one value per field for each tensor
-            return type(per_param[0])(*(list(field) for field in zip(*per_param)))
-        return type(per_param[0])(*([entry[0] for entry in field] for field in zip(*per_param)))
+        return type(per_param[0])(*(list(field) for field in zip(*per_param)))
 
     def write_state(self, state: Any, i: int) -> dict[str, Any]:
         """Tensor i's entry of ``torch_optimizer.state`` for ``state`` (the inverse of
-        :meth:`read_state`): the rule's own ``write_state``, or its ``State`` fields,
-        which are named as ``torch.optim``'s keys (``step`` as a float tensor)."""
-        if isinstance(self.rule, Rule):
-            return self.rule.state_entry(type(state)(*(values[i] for values in state)))
-        own = getattr(self.rule, "write_state", None)
-        if own is not None:
-            return dict(own(state, i))
-        out: dict[str, Any] = {}
-        for key, values in zip(type(state)._fields, state):
-            value = values[i]
-            if key == "step":
-                out[key] = step_tensor(int(value))
-            elif value is not None:
-                out[key] = value
-        return out
+        :meth:`read_state`)."""
+        return self.rule.state_entry(type(state)(*(values[i] for values in state)))
 
     def check_commit(self, granularity: dict[str, str]) -> None:
         """Raise if a commit under these meta-learned granularities would leave an
@@ -236,7 +201,7 @@ class InnerOptimizer:
         ``torch.optim`` keeps as one number per tensor (the rule's ``SCALAR_STATE``:
         NAdam's ``mu_product``, ASGD's ``eta``) but that a hyperparameter learned per
         element makes one per element."""
-        scalar_state = self.facts.scalar_state
+        scalar_state = self.rule.scalar_state
         for name, per in granularity.items():
             if per == "element" and name in scalar_state:
                 key = scalar_state[name]
@@ -254,17 +219,9 @@ class InnerOptimizer:
         alone with its state, as ``torch.optim`` does."""
         new_params = list(params)
         new_state = [list(field) for field in state]
-        if isinstance(self.rule, Rule):
-            for call in self._calls(params, grads, state):
-                out_params, out_state = call.step(params, state, grads, hp)
-                for k, i in enumerate(call.idx):
-                    new_params[i] = out_params[k]
-                    for field, values in zip(new_state, out_state):
-                        field[i] = values[k]
-            return new_params, type(state)(*new_state)
-        for flags, idx in self._active(grads, state):
-            out_params, out_state = self._step(flags, *self._take(idx, params, state, grads, hp))
-            for k, i in enumerate(idx):
+        for call in self._calls(params, grads, state):
+            out_params, out_state = call.step(params, state, grads, hp)
+            for k, i in enumerate(call.idx):
                 new_params[i] = out_params[k]
                 for field, values in zip(new_state, out_state):
                     field[i] = values[k]
@@ -278,42 +235,15 @@ class InnerOptimizer:
         s = [list(field) for field in cot_state]
         o: list[Tensor | None] = [None] * len(params)
         a: dict[str, list[Tensor | None]] = {name: [None] * len(params) for name in need}
-        if isinstance(self.rule, Rule):
-            for call in self._calls(params, grads, state):
-                b_k, s_k, o_k, a_k = call.vjp(params, state, grads, hp, cot_params, cot_state, need)
-                for k, i in enumerate(call.idx):
-                    b[i], o[i] = b_k[k], o_k[k]
-                    for field, values in zip(s, s_k):
-                        field[i] = values[k]
-                    for name in need:
-                        a[name][i] = a_k[name][k]
-            return VJP(b, type(cot_state)(*s), o, a)
-        for flags, idx in self._active(grads, state):
-            sub = self._take(idx, params, state, grads, hp)
-            out = self._vjp(flags, *sub, [cot_params[i] for i in idx],
-                            type(cot_state)(*([f[i] for i in idx] for f in cot_state)), need)
-            for k, i in enumerate(idx):
-                b[i], o[i] = out.params[k], out.grads[k]
-                for field, values in zip(s, out.state):
+        for call in self._calls(params, grads, state):
+            b_k, s_k, o_k, a_k = call.vjp(params, state, grads, hp, cot_params, cot_state, need)
+            for k, i in enumerate(call.idx):
+                b[i], o[i] = b_k[k], o_k[k]
+                for field, values in zip(s, s_k):
                     field[i] = values[k]
                 for name in need:
-                    a[name][i] = out.hypers[name][k]
+                    a[name][i] = a_k[name][k]
         return VJP(b, type(cot_state)(*s), o, a)
-
-    def _step(self, flags: Any, params: list[Tensor], state: Any, grads: list[Tensor],
-              hp: Hypers) -> tuple[list[Tensor], Any]:
-        """The rule's step, θ' and state stored as torch.optim stores them (``stored_as_torch``)."""
-        return stored_as_torch(params, state, *self.rule.step(flags, params, state, grads, hp))
-
-    def _vjp(self, flags: Any, params: list[Tensor], state: Any, grads: list[Tensor], hp: Hypers,
-             cot_params: list[Tensor], cot_state: Any, need: frozenset[str]) -> VJP:
-        """The rule's closed-form VJP, at the hyperparameters' precision (``swept_wide``),
-        or autograd on its single step where it has none."""
-        vjp = getattr(self.rule, "vjp", None)
-        if vjp is None:
-            return autograd_vjp(self._step, flags, params, state, grads, hp, cot_params, cot_state, need)
-        params, state, grads, cot_params, cot_state = swept_wide(params, state, grads, cot_params, cot_state)
-        return vjp(flags, params, state, grads, hp, cot_params, cot_state, need)
 
     def _calls(self, params: list[Tensor], grads: list[Tensor | None], state: Any) -> list[Call]:
         """The tensors that step (gradient not ``None``) in as few rule calls as the
@@ -336,26 +266,6 @@ class InnerOptimizer:
             call.rule, call.kinds = self.rule, field_kinds(state, idx, params)
             out.append(call)
         return out
-
-    def _active(self, grads: list[Tensor | None], state: Any) -> list[tuple[Any, list[int]]]:
-        """The tensors that step (gradient not ``None``) in as few rule calls as the
-        flags allow: param groups with equal flags step together (their
-        hyperparameters are per tensor anyway), split further where the rule's
-        ``substep`` tells tensors apart (SGD: with or without a momentum buffer yet)."""
-        key = getattr(self.rule, "substep", None)
-        calls: dict[Any, list[int]] = {}
-        for g, sl in enumerate(self.groups):
-            for i in range(sl.start, sl.stop):
-                if grads[i] is not None:
-                    k = (_hashable(self.flags[g], g), None if key is None else key(state, i))
-                    calls.setdefault(k, []).append(i)
-        return [(self.flags[self.group_of()[idx[0]]], idx) for idx in calls.values()]
-
-    def _take(self, idx: list[int], params: list[Tensor], state: Any,
-              grads: list[Tensor | None], hp: Hypers) -> tuple[list[Tensor], Any, list[Tensor], Hypers]:
-        """Tensors ``idx`` (all with a gradient: ``_active``) of each argument of a step."""
-        return ([params[i] for i in idx], type(state)(*([f[i] for i in idx] for f in state)),
-                [g for i in idx if (g := grads[i]) is not None], {k: [v[i] for i in idx] for k, v in hp.items()})
 
 
 def _hashable(flags: Any, group: int) -> Any:
@@ -409,9 +319,8 @@ def capabilities() -> dict[str, dict[str, tuple[str, ...]]]:
     for cls, rule in SUPPORTED.items():
         if rule is learned.RULE or cls.__name__ in out or not (cls.__name__ in BUILTIN):
             continue
-        described = facts(rule)
-        out[cls.__name__] = {name: described.granularities_of(name) for name in described.hypers
-                             if name not in described.no_hypergradient}
+        out[cls.__name__] = {name: rule.granularities_of(name) for name in rule.hypers
+                             if name not in rule.no_hypergradient}
     out["LearnedOptimizer"] = {"net": ("scalar",), "lr": tuple(GRANULARITY_LETTERS),
                                "beta": tuple(GRANULARITY_LETTERS)}
     return out
