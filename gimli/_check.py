@@ -2,10 +2,11 @@
 kind, gimli's sweep against the full autograd unroll (``_oracle.py``) in float64.
 
 Each case is a small two-group tanh MLP (bias-free for Muon, which steps matrices
-only), an optimizer at its typical settings (``optim/_settings.py``: every option
-that keeps a hyperparameter in play on; a few flags also off, ``CHANGES``), J inner steps on random regression batches, and one solver that
-learns, at one granularity, every hyperparameter the optimizer offers there, an
-L2 coefficient (φ^loss) and the initial weights (θ₀) at once. The error of a kind
+only), an optimizer at its typical settings (``optim/_settings.py``'s TYPICAL: every
+option that keeps a hyperparameter in play on; ``CHANGES`` adds a flag's other
+branch), J inner steps on random regression batches, and one solver that learns, at
+one granularity, every hyperparameter the optimizer offers there, an L2 coefficient
+(φ^loss) and the initial weights (θ₀) at once. The error of a kind
 is max |g − g_ref| / max |g_ref| over its meta-parameters.
 """
 
@@ -47,12 +48,8 @@ def _constructor(name: str) -> Callable[..., torch.optim.Optimizer] | None:
 def _zoo() -> dict[str, tuple[Callable[..., torch.optim.Optimizer] | None, dict[str, Any]]]:
     zoo = {}
     for name, settings in TYPICAL.items():
-        rows = [name] + [row for row in CHANGES if row.startswith(name + " ")]
-        for row in rows:
+        for row in [name] + [row for row in CHANGES if row.startswith(name + " ")]:
             zoo[row] = (_constructor(name), {**settings, **CHANGES.get(row, {})})
-    unplaced = set(CHANGES) - set(zoo)
-    if unplaced:
-        raise AssertionError(f"zoo variants of no optimizer in TYPICAL: {', '.join(sorted(unplaced))}")
     return zoo
 
 

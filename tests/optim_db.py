@@ -1,10 +1,12 @@
 """One row per supported optimizer: it drives forward, local and global parity.
 
-Adding an optimizer = one file in gimli/optim + one row here + one proof.
-Each row gives a hypothesis strategy for the optimizer's constructor keyword
+Adding an optimizer = one file in gimli/optim + one row here + one row of typical
+settings (gimli/optim/_settings.py) + one proof; test_capabilities fails while a row
+is missing. Each row gives a hypothesis strategy for the optimizer's constructor keyword
 arguments (flags and hyperparameters, in ranges where an unroll of a few steps
 stays well conditioned in float64) and the hyperparameters gimli can learn.
-A row whose torch class or gimli file is missing is skipped, saying which.
+A row whose torch class this torch lacks is skipped, saying which; one whose gimli
+file is missing fails.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class OptimRow(NamedTuple):
         if cls is None:
             pytest.skip(f"this torch ({torch.__version__}) has no torch.optim.{self.name}")
         if cls not in SUPPORTED:
-            pytest.skip(f"gimli has no rule for {self.name} yet (gimli/optim/{BUILTIN[self.name]}.py)")
+            pytest.fail(f"gimli has no rule for {self.name} (gimli/optim/{BUILTIN[self.name]}.py)")
         return cls
 
     def shapes(self) -> list[tuple[int, ...]]:

@@ -1,6 +1,6 @@
 """One small problem per optimizer of ``gimli.optim.capabilities()``: a tanh MLP (bias-free
 for Muon, which steps matrices only) and the optimizer at typical settings (every option
-that keeps a hyperparameter in play on, test_capabilities.TYPICAL) over two param groups,
+that keeps a hyperparameter in play on, gimli/optim/_settings.py) over two param groups,
 the second with its own lr unless the granularity is 'scalar' (one value for all)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import gimli
+from gimli.optim._settings import TYPICAL
 from gimli.optim.learned import default_net
 from strategies import mlp
-from test_capabilities import TYPICAL
 
-SETTINGS: dict[str, dict[str, Any]] = {**TYPICAL, "LearnedOptimizer": dict(lr=0.05, beta=0.9)}
+SETTINGS: dict[str, dict[str, Any]] = TYPICAL
 
 
 def optimizer_class(name: str) -> Any:

@@ -3,50 +3,60 @@ hypergradient equal to the full autograd unroll's (float64, rtol 1e-9).
 
 The property tests draw random subsets; this one walks the whole table
 (``gimli.optim.capabilities()``, the README table's source) on one small
-problem per optimizer, so no claimed combination is left to chance.
+problem per optimizer at its typical settings (``gimli/optim/_settings.py``), so no
+claimed combination is left to chance. And every optimizer has its rows in the tables
+that drive the tests and ``gimli check``: a missing one fails, it skips nothing.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 import torch
 
 import gimli
-from gimli.optim import capabilities
+import gimli._check as check
+from gimli.optim import BUILTIN, SUPPORTED, capabilities
+from gimli.optim._settings import TYPICAL
+from optim_db import OPTIM_DB
+from setups import optimizer_class
 from strategies import Problem, mlp, mse, regression_batches, take_real_steps
 from test_sweep import assert_hypergradients_close
 
-# typical settings: every flag that keeps a hyperparameter in play switched on, and every
-# clamp and floor in force somewhere (Rprop's step-size bounds, Adafactor's ε₁, ε₂, d)
-TYPICAL: dict[str, dict[str, Any]] = {
-    "SGD": dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
-    "Adam": dict(lr=0.02, eps=1e-3, weight_decay=0.01, amsgrad=True),
-    "AdamW": dict(lr=0.02, eps=1e-3, weight_decay=0.01),
-    "Adagrad": dict(lr=0.05, lr_decay=0.1, weight_decay=0.01, eps=1e-3),
-    "RMSprop": dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.01, momentum=0.5, centered=True),
-    "Adadelta": dict(lr=0.5, rho=0.8, eps=1e-3, weight_decay=0.01),
-    "Adamax": dict(lr=0.02, eps=1e-3, weight_decay=0.01),
-    "NAdam": dict(lr=0.02, eps=1e-3, weight_decay=0.01, momentum_decay=5e-3),
-    "RAdam": dict(lr=0.02, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.01),
-    "Rprop": dict(lr=0.01, step_sizes=(0.004, 0.011)),
-    "ASGD": dict(lr=0.02, lambd=1e-3, t0=1.5, weight_decay=0.01),
-    "Adafactor": dict(lr=0.02, eps=(0.3, 1.0), d=1.0, weight_decay=0.01),
-    "Muon": dict(lr=0.02, weight_decay=0.01, eps=1.0),   # eps clamps the norm: in force
-}
 # real steps first: RAdam's rectification (ρ_t > 5) is on in the unroll; but none for
 # Rprop, whose lr only sets the step size of a fresh optimizer
 PRE = {"RAdam": 5, "Rprop": 0}
 STEPS = {"Rprop": 8}    # time for two sign flips in a row, so the lower step-size bound binds
-CASES = [(opt, hyper, grans) for opt, hypers in capabilities().items() if opt in TYPICAL
-         for hyper, grans in hypers.items()]
+# every optimizer claimed, with or without typical settings (one without fails below)
+CASES = [(opt, hyper, grans) for opt, hypers in capabilities().items() for hyper, grans in hypers.items()]
+# optimizers whose random settings are drawn elsewhere than tests/optim_db.py: the reason
+NOT_IN_OPTIM_DB = {"LearnedOptimizer": "not a torch.optim class (no torch step to match); "
+                                       "tests/test_custom.py draws its settings"}
+
+
+def test_every_optimizer_has_its_rows() -> None:
+    """Every built-in optimizer this torch has (and LearnedOptimizer) has a rule, a row of
+    typical settings, a row of random settings (tests/optim_db.py) and a row in the
+    ``gimli check`` zoo; and no table holds a row of an optimizer gimli does not know."""
+    here = [name for name in BUILTIN if hasattr(torch.optim, name)] + ["LearnedOptimizer"]
+    known = set(BUILTIN) | {"LearnedOptimizer"}
+    classes = {cls.__name__ for cls in SUPPORTED}
+    assert [n for n in here if n not in classes] == [], "no rule (gimli/optim/<file>.py)"
+    assert [n for n in here if n not in TYPICAL] == [], "no row in gimli/optim/_settings.py"
+    assert sorted(set(TYPICAL) - known) == []
+    db = [row.name for row in OPTIM_DB]
+    assert [n for n in here if n not in db and n not in NOT_IN_OPTIM_DB] == [], \
+        "no row in tests/optim_db.py"
+    assert sorted(set(db) - known) == [] and len(db) == len(set(db))
+    zoo = {row.split()[0] for row in check.ZOO}
+    assert [n for n in here if n not in zoo] == [], "not in the gimli check zoo"
+    assert sorted(set(check.CHANGES) - set(check.ZOO)) == [], "zoo variants of no optimizer"
+    assert [n for n in capabilities() if n not in TYPICAL] == []
 
 
 @pytest.mark.parametrize("opt_name,hyper,granularities", CASES,
                          ids=[f"{o}-{h}" for o, h, _ in CASES])
 def test_every_claimed_granularity(opt_name: str, hyper: str, granularities: tuple[str, ...]) -> None:
-    cls = getattr(torch.optim, opt_name)
+    cls = optimizer_class(opt_name)
     matrices = opt_name == "Muon"
     pre = PRE.get(opt_name, 2)
     for per in granularities:
@@ -64,5 +74,7 @@ def test_every_claimed_granularity(opt_name: str, hyper: str, granularities: tup
         solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta)
         batches = batches[pre:]
         ref = gimli.full_unroll_hypergradient(solver, batches[:steps], batches[steps])
-        assert ref[f"hypers.{hyper}"].abs().sum() > 0, "a claim that this problem cannot test"
+        claimed = [g for name, g in ref.items() if name == f"hypers.{hyper}"
+                   or name.startswith(f"hypers.{hyper}.")]      # a module's, one per tensor
+        assert any(g.abs().sum() > 0 for g in claimed), "a claim that this problem cannot test"
         assert_hypergradients_close(solver.hypergradient(batches[:steps], batches[steps]), ref)
