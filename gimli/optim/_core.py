@@ -84,6 +84,13 @@ POSITIVE = Interval(0.0, lo_open=True)
 BETA = Interval(0.0, 1.0, hi_open=True)                 # "if not 0.0 <= beta < 1.0: raise"
 
 
+# Adam's family (Adam, AdamW, Adamax, NAdam, RAdam): the ranges their constructors check
+# (0 ≤ β < 1, the rest ≥ 0), and where their param groups keep the βs
+ADAM_RANGES = {"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
+               "weight_decay": NONNEGATIVE}
+BETAS_KEYS = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+
+
 def scalar_dtype() -> torch.dtype:
     """The dtype ``torch.optim`` keeps its 0-dim state in (``step``, NAdam's
     ``mu_product``, ASGD's ``eta``, ``mu``): ``torch.optim.optimizer._get_scalar_dtype``."""

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _pieces as pc
-from ._core import BETA, NONNEGATIVE, VJP, group_float, step_count
+from ._core import ADAM_RANGES, BETAS_KEYS, VJP, group_float, step_count
 from ._rule import Rule
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -130,9 +130,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
 
 RULE = Rule(
     hypers=HYPERS,
-    # as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
-    ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
-            "weight_decay": NONNEGATIVE},
+    ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
-    group_keys={"beta1": ("betas", 0), "beta2": ("betas", 1)},     # where param_groups keep them
+    group_keys=BETAS_KEYS,
 )

@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from . import _pieces as pc
-from ._core import BETA, NONNEGATIVE, VJP, group_float, hyper_dtype, scalar_dtype, step_count, step_tensor
+from ._core import (ADAM_RANGES, BETAS_KEYS, NONNEGATIVE, VJP, group_float, hyper_dtype, scalar_dtype,
+                    step_count, step_tensor)
 from ._rule import Rule
 
 HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay")
@@ -203,11 +204,9 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
 
 RULE = Rule(
     hypers=HYPERS,
-    # as torch.optim's constructor checks them: 0 ≤ β < 1, the rest ≥ 0
-    ranges={"lr": NONNEGATIVE, "beta1": BETA, "beta2": BETA, "eps": NONNEGATIVE,
-            "weight_decay": NONNEGATIVE, "momentum_decay": NONNEGATIVE},
+    ranges={**ADAM_RANGES, "momentum_decay": NONNEGATIVE},
     read_group=read_group, read_state=read_state, step=step, vjp=vjp, write_state=write_state,
-    group_keys={"beta1": ("betas", 0), "beta2": ("betas", 1)},     # where param_groups keep them
+    group_keys=BETAS_KEYS,
     # μ_t (so Π) is per element where β₁ or ψ is, but torch.optim keeps Π as one number per tensor
     scalar_state={"beta1": "mu_product", "momentum_decay": "mu_product"},
 )
