@@ -19,6 +19,8 @@ running statistics are updated once, as in the forward pass).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -113,19 +115,6 @@ def _nonfinite(grads: list[Tensor | None]) -> int | None:
     return present[int((~finite).nonzero()[0])][0]
 
 
-def _all_finite(loss: Tensor, grads: list[Tensor | None]) -> Tensor:
-    """Whether the loss and every gradient are finite, as a 0-dim bool tensor (no host
-    sync): one foreach max-norm over the gradients (finite entries never overflow it)."""
-    present = [g.detach() for g in grads if g is not None]
-    norms = list(torch._foreach_norm(present, float("inf"))) if present else []
-    ok = torch.isfinite(loss.reshape(()))
-    if norms and all(n.dtype == norms[0].dtype and n.device == norms[0].device for n in norms):
-        return ok & torch.isfinite(torch.stack(norms)).all().to(ok.device)
-    for n in norms:                                 # (mixed dtypes or devices)
-        ok = ok & torch.isfinite(n).to(ok.device)
-    return ok
-
-
 def _finite_batch(batch: Any) -> bool:
     """Whether every floating-point tensor in a batch (nested tuples, lists, dicts) is finite."""
     if isinstance(batch, Tensor):
@@ -176,10 +165,9 @@ class Unroll:
         self.first = 0 if truncate is None else max(0, self.J - truncate)   # oldest step swept
         self.forward_steps = 0          # optimizer steps evaluated, recomputations included
         self.train_losses: list[float] = [float("nan")] * self.J
-        # each step's detached ℓ_j and whether ℓ_j and G_j are finite, kept on the device
-        # until check() reads them all with one host sync
+        # each step's detached ℓ_j, kept on the device until check() reads them all (and
+        # whether θ'_J is finite) with one host sync
         self._losses: list[Tensor] = []
-        self._finite: list[Tensor] = []
         self._checking = check_each     # a host check per step (or replaying: check())
         self.rng = RngTape({p.device for p in problem.inner.params}, every=memory != "retain")
         self.trained = problem.trained()    # tensors that step (requires_grad, as torch.optim)
@@ -221,7 +209,6 @@ class Unroll:
         if not self._checking:
             if len(self._losses) == j:              # first run of step j: checked at check()
                 self._losses.append(loss.detach())
-                self._finite.append(_all_finite(loss.detach(), G))
             return Step(j, theta, point.state, G), buffers
         value = loss.item()
         bad = _nonfinite(G)
@@ -250,25 +237,29 @@ class Unroll:
             point = self.run(k, point, graph=False)[1]
         return point
 
-    def check(self) -> None:
-        """Read every step's loss, and raise NonFiniteError if some ℓ_j or G_j was not finite:
-        one host sync for the whole unroll. The steps are then replayed in order from the
-        start with a check each, so the error names the first bad step as a per-step
-        check would have, and says why."""
+    def check(self, final: Point) -> None:
+        """Read every step's loss, and raise NonFiniteError if some ℓ_j or G_j was not
+        finite: one host sync for the whole unroll. A non-finite G_j makes θ'_{j+1} and
+        all later points non-finite (inf or NaN propagates through every update, even
+        at lr 0), so the losses and the final point θ'_J tell; the steps are then
+        replayed in order from the start with a check each, so that the error names the
+        first bad step as a per-step check would have, and says why."""
         if not self._losses:
             return
-        losses = torch.stack([x.to(self._losses[0].device, torch.float64) for x in self._losses])
-        finite = torch.stack([x.to(losses.device) for x in self._finite]).to(torch.float64)
-        values = torch.cat([losses, finite]).tolist()
+        device = self._losses[0].device
+        stepped = [t.detach() for t, s in zip(final.theta, final.stepped) if s]
+        norms = torch._foreach_norm(stepped, float("inf")) if stepped else []
+        values = torch.stack([x.to(device, torch.float64) for x in self._losses]
+                             + [n.to(device, torch.float64) for n in norms]).tolist()
         n = len(self._losses)
         for j in range(n):
             self.train_losses[j] = values[j]
-        if all(values[n:]):
+        if all(math.isfinite(v) for v in values):
             return
-        self._checking = True
+        self._checking = True               # raises at the first bad step, if any
         self.rng.enter(0)
         self.advance(0, self.start, n)
-        raise AssertionError("a step's loss or gradient was not finite, but not when replayed")
+        self._checking = False              # none: a tensor was not finite from the start
 
     # --- the steps in reverse order ------------------------------------------------------
     def reversed(self) -> Iterator[Point | Step]:
@@ -288,7 +279,7 @@ class Unroll:
         for j in range(self.first, self.J):
             step, point = self.run(j, point, graph=self.graph)
             steps.append(step)
-        self.check()
+        self.check(point)
         yield point
         while steps:
             yield steps.pop()
@@ -298,7 +289,7 @@ class Unroll:
         for j in range(self.first, self.J):
             points.append(point)
             point = self.run(j, point, graph=False)[1]
-        self.check()
+        self.check(point)
         yield point
         for j in reversed(range(self.first, self.J)):
             yield self.grads(j, points.pop(), graph=self.graph)[0]
@@ -308,14 +299,14 @@ class Unroll:
         point at a held, and ``free`` more snapshots to place: binomial checkpointing."""
         if b - a == 1:
             if a == self.J:
-                self.check()
+                self.check(point)
             yield point if a == self.J else self.grads(a, point, graph=self.graph)[0]
             return
         if free == 0:                               # no room: recompute from a each time
             for j in reversed(range(a, b)):
                 target = self.advance(a, point, j)
                 if j == self.J:
-                    self.check()
+                    self.check(target)
                 yield target if j == self.J else self.grads(j, target, graph=self.graph)[0]
             return
         m = a + split(b - a, free)

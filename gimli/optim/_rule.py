@@ -126,6 +126,9 @@ class Segments:
         self.device, self.dtype = like.device, like.dtype
         self._counts: Tensor | None = None
         self._starts: Tensor | None = None
+        # the shapes, as tensors without storage (what torch's unflatten reads)
+        self._templates = [torch.empty(shape, device="meta") for shape in self.shapes]
+        self._last: tuple[list[Tensor], Tensor] | None = None   # split's latest views, their flat
 
     def counts(self) -> Tensor:
         if self._counts is None:
@@ -146,8 +149,10 @@ class Segments:
         read in place, without a copy, where no graph is being recorded."""
         if self.k == 1:
             return values[0].reshape(-1)
+        if self._last is not None and all(v is w for v, w in zip(values, self._last[0])):
+            return self._last[1]                     # the views split() just made
         laid = _laid_end_to_end(values, self.total)
-        return laid if laid is not None else torch.cat([v.reshape(-1) for v in values])
+        return laid if laid is not None else torch._C._nn.flatten_dense_tensors(values)
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """The inverse of ``join``: views of ``flat``, one per tensor, in its shape."""
@@ -155,7 +160,10 @@ class Segments:
             flat = flat.expand(self.total)
         if self.k == 1:
             return [flat.view(self.shapes[0])]
-        return [x.view(s) for x, s in zip(flat.split(self.sizes), self.shapes)]
+        views = list(torch._C._nn.unflatten_dense_tensors(flat, self._templates))
+        if not flat.requires_grad:
+            self._last = (views, flat)
+        return views
 
     def spread(self, values: list[Tensor]) -> Tensor:
         """One number per tensor (0-dim each) as one per element; the same tensor for
