@@ -26,7 +26,8 @@ from tasks import Batch, Instance
 Run = Callable[[Sequence[Batch]], Tensor | None]
 
 GIMLI_MODES = ("retain", "recompute", "budget")
-METHODS = ("plain",) + GIMLI_MODES + ("autograd", "higher", "torchopt")
+# "compiled": retain with GimliSolver(compile=True); its first call (the warm-up) compiles
+METHODS = ("plain",) + GIMLI_MODES + ("compiled", "autograd", "higher", "torchopt")
 
 
 class Unsupported(Exception):
@@ -53,7 +54,7 @@ def prepare(method: str, inst: Instance) -> Run:
     J = len(inst.train)
     if method == "plain":
         return _plain(inst)
-    if method in GIMLI_MODES:
+    if method in GIMLI_MODES or method == "compiled":
         solver = _solver(inst, method, J)
         return lambda batches: _flat(solver.hypergradient(batches, inst.val).values())
     if method == "autograd":
@@ -119,6 +120,8 @@ def loss_hvp(inst: Instance) -> Callable[[], None]:
 
 # --- gimli ---------------------------------------------------------------------------------
 def _solver(inst: Instance, memory: str, J: int) -> gimli.GimliSolver:
+    compile = memory == "compiled"
+    memory = "retain" if compile else memory
     model = inst.model
     opt = inst.make_opt(model)
     if inst.kind == "init":
@@ -137,7 +140,7 @@ def _solver(inst: Instance, memory: str, J: int) -> gimli.GimliSolver:
         return inst.val_loss(m, batch)
 
     return gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=val_loss_fn, memory=memory,
-                             snapshots=snapshots(J) if memory == "budget" else None)
+                             snapshots=snapshots(J) if memory == "budget" else None, compile=compile)
 
 
 def _meta_leaves(inst: Instance) -> tuple[Tensor | None, dict[str, Tensor]]:

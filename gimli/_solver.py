@@ -71,6 +71,12 @@ class GimliSolver:
             and when a rank fails every rank fails or skips the step with it).
             ``None`` (default): when a process group is initialized; ``False``: never.
         process_group: the group to average over (default: the whole world).
+        compile: run the optimizer's update and its VJP through ``torch.compile`` (one
+            fused kernel per call instead of one per operation; elementwise rules with a
+            closed-form VJP). Exact to rounding; it costs a compile (seconds) per
+            optimizer call shape, paid back after about 10⁴ unroll steps for a 2·10⁴-
+            element Adam and within one hypergradient at 10⁶ elements on a CPU
+            (benchmarks/compiled.py). Off by default.
 
     A tensor with ``requires_grad=False`` is a constant: in the optimizer it does not
     step (``torch.optim`` skips a tensor without a gradient), and as a meta-parameter
@@ -84,7 +90,7 @@ class GimliSolver:
                  scheduler: Any = None, memory: str = "retain", snapshots: int | None = None,
                  first_order: bool = False, truncate: int | None = None,
                  distributed: bool | None = None, process_group: Any = None,
-                 _shadows: Any = None):
+                 compile: bool = False, _shadows: Any = None):
         _arguments.check_positional(model, loss_fn, opt, meta_params)
         if meta_opt is not None:
             _arguments.check_meta_opt_type(meta_opt)
@@ -101,6 +107,8 @@ class GimliSolver:
             raise ValueError(f"snapshots must be an int ≥ 1, got {snapshots!r}")
         if truncate is not None and (not isinstance(truncate, int) or truncate < 1):
             raise ValueError(f"truncate must be an int ≥ 1, got {truncate!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         self.distributed, self.process_group = distributed, process_group
         self.memory, self.snapshots = memory, snapshots
         self.first_order, self.truncate = first_order, truncate
@@ -108,6 +116,7 @@ class GimliSolver:
         self.problem = Problem.build(model, loss_fn, opt, meta_params,    # (_shadows: gimli.check's copy)
                                      _arguments.val_loss(val_loss_fn), scheduler, _shadows)
         self.meta = meta_params
+        self.problem.inner.compile = compile
         self.meta_opt = meta_opt
         if meta_opt is not None:
             self._check_meta_opt()

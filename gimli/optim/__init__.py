@@ -122,6 +122,7 @@ class InnerOptimizer:
     params: list[Tensor]
     groups: list[slice]
     flags: list[Any]
+    compile: bool = False       # the rule's step and VJP through torch.compile (GimliSolver)
     _call_cache: dict[Any, Call] = dataclass_field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -132,7 +133,7 @@ class InnerOptimizer:
         """A copy over copied tensors and optimizer, sharing the rule (immutable)."""
         return InnerOptimizer(copy.deepcopy(self.torch_optimizer, memo), self.rule,
                               copy.deepcopy(self.params, memo), list(self.groups),
-                              copy.deepcopy(self.flags, memo))
+                              copy.deepcopy(self.flags, memo), self.compile)
 
     @property
     def hyper_names(self) -> tuple[str, ...]:
@@ -264,6 +265,7 @@ class InnerOptimizer:
                 call = self._call_cache[k] = Call(self.rule, self.flags[self.group_of()[idx[0]]],
                                                   idx, params)
             call.rule, call.kinds = self.rule, field_kinds(state, idx, params)
+            call.compile = self.compile
             out.append(call)
         return out
 

@@ -277,6 +277,7 @@ class Call:
         self.rule, self.flags, self.idx = rule, flags, idx
         own = [params[i] for i in idx]
         self.kinds: list[_Kind] = []       # the state's, set before each use (field_kinds)
+        self.compile = False               # through torch.compile (set before each use)
         self.segments = Segments(own) if rule.elementwise else None
         self.param_dtype = own[0].dtype
 
@@ -349,7 +350,9 @@ class Call:
                   None if k.kind == "scalar" else self.param_dtype for x, k in zip(mine, self.kinds)]
         p = seg.join([params[i] for i in self.idx])
         g = seg.join([grads[i] for i in self.idx])        # type: ignore[misc]
-        new_p, new_state = self.rule.step(self.flags, p, self._state_in(state), g, self._hypers_in(hp))
+        st, hp_in = self._state_in(state), self._hypers_in(hp)
+        run = compiled(self.rule.step) if self.compile and _constant(p, st, g, hp_in) else self.rule.step
+        new_p, new_state = run(self.flags, p, st, g, hp_in)
         return seg.split(_stored(new_p, self.param_dtype)), \
             self._state_out(new_state, self.kinds, hp, dtypes)
 
@@ -368,6 +371,8 @@ class Call:
         P = _wide(seg.join([cot_params[i] for i in self.idx]))
         S = type(state)(*self._cot_state_in(cot_state, hp))
         run = self.rule.vjp or autograd_vjp(self.rule)
+        if self.compile and self.rule.vjp is not None and _constant(p, st, g, hp_in, P, S):
+            run = compiled(self.rule.vjp)
         out = run(self.flags, p, st, g, hp_in, P, S, need)
         fields: list[list[Any]] = []
         for x, kind in zip(out.state, self.kinds):
@@ -448,6 +453,29 @@ class Call:
                 hypers[name].append(torch.zeros_like(like) if a is None else
                                     a if a.shape == like.shape else a.sum_to_size(like.shape))
         return b, fields, o, hypers
+
+
+_COMPILED: dict[Any, Any] = {}
+
+
+def compiled(fn: Any) -> Any:
+    """``fn`` through ``torch.compile``, once per function. Shapes and the step count
+    become symbolic after their first change (``dynamic=None``), so a call compiles one
+    or two graphs, not one per step."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=None)
+    return _COMPILED[fn]
+
+
+def _constant(*args: Any) -> bool:
+    """Whether no tensor among ``args`` (tensors, NamedTuples and dicts of them) needs a
+    graph: compiled code runs only where nothing is differentiated through it (the full
+    autograd unroll steps eagerly)."""
+    for a in args:
+        values = a.values() if isinstance(a, dict) else a if isinstance(a, tuple) else (a,)
+        if any(isinstance(v, Tensor) and v.requires_grad for v in values):
+            return False
+    return True
 
 
 def autograd_vjp(rule: Rule) -> VjpFn:
