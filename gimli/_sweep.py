@@ -95,8 +95,8 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         assert isinstance(step, Step)
         j, theta, G = step.j, step.theta, step.grads
         # line 11–12: o_j = B_{j+1}·O_j and a_j, with b_j and S_j, from the optimizer's VJP
-        out = inner.vjp([t.detach() for t in theta], step.state,
-                        [None if g is None else g.detach() for g in G], unroll.hypers[j], B, S, need)
+        with torch.no_grad():                                   # (θ'_j and G_j read as values)
+            out = inner.vjp(theta, step.state, G, unroll.hypers[j], B, S, need)
         for name in need:                                       # line 12: A^opt += a_j
             a_j = out.hypers[name] if schedule is None else schedule.pull_back(j, name, out.hypers[name])
             _accumulate(A_opt[name], a_j)

@@ -224,11 +224,11 @@ class Unroll:
     def run(self, j: int, point: Point, *, graph: bool) -> tuple[Step, Point]:
         """Step j from ``point``: G_j and the next point (line 6)."""
         step, buffers = self.grads(j, point, graph=graph)
-        values = [None if g is None else g.detach() for g in step.grads]
-        new_theta, new_state = self.problem.inner.step(point.theta, point.state, values,
-                                                       self.hypers[j])
+        with torch.no_grad():                   # (G_j read as values)
+            new_theta, new_state = self.problem.inner.step(point.theta, point.state, step.grads,
+                                                           self.hypers[j])
         self.forward_steps += 1
-        stepped = tuple(s or g is not None for s, g in zip(point.stepped, values))
+        stepped = tuple(s or g is not None for s, g in zip(point.stepped, step.grads))
         return step, Point(new_theta, new_state, buffers, stepped)
 
     def advance(self, j: int, point: Point, to: int) -> Point:

@@ -218,9 +218,13 @@ class InnerOptimizer:
              hp: Hypers) -> tuple[list[Tensor], Any]:
         """One update of every tensor; a tensor whose gradient is ``None`` is left
         alone with its state, as ``torch.optim`` does."""
+        calls = self._calls(params, grads, state)
+        if len(calls) == 1 and len(calls[0].idx) == len(params):    # one call, every tensor
+            out_params, out_state = calls[0].step(params, state, grads, hp)
+            return out_params, type(state)(*out_state)
         new_params = list(params)
         new_state = [list(field) for field in state]
-        for call in self._calls(params, grads, state):
+        for call in calls:
             out_params, out_state = call.step(params, state, grads, hp)
             for k, i in enumerate(call.idx):
                 new_params[i] = out_params[k]
@@ -236,7 +240,11 @@ class InnerOptimizer:
         s = [list(field) for field in cot_state]
         o: list[Tensor | None] = [None] * len(params)
         a: dict[str, list[Tensor | None]] = {name: [None] * len(params) for name in need}
-        for call in self._calls(params, grads, state):
+        calls = self._calls(params, grads, state)
+        if len(calls) == 1 and len(calls[0].idx) == len(params):    # one call, every tensor
+            b_k, s_k, o_k, a_k = calls[0].vjp(params, state, grads, hp, cot_params, cot_state, need)
+            return VJP(b_k, type(cot_state)(*s_k), o_k, a_k)
+        for call in calls:
             b_k, s_k, o_k, a_k = call.vjp(params, state, grads, hp, cot_params, cot_state, need)
             for k, i in enumerate(call.idx):
                 b[i], o[i] = b_k[k], o_k[k]

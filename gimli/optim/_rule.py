@@ -128,7 +128,7 @@ class Segments:
         self._starts: Tensor | None = None
         # the shapes, as tensors without storage (what torch's unflatten reads)
         self._templates = [torch.empty(shape, device="meta") for shape in self.shapes]
-        self._last: tuple[list[Tensor], Tensor] | None = None   # split's latest views, their flat
+        self._last: tuple[tuple[Tensor, ...], Tensor] | None = None   # split's latest views, flat
 
     def counts(self) -> Tensor:
         if self._counts is None:
@@ -162,7 +162,7 @@ class Segments:
             return [flat.view(self.shapes[0])]
         views = list(torch._C._nn.unflatten_dense_tensors(flat, self._templates))
         if not flat.requires_grad:
-            self._last = (views, flat)
+            self._last = (tuple(views), flat)
         return views
 
     def spread(self, values: list[Tensor]) -> Tensor:
