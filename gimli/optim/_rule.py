@@ -29,6 +29,7 @@ functions.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -128,7 +129,8 @@ class Segments:
         self._starts: Tensor | None = None
         # the shapes, as tensors without storage (what torch's unflatten reads)
         self._templates = [torch.empty(shape, device="meta") for shape in self.shapes]
-        self._last: tuple[tuple[Tensor, ...], Tensor] | None = None   # split's latest views, flat
+        # the latest split's views and their flat tensor, weakly (holding nothing alive)
+        self._last: tuple[list[weakref.ref[Tensor]], weakref.ref[Tensor]] | None = None
 
     def counts(self) -> Tensor:
         if self._counts is None:
@@ -149,8 +151,10 @@ class Segments:
         read in place, without a copy, where no graph is being recorded."""
         if self.k == 1:
             return values[0].reshape(-1)
-        if self._last is not None and all(v is w for v, w in zip(values, self._last[0])):
-            return self._last[1]                     # the views split() just made
+        if self._last is not None and all(v is w() for v, w in zip(values, self._last[0])):
+            flat = self._last[1]()                   # the views split() just made
+            if flat is not None:
+                return flat
         laid = _laid_end_to_end(values, self.total)
         return laid if laid is not None else torch._C._nn.flatten_dense_tensors(values)
 
@@ -162,7 +166,7 @@ class Segments:
             return [flat.view(self.shapes[0])]
         views = list(torch._C._nn.unflatten_dense_tensors(flat, self._templates))
         if not flat.requires_grad:
-            self._last = (tuple(views), flat)
+            self._last = ([weakref.ref(v) for v in views], weakref.ref(flat))
         return views
 
     def spread(self, values: list[Tensor]) -> Tensor:
