@@ -270,8 +270,8 @@ class InnerOptimizer:
             k = (flags, tuple(idx))
             call = self._call_cache.get(k)
             if call is None:
-                call = self._call_cache[k] = Call(self.rule, self.flags[self.group_of()[idx[0]]],
-                                                  idx, params)
+                group = next(g for g, sl in enumerate(self.groups) if sl.start <= idx[0] < sl.stop)
+                call = self._call_cache[k] = Call(self.rule, self.flags[group], idx, params)
             call.rule, call.kinds = self.rule, field_kinds(state, idx, params)
             call.compile = self.compile
             out.append(call)

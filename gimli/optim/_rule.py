@@ -279,6 +279,8 @@ class Call:
 
     def __init__(self, rule: Rule, flags: Any, idx: list[int], params: list[Tensor]):
         self.rule, self.flags, self.idx = rule, flags, idx
+        self.everything = idx == list(range(len(params)))     # every tensor, in order
+        self.reduced = _reduced(params[idx[0]].dtype)
         own = [params[i] for i in idx]
         self.kinds: list[_Kind] = []       # the state's, set before each use (field_kinds)
         self.compile = False               # through torch.compile (set before each use)
@@ -286,12 +288,16 @@ class Call:
         self.param_dtype = own[0].dtype
 
     # -- the flat path ----------------------------------------------------------------------
+    def _mine(self, values: list[Any]) -> list[Any]:
+        """The call's entries of a per-tensor list."""
+        return values if self.everything else [values[i] for i in self.idx]
+
     def _state_in(self, state: Any) -> Any:
         seg = self.segments
         assert seg is not None
         fields: list[Any] = []
         for values, kind in zip(state, self.kinds):
-            mine = [values[i] for i in self.idx]
+            mine = values if self.everything else [values[i] for i in self.idx]
             fields.append(None if kind.kind == "none" else kind.value if kind.kind == "int"
                           else seg.spread(mine) if kind.kind == "scalar" else seg.join(mine))
         return type(state)(*fields)
@@ -301,9 +307,12 @@ class Call:
         assert seg is not None
         out = {}
         for name, values in hp.items():
-            mine = [values[i] for i in self.idx]
+            mine = values if self.everything else [values[i] for i in self.idx]
+            first = mine[0]
             if name not in self.rule.hypers:        # a module's weight: one tensor for all
-                out[name] = mine[0]
+                out[name] = first
+            elif first.dim() == 0 and all(v is first for v in mine):
+                out[name] = first                   # one value for every tensor: it broadcasts
             elif all(v.dim() == 0 for v in mine):
                 out[name] = seg.spread(mine)
             else:                                   # per element (some 0-dim, at most)
@@ -352,8 +361,8 @@ class Call:
         mine = [values[first] for values in state]
         dtypes = [x.dtype if isinstance(x, Tensor) and k.kind == "full" else
                   None if k.kind == "scalar" else self.param_dtype for x, k in zip(mine, self.kinds)]
-        p = seg.join([params[i] for i in self.idx])
-        g = seg.join([grads[i] for i in self.idx])        # type: ignore[misc]
+        p = seg.join(self._mine(params))
+        g = seg.join(self._mine(grads))
         st, hp_in = self._state_in(state), self._hypers_in(hp)
         run = compiled(self.rule.step) if self.compile and _constant(p, st, g, hp_in) else self.rule.step
         new_p, new_state = run(self.flags, p, st, g, hp_in)
@@ -368,12 +377,16 @@ class Call:
         if self.segments is None:
             return self._vjp_each(params, state, grads, hp, cot_params, cot_state, need)
         seg = self.segments
-        p = _wide(seg.join([params[i] for i in self.idx]))
-        g = _wide(seg.join([grads[i] for i in self.idx]))    # type: ignore[misc]
-        st = type(state)(*(_wide(x) for x in self._state_in(state)))
+        p = seg.join(self._mine(params))
+        g = seg.join(self._mine(grads))
+        st = self._state_in(state)
         hp_in = self._hypers_in(hp)
-        P = _wide(seg.join([cot_params[i] for i in self.idx]))
+        P = seg.join(self._mine(cot_params))
         S = type(state)(*self._cot_state_in(cot_state, hp))
+        if self.reduced:                # a reduced-precision model's VJP, in float32 (_wide)
+            p, g, P = _wide(p), _wide(g), _wide(P)
+            st = type(state)(*(_wide(x) for x in st))
+            S = type(state)(*(_wide(x) for x in S))
         run = self.rule.vjp or autograd_vjp(self.rule)
         if self.compile and self.rule.vjp is not None and _constant(p, st, g, hp_in, P, S):
             run = compiled(self.rule.vjp)
@@ -389,7 +402,7 @@ class Call:
         hypers = {}
         for name in need:
             a = out.hypers.get(name)
-            like = [hp[name][i] for i in self.idx]
+            like = self._mine(hp[name])
             if a is None:
                 hypers[name] = [torch.zeros_like(v) for v in like]
             elif name not in self.rule.hypers:           # a module's weight: the call's total
@@ -405,14 +418,14 @@ class Call:
         assert seg is not None
         out: list[Any] = []
         for name, values, kind in zip(type(cot_state)._fields, cot_state, self.kinds):
-            mine = [values[i] for i in self.idx]
+            mine = self._mine(values)
             if kind.kind == "int" or all(v is None for v in mine):
                 out.append(None)
             elif self._one_per_tensor(name, kind, hp):
-                out.append(_wide(seg.place(mine)))
+                out.append(seg.place(mine))
             else:
-                out.append(_wide(seg.join([torch.zeros(s, dtype=seg.dtype, device=seg.device)
-                                           if v is None else v for v, s in zip(mine, seg.shapes)])))
+                out.append(seg.join([torch.zeros(s, dtype=seg.dtype, device=seg.device)
+                                     if v is None else v for v, s in zip(mine, seg.shapes)]))
         return out
 
     # -- tensor by tensor ---------------------------------------------------------------------
