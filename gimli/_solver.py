@@ -75,8 +75,8 @@ class GimliSolver:
             fused kernel per call instead of one per operation; elementwise rules with a
             closed-form VJP). Exact to rounding; it costs a compile (seconds) per
             optimizer call shape, paid back after about 10⁴ unroll steps for a 2·10⁴-
-            element Adam and within one hypergradient at 10⁶ elements on a CPU
-            (benchmarks/compiled.py). Off by default.
+            element Adam, and after 85 (Adam) or 243 (SGD) steps at 10⁶ elements on a
+            CPU (benchmarks/compiled.py). Off by default.
 
     A tensor with ``requires_grad=False`` is a constant: in the optimizer it does not
     step (``torch.optim`` skips a tensor without a gradient), and as a meta-parameter
