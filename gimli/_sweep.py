@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._problem import Problem, grad_of
+from .optim.custom import CustomRule
 from ._schedule import Schedule
 from ._unroll import Point, Step, Unroll, add_note, describe_batch
 
@@ -39,16 +40,18 @@ def _zeros_like_state(state: Any) -> Any:
                          for field in state))
 
 
-def _accumulate(totals: list[Tensor], terms: Sequence[Tensor | None]) -> None:
-    """totals[i] += terms[i] where a term exists, in place (one foreach call): the totals
-    are the sweep's own tensors. A total that cannot take an in-place add (a broadcast
-    view, or a term of a wider dtype) is replaced by the sum."""
+def _accumulate(totals: list[Tensor], terms: Sequence[Tensor | None], inplace: bool = True) -> None:
+    """totals[i] += terms[i] where a term exists, in place (one foreach call) where the
+    totals are the sweep's own tensors. A total that cannot take an in-place add (a
+    broadcast view, or a term of a wider dtype), or any with ``inplace=False``, is
+    replaced by the sum."""
     pairs = [(i, t) for i, t in enumerate(terms) if t is not None]
-    inplace = [(i, t) for i, t in pairs if totals[i].is_contiguous() and t.dtype == totals[i].dtype
-               and t.shape == totals[i].shape and not totals[i].requires_grad]
-    if inplace:
-        torch._foreach_add_([totals[i] for i, _ in inplace], [t for _, t in inplace])
-    done = {i for i, _ in inplace}
+    fit = [(i, t) for i, t in pairs if inplace and totals[i].is_contiguous()
+           and t.dtype == totals[i].dtype and t.shape == totals[i].shape
+           and not totals[i].requires_grad]
+    if fit:
+        torch._foreach_add_([totals[i] for i, _ in fit], [t for _, t in fit])
+    done = {i for i, _ in fit}
     for i, t in pairs:
         if i not in done:
             totals[i] = totals[i] + t
@@ -91,6 +94,9 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     A_loss = [a + d for a, d in zip(A_loss, _or_zeros(direct[n:], leaves))]
     S = _zeros_like_state(final.state)
     targets = n if not first_order else 0       # first-order: no ∇²_θ ℓ term
+    # b_j from gimli's own rules is a fresh tensor, added to in place; a user's closed-form
+    # VJP (register_optimizer) might return one of its inputs, so it is added out of place
+    own_b = not isinstance(inner.rule, CustomRule)
     for step in steps:                                          # line 10: j = J−1 … 0
         assert isinstance(step, Step)
         j, theta, G = step.j, step.theta, step.grads
@@ -110,7 +116,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
         reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
         B = list(out.params)                                                    # line 14
-        _accumulate(B, hm[:targets])        # (b_j is the VJP's own: added to in place)
+        _accumulate(B, hm[:targets], inplace=own_b)     # (b_j, the VJP's own, added to in place)
         S = out.state
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]
