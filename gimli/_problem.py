@@ -7,7 +7,8 @@ the oracle all go through it, so they evaluate the very same functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -59,6 +60,18 @@ class Problem:
     scheduler: Any = None    # a torch.optim.lr_scheduler replayed inside the unroll
     slots: Slots | None = None          # where the module keeps its tensors
     shadows: Shadows | None = None      # with lr meta-learned: the schedule's derivative (_schedule)
+    # the module's (name, parameter) pairs while one hypergradient is computed (held())
+    _held: list[tuple[str, Tensor]] | None = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The module's parameters read once for the computation inside, not at every
+        step's view (the module cannot change while gimli evaluates its losses)."""
+        self._held = list(self.module.named_parameters())
+        try:
+            yield
+        finally:
+            self._held = None
 
     @classmethod
     def build(cls, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
@@ -151,7 +164,7 @@ class Problem:
         """The model at θ (one tensor per optimizer tensor), parameters in the module's order."""
         given = dict(zip(self.names, theta))
         params = {}
-        for name, p in self.module.named_parameters():
+        for name, p in self._held if self._held is not None else self.module.named_parameters():
             if name in given:
                 params[name] = given[name]
             else:                               # not in the optimizer: fixed, or φ^loss under init=

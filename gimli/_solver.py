@@ -340,7 +340,7 @@ class GimliSolver:
 
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], _Result]:
         problem = self.problem
-        with torch.enable_grad():                                   # also under torch.no_grad()
+        with torch.enable_grad(), problem.held():                   # also under torch.no_grad()
             split = problem.split(len(train_batches))                             # line 2
             _, learned, phi_loss, schedule = split
             run = Unroll(problem, split.per_step(len(train_batches)), train_batches, memory=self.memory,     # lines 3–7
