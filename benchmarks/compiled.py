@@ -308,18 +308,14 @@ def step_count(n: int, steps: int, budget: float, rounds: int) -> None:
     def t_tensor(f: Callable[..., tuple[Any, ...]]) -> Callable[[int, torch.dtype], tuple[Any, ...]]:
         return lambda t, dt: f(t, dt, True)
 
-    run("step, dynamic=False, int t", torch.compile(rule_fns(mod, flags)[0], dynamic=False),
-        lib_args, eager_step, lib_args)
-    run("step, dynamic=None (automatic), int t", torch.compile(rule_fns(mod, flags)[0]),
-        lib_args, eager_step, lib_args)
-    run("step, dynamic=False, t a 0-dim tensor", torch.compile(rule_fns(mod, flags)[0], dynamic=False),
-        t_tensor(lib_args), eager_step, lib_args)
-    run("vjp, dynamic=False, int t", torch.compile(rule_fns(mod, flags)[1], dynamic=False),
-        vjp_lib_args, eager_vjp, vjp_lib_args)
-    run("vjp, dynamic=None (automatic), int t", torch.compile(rule_fns(mod, flags)[1]),
-        vjp_lib_args, eager_vjp, vjp_lib_args)
-    run("vjp, dynamic=False, t a 0-dim tensor", torch.compile(rule_fns(mod, flags)[1], dynamic=False),
-        t_tensor(vjp_lib_args), eager_vjp, vjp_lib_args)
+    # the step and the VJP, each: static shapes with an int t (recompiles per t), automatic
+    # dynamic shapes with an int t, static shapes with t a 0-dim tensor
+    for which, args, eager in (("step", lib_args, eager_step), ("vjp", vjp_lib_args, eager_vjp)):
+        fn = rule_fns(mod, flags)[0 if which == "step" else 1]
+        run(f"{which}, dynamic=False, int t", torch.compile(fn, dynamic=False), args, eager, args)
+        run(f"{which}, dynamic=None (automatic), int t", torch.compile(fn), args, eager, args)
+        run(f"{which}, dynamic=False, t a 0-dim tensor", torch.compile(fn, dynamic=False),
+            t_tensor(args), eager, args)
     run("inline step_t, dynamic=False, tensor t", torch.compile(inline, dynamic=False),
         flat_args, inline, flat_args)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]

@@ -7,9 +7,9 @@ the oracle all go through it, so they evaluate the very same functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -146,15 +146,9 @@ class Problem:
     def hypers(self, *, differentiable: bool) -> dict[str, list[Tensor]]:
         """Every hyperparameter per tensor: meta-learned ones from φ^opt, the rest
         from the optimizer's param_groups."""
-        hp = self.inner.constant_hypers()
-        if self.scheduler is not None:      # the un-scheduled lr is the scheduler's base lr
-            bases = base_lrs(self.inner)
-            first = {g: p for p, g in zip(self.inner.params, self.inner.group_of())}
-            per_group = {g: torch.tensor(bases[g], dtype=hyper_dtype(p.dtype), device=p.device)
-                         for g, p in first.items()}
-            hp["lr"] = [per_group[g] if p.dtype == first[g].dtype and p.device == first[g].device
-                        else torch.tensor(bases[g], dtype=hyper_dtype(p.dtype), device=p.device)
-                        for p, g in zip(self.inner.params, self.inner.group_of())]
+        # with a scheduler, the un-scheduled lr is the scheduler's base lr
+        hp = self.inner.constant_hypers(None if self.scheduler is None else
+                                        {"lr": base_lrs(self.inner)})
         for name in self.meta.granularity:
             hp[name] = self.meta.expand(name) if differentiable else self.meta.hyper_values(name)
         return hp

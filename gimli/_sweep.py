@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from ._problem import Problem, grad_of
-from .optim.custom import CustomRule
 from ._schedule import Schedule
 from ._unroll import Point, Step, Unroll, add_note, describe_batch
 
@@ -40,13 +39,12 @@ def _zeros_like_state(state: Any) -> Any:
                          for field in state))
 
 
-def _accumulate(totals: list[Tensor], terms: Sequence[Tensor | None], inplace: bool = True) -> None:
-    """totals[i] += terms[i] where a term exists, in place (one foreach call) where the
-    totals are the sweep's own tensors. A total that cannot take an in-place add (a
-    broadcast view, or a term of a wider dtype), or any with ``inplace=False``, is
-    replaced by the sum."""
+def _accumulate(totals: list[Tensor], terms: Sequence[Tensor | None]) -> None:
+    """totals[i] += terms[i] where a term exists, in place (one foreach call): the totals
+    are the sweep's own tensors. A total that cannot take an in-place add (a broadcast
+    view, or a term of a wider dtype) is replaced by the sum."""
     pairs = [(i, t) for i, t in enumerate(terms) if t is not None]
-    fit = [(i, t) for i, t in pairs if inplace and totals[i].is_contiguous()
+    fit = [(i, t) for i, t in pairs if totals[i].is_contiguous()
            and t.dtype == totals[i].dtype and t.shape == totals[i].shape
            and not totals[i].requires_grad]
     if fit:
@@ -94,9 +92,6 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     A_loss = [a + d for a, d in zip(A_loss, _or_zeros(direct[n:], leaves))]
     S = _zeros_like_state(final.state)
     targets = n if not first_order else 0       # first-order: no ∇²_θ ℓ term
-    # b_j from gimli's own rules is a fresh tensor, added to in place; a user's closed-form
-    # VJP (register_optimizer) might return one of its inputs, so it is added out of place
-    own_b = not isinstance(inner.rule, CustomRule)
     for step in steps:                                          # line 10: j = J−1 … 0
         assert isinstance(step, Step)
         j, theta, G = step.j, step.theta, step.grads
@@ -116,7 +111,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
         reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
         B = list(out.params)                                                    # line 14
-        _accumulate(B, hm[:targets], inplace=own_b)     # (b_j, the VJP's own, added to in place)
+        _accumulate(B, hm[:targets])        # (b_j is the sweep's own: InnerOptimizer.vjp)
         S = out.state
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]

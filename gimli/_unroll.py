@@ -20,7 +20,6 @@ running statistics are updated once, as in the forward pass).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 

@@ -104,6 +104,7 @@ def register_optimizer(cls: type[torch.optim.Optimizer], *, hypers: Sequence[str
     register(cls, rule)
     return rule
 
+
 # Group entries that only select an implementation: accepted and ignored.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
@@ -114,7 +115,9 @@ class InnerOptimizer:
 
     ``params`` lists the optimizer's tensors in param-group order; group ``g``
     owns ``params[groups[g]]``, with static ``flags[g]`` and numeric
-    hyperparameters (names as in the optimizer file's HYPERS).
+    hyperparameters (names as in ``rule.hypers``). ``step`` and ``vjp`` run the rule
+    over the tensors in as few :class:`~gimli.optim._rule.Call` s as the flags and the
+    state allow, each kept between calls in ``_call_cache``.
     """
 
     torch_optimizer: torch.optim.Optimizer
@@ -168,10 +171,15 @@ class InnerOptimizer:
         """The index of the param group each tensor belongs to."""
         return [g for g, sl in enumerate(self.groups) for _ in range(sl.start, sl.stop)]
 
-    def constant_hypers(self) -> Hypers:
-        """Every hyperparameter as one 0-dim tensor per parameter, from param_groups."""
+    def constant_hypers(self, per_group: Mapping[str, Sequence[float]] | None = None) -> Hypers:
+        """Every hyperparameter as one 0-dim tensor per parameter, from param_groups (or,
+        for a name in ``per_group``, from its value for each group), one tensor per
+        distinct value: a call passes a value all its tensors share as it is."""
         values = self.group_hypers()
-        made: dict[Any, Tensor] = {}        # one tensor per value (a call then broadcasts it)
+        for name, given in (per_group or {}).items():
+            for g, value in enumerate(given):
+                values[g][name] = value
+        made: dict[Any, Tensor] = {}
 
         def constant(value: float | Tensor, like: Tensor) -> Tensor:
             if isinstance(value, Tensor):
@@ -235,15 +243,17 @@ class InnerOptimizer:
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None], hp: Hypers,
             cot_params: list[Tensor], cot_state: Any, need: frozenset[str]) -> VJP:
         """The four cotangents of :meth:`step`. A tensor that did not step passes
-        its cotangents through unchanged and gets no o_j (``None``) and no a_j."""
-        b = list(cot_params)
-        s = [list(field) for field in cot_state]
-        o: list[Tensor | None] = [None] * len(params)
-        a: dict[str, list[Tensor | None]] = {name: [None] * len(params) for name in need}
+        its cotangents through unchanged and gets no o_j (``None``) and no a_j. Each b_j
+        is a new tensor or one of ``cot_params`` (never θ, G or the state), so the
+        caller may add to it in place."""
         calls = self._calls(params, grads, state)
         if len(calls) == 1 and len(calls[0].idx) == len(params):    # one call, every tensor
             b_k, s_k, o_k, a_k = calls[0].vjp(params, state, grads, hp, cot_params, cot_state, need)
             return VJP(b_k, type(cot_state)(*s_k), o_k, a_k)
+        b = list(cot_params)
+        s = [list(field) for field in cot_state]
+        o: list[Tensor | None] = [None] * len(params)
+        a: dict[str, list[Tensor | None]] = {name: [None] * len(params) for name in need}
         for call in calls:
             b_k, s_k, o_k, a_k = call.vjp(params, state, grads, hp, cot_params, cot_state, need)
             for k, i in enumerate(call.idx):

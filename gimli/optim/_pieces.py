@@ -4,7 +4,7 @@ end: all are elementwise) with hyperparameters that broadcast against it.
 
 * ``signed``: s·g, s = −1 under ``maximize``;
 * coupled weight decay (L2 in the gradient): g₂ = s·g + λθ;
-* decoupled weight decay (AdamW): θ₁ = (1 − γλ)θ;
+* decoupled weight decay (AdamW): θ₁ = (1 − γλ)θ; ``weight_decay`` picks one by flag;
 * the exponential moving average m' = βm + (1 − β)x;
 * the bias correction c = 1 − β^t;
 * the square root at 0, whose cotangent is set to its true value 0 where the radicand
@@ -40,6 +40,26 @@ def decoupled_decay(p: Tensor, lr: Tensor, wd: Tensor) -> Tensor:
 def decoupled_decay_vjp(p1_bar: Tensor, p: Tensor, lr: Tensor, wd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(θ̄, γ̄ contribution, λ̄) of θ₁ = (1 − γλ)θ, given θ̄₁ (P4)."""
     return (1 - lr * wd) * p1_bar, -p1_bar * wd * p, -p1_bar * lr * p
+
+
+def weight_decay(g: Tensor, p: Tensor, lr: Tensor, wd: Tensor, maximize: bool,
+                 decoupled: bool) -> tuple[Tensor, Tensor]:
+    """(g₂, θ₁): coupled, g₂ = s·g + λθ and θ₁ = θ (P1); decoupled (AdamW's), g₂ = s·g
+    and θ₁ = (1 − γλ)θ (P3)."""
+    if decoupled:
+        return signed(g, maximize), decoupled_decay(p, lr, wd)
+    return coupled_decay(g, p, wd, maximize), p
+
+
+def weight_decay_vjp(P: Tensor, g2_bar: Tensor, p: Tensor, lr: Tensor, wd: Tensor, maximize: bool,
+                     decoupled: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(b, ḡ, γ̄ contribution or None, λ̄) of :func:`weight_decay`, given θ̄₁ = P (the
+    update adds θ₁ to θ') and ḡ₂ (P2, P4)."""
+    if decoupled:
+        b, lr_bar, wd_bar = decoupled_decay_vjp(P, p, lr, wd)
+        return b, signed(g2_bar, maximize), lr_bar, wd_bar
+    decay_bar, g_bar, wd_bar = coupled_decay_vjp(g2_bar, p, wd, maximize)
+    return P + decay_bar, g_bar, None, wd_bar
 
 
 def ema(old: Tensor, x: Tensor, beta: Tensor) -> Tensor:

@@ -280,12 +280,11 @@ class Call:
     def __init__(self, rule: Rule, flags: Any, idx: list[int], params: list[Tensor]):
         self.rule, self.flags, self.idx = rule, flags, idx
         self.everything = idx == list(range(len(params)))     # every tensor, in order
-        self.reduced = _reduced(params[idx[0]].dtype)
-        own = [params[i] for i in idx]
+        self.param_dtype = params[idx[0]].dtype
+        self.reduced = _reduced(self.param_dtype)
         self.kinds: list[_Kind] = []       # the state's, set before each use (field_kinds)
         self.compile = False               # through torch.compile (set before each use)
-        self.segments = Segments(own) if rule.elementwise else None
-        self.param_dtype = own[0].dtype
+        self.segments = Segments([params[i] for i in idx]) if rule.elementwise else None
 
     # -- the flat path ----------------------------------------------------------------------
     def _mine(self, values: list[Any]) -> list[Any]:
@@ -297,7 +296,7 @@ class Call:
         assert seg is not None
         fields: list[Any] = []
         for values, kind in zip(state, self.kinds):
-            mine = values if self.everything else [values[i] for i in self.idx]
+            mine = self._mine(values)
             fields.append(None if kind.kind == "none" else kind.value if kind.kind == "int"
                           else seg.spread(mine) if kind.kind == "scalar" else seg.join(mine))
         return type(state)(*fields)
@@ -307,7 +306,7 @@ class Call:
         assert seg is not None
         out = {}
         for name, values in hp.items():
-            mine = values if self.everything else [values[i] for i in self.idx]
+            mine = self._mine(values)
             first = mine[0]
             if name not in self.rule.hypers:        # a module's weight: one tensor for all
                 out[name] = first
@@ -333,12 +332,12 @@ class Call:
         created = kind.kind == "none" and key in self.rule.scalar_state.values()
         return (kind.kind == "scalar" or created) and not self._per_element(hp, key)
 
-    def _state_out(self, new_state: Any, old_kinds: list[_Kind], hp: Mapping[str, list[Tensor]],
+    def _state_out(self, new_state: Any, hp: Mapping[str, list[Tensor]],
                    dtypes: list[torch.dtype | None]) -> list[list[Any]]:
         seg = self.segments
         assert seg is not None
         out: list[list[Any]] = []
-        for name, x, kind, dtype in zip(type(new_state)._fields, new_state, old_kinds, dtypes):
+        for name, x, kind, dtype in zip(type(new_state)._fields, new_state, self.kinds, dtypes):
             if x is None:
                 out.append([None] * seg.k)
             elif not isinstance(x, Tensor):
@@ -367,7 +366,7 @@ class Call:
         run = compiled(self.rule.step) if self.compile and _constant(p, st, g, hp_in) else self.rule.step
         new_p, new_state = run(self.flags, p, st, g, hp_in)
         return seg.split(_stored(new_p, self.param_dtype)), \
-            self._state_out(new_state, self.kinds, hp, dtypes)
+            self._state_out(new_state, hp, dtypes)
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
             hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,

@@ -91,10 +91,7 @@ class _Forward(NamedTuple):
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
-    if flags.decoupled:                                             # (A1), (A2)
-        g2, p1 = pc.signed(g, flags.maximize), pc.decoupled_decay(p, lr, wd)
-    else:
-        g2, p1 = pc.coupled_decay(g, p, wd, flags.maximize), p
+    g2, p1 = pc.weight_decay(g, p, lr, wd, flags.maximize, flags.decoupled)   # (A1), (A2)
     m1 = pc.ema(s.exp_avg, g2, b1)                                  # (A3)
     v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
     u = torch.maximum(s.max_exp_avg_sq, v1) if s.max_exp_avg_sq is not None else v1    # (A4)
@@ -131,12 +128,8 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     else:
         v1_bar = u_bar if V is None else V + u_bar
     g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar       # (A13)
-    if flags.decoupled:                                             # (A14)
-        b_out, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)
-        o_out = pc.signed(g2_bar, flags.maximize)
-    else:
-        decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)
-        b_out, lr_decay_bar = P + decay_bar, None
+    b_out, o_out, lr_decay_bar, wd_bar = pc.weight_decay_vjp(P, g2_bar, p, lr, wd, flags.maximize,
+                                                             flags.decoupled)   # (A14)
     t = f.t
     contrib = {                                                     # (A15)
         "lr": lambda: -(P * update / f.c1) + (0 if lr_decay_bar is None else lr_decay_bar),

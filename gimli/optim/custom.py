@@ -86,7 +86,9 @@ class CustomRule(Rule):
             cot = {k: torch.zeros_like(x) if c is None and isinstance(x, Tensor)
                    and x.is_floating_point() else c for k, x, c in zip(s._fields, s, S)}
             p_bar, s_bar, g_bar, hp_bar = vjp(p, as_dict(s), g, hp, P, cot)
-            return VJP(p_bar, type(s)(*(s_bar.get(k) for k in s._fields)), g_bar,
+            # b_j is the caller's to add to in place (InnerOptimizer.vjp): a user's vjp may
+            # return one of its inputs as it is
+            return VJP(p_bar.clone(), type(s)(*(s_bar.get(k) for k in s._fields)), g_bar,
                        {name: hp_bar[name] for name in need if name in hp_bar})
 
         super().__init__(hypers=names, ranges=dict(ranges or {}), read_group=read_group,

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._core import BETA, NONNEGATIVE, group_float, hyper_dtype
-from ._rule import Call, Rule, field_kinds, key
+from . import _pieces as pc
+from ._core import BETA, NONNEGATIVE, group_float
+from ._rule import Rule
 
 HYPERS = ("lr", "beta")     # and the module-valued "net", one hyperparameter per weight
 RANGES = {"lr": NONNEGATIVE, "beta": BETA}     # as LearnedOptimizer's constructor checks them
@@ -85,7 +86,7 @@ def _network(net: nn.Module, weights: dict[str, Tensor], g: Tensor, m1: Tensor) 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
     lr, beta = hp["lr"], hp["beta"]
     weights = {k[len("net."):]: v for k, v in hp.items() if k.startswith("net.")}
-    m1 = (beta * s.momentum + (1 - beta) * g).to(s.momentum.dtype)  # (L1), stored as m (a float32
+    m1 = pc.ema(s.momentum, g, beta).to(s.momentum.dtype)           # (L1), stored as m (a float32
                                                                     # β per element of a bfloat16 model)
     u = _network(flags.net, weights, g, m1)                         # (L2)
     return p - lr * u, State(m1)                                    # (L3)
@@ -142,27 +143,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        members = [(p, group) for group in self.param_groups for p in group["params"]
-                   if p.grad is not None]
-        if not members:
+        from . import bind      # (gimli.optim imports this module)
+        inner = bind(self)      # the very step gimli's unroll takes, in the same calls
+        grads: list[Tensor | None] = [p.grad for p in inner.params]
+        if all(g is None for g in grads):
             return loss
-        params = [p for p, _ in members]
-        grads: list[Tensor | None] = [p.grad for p in params]
-        momenta: Any = [read_state(self.state[p], p, group).momentum for p, group in members]
-        state = State(momenta)          # one list per field, as InnerOptimizer.read_state
-        hp = {name: [torch.tensor(group_float(group, name), dtype=hyper_dtype(p.dtype), device=p.device)
-                     for p, group in members] for name in HYPERS}
-        # the calls gimli's unroll makes (InnerOptimizer._calls): tensors with the same network
-        # and the same dtype, device and state kinds step together, over their concatenation
-        calls: dict[Any, list[int]] = {}
-        for i, (p, group) in enumerate(members):
-            calls.setdefault((Flags(group["net"]), key(state, i, p)), []).append(i)
-        for (flags, _), idx in calls.items():
-            weights = {f"net.{n}": [w.detach()] * len(params) for n, w in flags.net.named_parameters()}
-            call = Call(RULE, flags, idx, params)
-            call.kinds = field_kinds(state, idx, params)
-            new_params, (new_m,) = call.step(params, state, grads, {**hp, **weights})
-            for k, i in enumerate(idx):
-                params[i].copy_(new_params[k])
-                self.state[params[i]]["momentum"] = new_m[k]
+        new_params, new_state = inner.step(inner.params, inner.read_state(), grads,
+                                           inner.constant_hypers())
+        for p, g, new, m in zip(inner.params, grads, new_params, new_state.momentum):
+            if g is not None:
+                p.copy_(new)
+                self.state[p]["momentum"] = m
         return loss

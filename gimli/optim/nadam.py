@@ -123,10 +123,7 @@ class _Forward(NamedTuple):
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
     lr, b1, b2, eps, wd, psi = (hp[k] for k in HYPERS)
     t = s.step + 1
-    if flags.decoupled:
-        g2, p1 = pc.signed(g, flags.maximize), pc.decoupled_decay(p, lr, wd)   # (N1), (N2)
-    else:
-        g2, p1 = pc.coupled_decay(g, p, wd, flags.maximize), p
+    g2, p1 = pc.weight_decay(g, p, lr, wd, flags.maximize, flags.decoupled)   # (N1), (N2)
     e, e_next = 0.96 ** (t * psi), 0.96 ** ((t + 1) * psi)         # (N3)
     mu, mu_next = b1 * (1 - 0.5 * e), b1 * (1 - 0.5 * e_next)
     prod1 = s.mu_product * mu                                       # (N4)
@@ -180,12 +177,8 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     mu_bar = -alpha_bar * lr / one_p1 + prod1_bar * s.mu_product   # (N13) μ̄_t
     mu_next_bar = kappa_bar * lr / one_p2 + prod2_bar * f.prod      # μ̄_{t+1}
     g2_bar = -f.alpha * P / f.delta + (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar  # (N15)
-    if flags.decoupled:
-        b_out, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)             # (N15) b_j
-        o_out = pc.signed(g2_bar, flags.maximize)                   # o_j                     (N15)
-    else:
-        decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)
-        b_out, lr_decay_bar = P + decay_bar, None
+    b_out, o_out, lr_decay_bar, wd_bar = pc.weight_decay_vjp(P, g2_bar, p, lr, wd, flags.maximize,
+                                                             flags.decoupled)   # (N15) b_j, o_j
     contrib = {                                                     # (N16)
         "lr": lambda: alpha_bar * (1 - f.mu) / one_p1 + kappa_bar * f.mu_next / one_p2
         + (0 if lr_decay_bar is None else lr_decay_bar),

@@ -100,10 +100,7 @@ class _Forward(NamedTuple):
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
     t = s.step + 1
-    if flags.decoupled:
-        g2, p1 = pc.signed(g, flags.maximize), pc.decoupled_decay(p, lr, wd)   # (RA1), (RA2)
-    else:
-        g2, p1 = pc.coupled_decay(g, p, wd, flags.maximize), p
+    g2, p1 = pc.weight_decay(g, p, lr, wd, flags.maximize, flags.decoupled)   # (RA1), (RA2)
     m1 = pc.ema(s.exp_avg, g2, b1)                                  # (RA3)
     v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
     c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)   # (RA4)
@@ -150,12 +147,8 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     rho_inf_bar = half_R * (1 / f.rho_inf - 1 / (f.rho_inf - 4) - 1 / (f.rho_inf - 2)) \
         + rho_t_bar
     g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar       # (RA13)
-    if flags.decoupled:
-        b_out, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)             # (RA14)
-        o_out = pc.signed(g2_bar, flags.maximize)                   # o_j                     (RA14)
-    else:
-        decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)
-        b_out, lr_decay_bar = P + decay_bar, None
+    b_out, o_out, lr_decay_bar, wd_bar = pc.weight_decay_vjp(P, g2_bar, p, lr, wd, flags.maximize,
+                                                             flags.decoupled)   # (RA14)
     contrib = {                                                     # (RA15)
         "lr": lambda: -(P * f.m1 * f.k / f.c1) + (0 if lr_decay_bar is None else lr_decay_bar),
         "beta1": lambda: m1_bar * (s.exp_avg - f.g2) + c1_bar * pc.bias_correction_grad(b1, t),
