@@ -71,12 +71,13 @@ class GimliSolver:
             and when a rank fails every rank fails or skips the step with it).
             ``None`` (default): when a process group is initialized; ``False``: never.
         process_group: the group to average over (default: the whole world).
-        compile: run the optimizer's update and its VJP through ``torch.compile`` (one
-            fused kernel per call instead of one per operation; elementwise rules with a
-            closed-form VJP). Exact to rounding; it costs a compile (seconds) per
-            optimizer call shape, paid back after about 10⁴ unroll steps for a 2·10⁴-
-            element Adam, and after 85 (Adam) or 243 (SGD) steps at 10⁶ elements on a
-            CPU (benchmarks/compiled.py). Off by default.
+        compile: run each optimizer call (joining its tensors, the update, splitting
+            back) and its VJP through ``torch.compile``, fused into a few kernels instead
+            of one per operation (elementwise rules with a closed-form VJP). Exact to
+            rounding; it costs a compile (seconds) per optimizer call shape, paid back
+            after about 1.3·10⁴ unroll steps for a 2·10⁴-element Adam on a CPU, sooner
+            on larger models, not on small SGD models (benchmarks/compiled.py). Off by
+            default.
 
     A tensor with ``requires_grad=False`` is a constant: in the optimizer it does not
     step (``torch.optim`` skips a tensor without a gradient), and as a meta-parameter

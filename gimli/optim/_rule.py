@@ -29,6 +29,7 @@ functions.
 
 from __future__ import annotations
 
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -116,41 +117,35 @@ class Rule:
 class Segments:
     """The tensors of one rule call laid end to end: ``join`` concatenates per-tensor
     values into one flat tensor, ``split`` cuts a flat result back, ``spread`` turns
-    one number per tensor into one per element and ``sums`` is its adjoint."""
+    one number per tensor into one per element and ``sums`` is its adjoint.
+
+    Eagerly, ``join`` reads values that already lie end to end (the views ``split``
+    made) without a copy; under ``torch.compile`` every piece is a plain ``cat`` or
+    ``split``, which the compiler fuses with the rule's arithmetic."""
 
     def __init__(self, params: list[Tensor]):
-        self.shapes = [p.shape for p in params]
-        self.sizes = [p.numel() for p in params]
+        self.shapes = tuple(p.shape for p in params)
+        self.sizes = tuple(p.numel() for p in params)
         self.total = sum(self.sizes)
         self.k = len(params)
         like = params[0]
         self.device, self.dtype = like.device, like.dtype
-        self._counts: Tensor | None = None
-        self._starts: Tensor | None = None
+        offsets = [0]
+        for n in self.sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.offsets = tuple(offsets)
+        self._starts = torch.tensor(offsets, device=self.device)
         # the shapes, as tensors without storage (what torch's unflatten reads)
         self._templates = [torch.empty(shape, device="meta") for shape in self.shapes]
         # the latest split's views and their flat tensor, weakly (holding nothing alive)
         self._last: tuple[list[weakref.ref[Tensor]], weakref.ref[Tensor]] | None = None
 
-    def counts(self) -> Tensor:
-        if self._counts is None:
-            self._counts = torch.tensor(self.sizes, device=self.device)
-        return self._counts
-
-    def starts(self) -> Tensor:
-        if self._starts is None:
-            offsets = [0]
-            for n in self.sizes[:-1]:
-                offsets.append(offsets[-1] + n)
-            self._starts = torch.tensor(offsets, device=self.device)
-        return self._starts
-
     def join(self, values: list[Tensor]) -> Tensor:
-        """One flat tensor of ``values`` (one per tensor, each its tensor's shape). Values
-        that already lie end to end in one storage (the views ``split`` returned) are
-        read in place, without a copy, where no graph is being recorded."""
+        """One flat tensor of ``values`` (one per tensor, each its tensor's shape)."""
         if self.k == 1:
             return values[0].reshape(-1)
+        if torch.compiler.is_compiling():
+            return torch.cat([v.reshape(-1) for v in values])
         if self._last is not None and all(v is w() for v, w in zip(values, self._last[0])):
             flat = self._last[1]()                   # the views split() just made
             if flat is not None:
@@ -164,22 +159,22 @@ class Segments:
             flat = flat.expand(self.total)
         if self.k == 1:
             return [flat.view(self.shapes[0])]
+        if torch.compiler.is_compiling():
+            return [x.view(s) for x, s in zip(flat.split(self.sizes), self.shapes)]
         views = list(torch._C._nn.unflatten_dense_tensors(flat, self._templates))
         if not flat.requires_grad:
             self._last = ([weakref.ref(v) for v in views], weakref.ref(flat))
         return views
 
     def spread(self, values: list[Tensor]) -> Tensor:
-        """One number per tensor (0-dim each) as one per element; the same tensor for
-        every position stays 0-dim (it broadcasts)."""
-        first = values[0]
-        if all(v is first for v in values) or self.k == 1:
-            return first
-        return torch.repeat_interleave(torch.stack(values), self.counts(), output_size=self.total)
+        """One number per tensor (0-dim each) as one per element."""
+        if self.k == 1:
+            return values[0]
+        return torch.cat([v.reshape(1).expand(n) for v, n in zip(values, self.sizes)])
 
     def sums(self, flat: Tensor) -> list[Tensor]:
-        """The adjoint of ``spread`` for each position: a per-element cotangent summed
-        over each tensor's elements (0-dim each)."""
+        """The adjoint of ``spread``: a per-element cotangent summed over each tensor's
+        elements (0-dim each)."""
         if flat.dim() == 0:
             flat = flat.expand(self.total)
         if self.k == 1:
@@ -191,7 +186,7 @@ class Segments:
         tensor (a spread value's image): its value at each tensor's first element."""
         if flat.dim() == 0:
             return [flat] * self.k
-        return list(flat[self.starts()].unbind()) if self.k > 1 else [flat[0]]
+        return [flat[s] for s in self.offsets]
 
     def place(self, values: list[Tensor | None]) -> Tensor | None:
         """The adjoint of ``pick``: each tensor's cotangent at its first element, 0 elsewhere."""
@@ -200,7 +195,7 @@ class Segments:
         like = next(v for v in values if v is not None)
         stacked = torch.stack([torch.zeros_like(like) if v is None else v for v in values])
         out = torch.zeros(self.total, dtype=stacked.dtype, device=stacked.device)
-        return out.index_copy_(0, self.starts(), stacked)
+        return out.index_copy(0, self._starts, stacked)
 
 
 def _laid_end_to_end(values: list[Tensor], total: int) -> Tensor | None:
@@ -273,6 +268,15 @@ def _stored(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     return x if dtype is None or x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
 
 
+class _Plan(NamedTuple):
+    """How one flat call carries each argument, decided before it runs (hashable: what a
+    compiled call specializes on)."""
+
+    hypers: tuple[tuple[str, str], ...]     # (name, "one" | "spread" | "elements" | "module")
+    per_tensor: tuple[bool, ...]            # per State field: one number per tensor (pick/place)
+    dtypes: tuple[torch.dtype | None, ...]  # per State field: the dtype its new value is stored in
+
+
 class Call:
     """One rule call: tensors ``idx`` of the optimizer, with equal flags and equal
     :func:`key`, stepped together (flat if the rule is elementwise, else one by one)."""
@@ -286,67 +290,9 @@ class Call:
         self.compile = False               # through torch.compile (set before each use)
         self.segments = Segments([params[i] for i in idx]) if rule.elementwise else None
 
-    # -- the flat path ----------------------------------------------------------------------
-    def _mine(self, values: list[Any]) -> list[Any]:
+    def mine(self, values: list[Any]) -> list[Any]:
         """The call's entries of a per-tensor list."""
         return values if self.everything else [values[i] for i in self.idx]
-
-    def _state_in(self, state: Any) -> Any:
-        seg = self.segments
-        assert seg is not None
-        fields: list[Any] = []
-        for values, kind in zip(state, self.kinds):
-            mine = self._mine(values)
-            fields.append(None if kind.kind == "none" else kind.value if kind.kind == "int"
-                          else seg.spread(mine) if kind.kind == "scalar" else seg.join(mine))
-        return type(state)(*fields)
-
-    def _hypers_in(self, hp: Mapping[str, list[Tensor]]) -> dict[str, Tensor]:
-        seg = self.segments
-        assert seg is not None
-        out = {}
-        for name, values in hp.items():
-            mine = self._mine(values)
-            first = mine[0]
-            if name not in self.rule.hypers:        # a module's weight: one tensor for all
-                out[name] = first
-            elif first.dim() == 0 and all(v is first for v in mine):
-                out[name] = first                   # one value for every tensor: it broadcasts
-            elif all(v.dim() == 0 for v in mine):
-                out[name] = seg.spread(mine)
-            else:                                   # per element (some 0-dim, at most)
-                out[name] = seg.join([v.expand(s) for v, s in zip(mine, seg.shapes)])
-        return out
-
-    def _per_element(self, hp: Mapping[str, list[Tensor]], key: str) -> bool:
-        """Whether state entry ``key``, one number per tensor in torch.optim, is one per
-        element here because a hyperparameter that shapes it is learned per element."""
-        return any(state_key == key and hp[name][self.idx[0]].dim() > 0
-                   for name, state_key in self.rule.scalar_state.items() if name in hp)
-
-    def _one_per_tensor(self, key: str, kind: _Kind, hp: Mapping[str, list[Tensor]]) -> bool:
-        """Whether state entry ``key`` leaves the step one number per tensor (and its
-        cotangent comes back so): it came in so ("scalar"), or the step creates it ("none":
-        ASGD's eta, created from lr at the first step) and the rule names it in
-        ``scalar_state``; unless a hyperparameter learned per element makes it per element."""
-        created = kind.kind == "none" and key in self.rule.scalar_state.values()
-        return (kind.kind == "scalar" or created) and not self._per_element(hp, key)
-
-    def _state_out(self, new_state: Any, hp: Mapping[str, list[Tensor]],
-                   dtypes: list[torch.dtype | None]) -> list[list[Any]]:
-        seg = self.segments
-        assert seg is not None
-        out: list[list[Any]] = []
-        for name, x, kind, dtype in zip(type(new_state)._fields, new_state, self.kinds, dtypes):
-            if x is None:
-                out.append([None] * seg.k)
-            elif not isinstance(x, Tensor):
-                out.append([x] * seg.k)
-            elif self._one_per_tensor(name, kind, hp):
-                out.append(seg.pick(x))
-            else:
-                out.append(seg.split(_stored(x, dtype)))
-        return out
 
     def step(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
              hp: Mapping[str, list[Tensor]]) -> tuple[list[Tensor], list[list[Any]]]:
@@ -355,18 +301,10 @@ class Call:
         creates, as SGD's first buffer, in its parameter's)."""
         if self.segments is None:
             return self._step_each(params, state, grads, hp)
-        seg = self.segments
-        first = self.idx[0]
-        mine = [values[first] for values in state]
-        dtypes = [x.dtype if isinstance(x, Tensor) and k.kind == "full" else
-                  None if k.kind == "scalar" else self.param_dtype for x, k in zip(mine, self.kinds)]
-        p = seg.join(self._mine(params))
-        g = seg.join(self._mine(grads))
-        st, hp_in = self._state_in(state), self._hypers_in(hp)
-        run = compiled(self.rule.step) if self.compile and _constant(p, st, g, hp_in) else self.rule.step
-        new_p, new_state = run(self.flags, p, st, g, hp_in)
-        return seg.split(_stored(new_p, self.param_dtype)), \
-            self._state_out(new_state, hp, dtypes)
+        if self._compiling():
+            return compiled(_flat_step, self.rule)(self, self._plan(state, hp), params, state,
+                                                   _values(grads), hp)
+        return _flat_step(self, self._plan(state, hp), params, state, grads, hp)
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
             hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
@@ -375,56 +313,110 @@ class Call:
         """b_j, S_j (per field), o_j and a_j (per hyperparameter) for the call's tensors."""
         if self.segments is None:
             return self._vjp_each(params, state, grads, hp, cot_params, cot_state, need)
-        seg = self.segments
-        p = seg.join(self._mine(params))
-        g = seg.join(self._mine(grads))
-        st = self._state_in(state)
-        hp_in = self._hypers_in(hp)
-        P = seg.join(self._mine(cot_params))
-        S = type(state)(*self._cot_state_in(cot_state, hp))
-        if self.reduced:                # a reduced-precision model's VJP, in float32 (_wide)
-            p, g, P = _wide(p), _wide(g), _wide(P)
-            st = type(state)(*(_wide(x) for x in st))
-            S = type(state)(*(_wide(x) for x in S))
-        run = self.rule.vjp or autograd_vjp(self.rule)
-        if self.compile and self.rule.vjp is not None and _constant(p, st, g, hp_in, P, S):
-            run = compiled(self.rule.vjp)
-        out = run(self.flags, p, st, g, hp_in, P, S, need)
-        fields: list[list[Any]] = []
-        for x, kind in zip(out.state, self.kinds):
-            if x is None or kind.kind in ("none", "int"):
-                fields.append([None] * seg.k)
-            elif kind.kind == "scalar":
-                fields.append(seg.sums(x))
-            else:
-                fields.append(seg.split(x))
-        hypers = {}
-        for name in need:
-            a = out.hypers.get(name)
-            like = self._mine(hp[name])
-            if a is None:
-                hypers[name] = [torch.zeros_like(v) for v in like]
-            elif name not in self.rule.hypers:           # a module's weight: the call's total
-                hypers[name] = [a] + [torch.zeros_like(v) for v in like[1:]]
-            elif all(v.dim() == 0 for v in like):
-                hypers[name] = seg.sums(a)
-            else:
-                hypers[name] = [x.sum() if v.dim() == 0 else x for x, v in zip(seg.split(a), like)]
-        return seg.split(out.params), fields, seg.split(out.grads), hypers
+        if self._compiling() and self.rule.vjp is not None:     # (autograd_vjp stays eager)
+            return compiled(_flat_vjp, self.rule)(self, self._plan(state, hp), params, state,
+                                                  _values(grads), hp, cot_params, cot_state, need)
+        return _flat_vjp(self, self._plan(state, hp), params, state, grads, hp, cot_params,
+                         cot_state, need)
 
-    def _cot_state_in(self, cot_state: Any, hp: Mapping[str, list[Tensor]]) -> list[Any]:
+    def _compiling(self) -> bool:
+        """Whether this call runs compiled: asked for, and nothing is recorded for autograd
+        (the full autograd unroll steps eagerly, through the graph)."""
+        return self.compile and not torch.is_grad_enabled()
+
+    def _plan(self, state: Any, hp: Mapping[str, list[Tensor]]) -> _Plan:
+        hypers = []
+        for name, values in hp.items():
+            mine = self.mine(values)
+            first = mine[0]
+            hypers.append((name, "module" if name not in self.rule.hypers else
+                           "one" if first.dim() == 0 and all(v is first for v in mine) else
+                           "spread" if all(v.dim() == 0 for v in mine) else "elements"))
+        i = self.idx[0]
+        per_tensor, dtypes = [], []
+        for name, values, kind in zip(type(state)._fields, state, self.kinds):
+            # a state entry torch.optim keeps as one number per tensor that came in so, or that
+            # the step creates (ASGD's eta), unless a hyperparameter learned per element
+            # makes it per element
+            created = kind.kind == "none" and name in self.rule.scalar_state.values()
+            per_element = any(key == name and hp[h][i].dim() > 0
+                              for h, key in self.rule.scalar_state.items() if h in hp)
+            per_tensor.append((kind.kind == "scalar" or created) and not per_element)
+            x = values[i]
+            dtypes.append(x.dtype if isinstance(x, Tensor) and kind.kind == "full" else
+                          None if kind.kind == "scalar" else self.param_dtype)
+        return _Plan(tuple(hypers), tuple(per_tensor), tuple(dtypes))
+
+    # -- the flat path's pieces (read by _flat_step and _flat_vjp) --------------------------
+    def state_in(self, state: Any) -> Any:
+        seg = self.segments
+        assert seg is not None
+        fields: list[Any] = []
+        for values, kind in zip(state, self.kinds):
+            mine = self.mine(values)
+            fields.append(None if kind.kind == "none" else kind.value if kind.kind == "int"
+                          else seg.spread(mine) if kind.kind == "scalar" else seg.join(mine))
+        return type(state)(*fields)
+
+    def hypers_in(self, plan: _Plan, hp: Mapping[str, list[Tensor]]) -> dict[str, Tensor]:
+        seg = self.segments
+        assert seg is not None
+        out = {}
+        for name, how in plan.hypers:
+            mine = self.mine(hp[name])
+            out[name] = (mine[0] if how in ("one", "module") else seg.spread(mine) if how == "spread"
+                         else seg.join([v.expand(s) for v, s in zip(mine, seg.shapes)]))
+        return out
+
+    def state_out(self, plan: _Plan, new_state: Any) -> list[list[Any]]:
+        seg = self.segments
+        assert seg is not None
+        out: list[list[Any]] = []
+        for x, per_tensor, dtype in zip(new_state, plan.per_tensor, plan.dtypes):
+            if x is None:
+                out.append([None] * seg.k)
+            elif not isinstance(x, Tensor):
+                out.append([x] * seg.k)
+            elif per_tensor:
+                out.append(seg.pick(x))
+            else:
+                out.append(seg.split(_stored(x, dtype)))
+        return out
+
+    def cot_state_in(self, plan: _Plan, cot_state: Any) -> list[Any]:
         seg = self.segments
         assert seg is not None
         out: list[Any] = []
-        for name, values, kind in zip(type(cot_state)._fields, cot_state, self.kinds):
-            mine = self._mine(values)
+        for values, kind, per_tensor in zip(cot_state, self.kinds, plan.per_tensor):
+            mine = self.mine(values)
             if kind.kind == "int" or all(v is None for v in mine):
                 out.append(None)
-            elif self._one_per_tensor(name, kind, hp):
+            elif per_tensor:
                 out.append(seg.place(mine))
             else:
                 out.append(seg.join([torch.zeros(s, dtype=seg.dtype, device=seg.device)
                                      if v is None else v for v, s in zip(mine, seg.shapes)]))
+        return out
+
+    def hypers_out(self, plan: _Plan, found: Mapping[str, Tensor], hp: Mapping[str, list[Tensor]],
+                   need: frozenset[str]) -> dict[str, list[Tensor]]:
+        """Each needed hyperparameter's cotangent per tensor, in its own shape there."""
+        seg = self.segments
+        assert seg is not None
+        out = {}
+        for name, how in plan.hypers:
+            if name not in need:
+                continue
+            a = found.get(name)
+            like = self.mine(hp[name])
+            if a is None:
+                out[name] = [torch.zeros_like(v) for v in like]
+            elif how == "module":                           # a module's weight: the call's total
+                out[name] = [a] + [torch.zeros_like(v) for v in like[1:]]
+            elif how in ("one", "spread"):
+                out[name] = seg.sums(a)
+            else:
+                out[name] = [x.sum() if v.dim() == 0 else x for x, v in zip(seg.split(a), like)]
         return out
 
     # -- tensor by tensor ---------------------------------------------------------------------
@@ -471,27 +463,67 @@ class Call:
         return b, fields, o, hypers
 
 
+def _values(grads: list[Tensor | None]) -> list[Tensor | None]:
+    """G_j without its graph: what a compiled call reads (the compiler would otherwise
+    inspect the ``.grad`` of a non-leaf tensor, and warn)."""
+    return [None if g is None else g.detach() for g in grads]
+
+
+def _flat_step(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: list[Tensor | None],
+               hp: Mapping[str, list[Tensor]]) -> tuple[list[Tensor], list[list[Any]]]:
+    """One flat call's step: join, the rule once, split (compiled as a whole by
+    ``compile=True``, so the joins and splits fuse with the rule's arithmetic)."""
+    seg = call.segments
+    assert seg is not None
+    p = seg.join(call.mine(params))
+    g = seg.join(call.mine(grads))
+    new_p, new_state = call.rule.step(call.flags, p, call.state_in(state), g, call.hypers_in(plan, hp))
+    return seg.split(_stored(new_p, call.param_dtype)), call.state_out(plan, new_state)
+
+
+def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: list[Tensor | None],
+              hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
+              need: frozenset[str]) -> tuple[list[Tensor], list[list[Any]], list[Tensor],
+                                             dict[str, list[Tensor]]]:
+    """One flat call's VJP, as :func:`_flat_step`."""
+    seg = call.segments
+    assert seg is not None
+    p = seg.join(call.mine(params))
+    g = seg.join(call.mine(grads))
+    st = call.state_in(state)
+    P = seg.join(call.mine(cot_params))
+    S = type(state)(*call.cot_state_in(plan, cot_state))
+    if call.reduced:                # a reduced-precision model's VJP, in float32 (_wide)
+        p, g, P = _wide(p), _wide(g), _wide(P)
+        st = type(state)(*(_wide(x) for x in st))
+        S = type(state)(*(_wide(x) for x in S))
+    run = call.rule.vjp or autograd_vjp(call.rule)
+    out = run(call.flags, p, st, g, call.hypers_in(plan, hp), P, S, need)
+    fields: list[list[Any]] = []
+    for x, kind in zip(out.state, call.kinds):
+        if x is None or kind.kind in ("none", "int"):
+            fields.append([None] * seg.k)
+        elif kind.kind == "scalar":
+            fields.append(seg.sums(x))
+        else:
+            fields.append(seg.split(x))
+    return seg.split(out.params), fields, seg.split(out.grads), call.hypers_out(plan, out.hypers, hp, need)
+
+
 _COMPILED: dict[Any, Any] = {}
 
 
-def compiled(fn: Any) -> Any:
-    """``fn`` through ``torch.compile``, once per function. Shapes and the step count
-    become symbolic after their first change (``dynamic=None``), so a call compiles one
-    or two graphs, not one per step."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=None)
-    return _COMPILED[fn]
-
-
-def _constant(*args: Any) -> bool:
-    """Whether no tensor among ``args`` (tensors, NamedTuples and dicts of them) needs a
-    graph: compiled code runs only where nothing is differentiated through it (the full
-    autograd unroll steps eagerly)."""
-    for a in args:
-        values = a.values() if isinstance(a, dict) else a if isinstance(a, tuple) else (a,)
-        if any(isinstance(v, Tensor) and v.requires_grad for v in values):
-            return False
-    return True
+def compiled(body: Any, rule: Rule) -> Any:
+    """``body`` through ``torch.compile``, one copy per rule (each copy has its own
+    compiled-code cache, so rules do not evict each other's graphs). Shapes and the
+    step count become symbolic after their first change (``dynamic=None``), so a call
+    compiles one or two graphs, not one per step."""
+    key = (body, id(rule))
+    if key not in _COMPILED:
+        copy = types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__,
+                                  body.__defaults__, body.__closure__)
+        _COMPILED[key] = (rule, torch.compile(copy, dynamic=None))     # (the rule kept alive)
+    return _COMPILED[key][1]
 
 
 def autograd_vjp(rule: Rule) -> VjpFn:
