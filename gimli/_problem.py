@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -182,16 +182,18 @@ class Problem:
             return _scalar(self.loss_fn(model, batch, self.meta), "loss_fn (as the validation loss)")
         return _scalar(self.val_loss_fn(model, batch, self.meta), "val_loss_fn")
 
-    def inner_grads(self, loss: Tensor, theta: list[Tensor], graph: bool = True) -> list[Tensor | None]:
+    def inner_grads(self, loss: Tensor, theta: list[Tensor], graph: bool = True,
+                    leaves: Sequence[Tensor] = ()) -> list[Tensor | None]:
         """G_j = ∇_θ ℓ(θ'_j, φ^loss), keeping its graph if ``graph`` (Algorithm 1,
-        line 5). A tensor the loss does not read gets ``None`` (and does not step)."""
+        line 5), followed by ∇ℓ w.r.t. each of ``leaves`` (φ^loss). A tensor the loss
+        does not read gets ``None`` (and does not step)."""
         if not loss.requires_grad:
             raise ValueError("loss_fn returned a loss that does not depend on the model's "
                              "parameters (it does not require grad): does it call the model it is "
                              "given (its first argument), not your module itself, and not under "
                              "torch.no_grad()?")
-        grads = grad_of(loss, theta, create_graph=graph)
-        if all(g is None for g in grads):
+        grads = grad_of(loss, theta + list(leaves), create_graph=graph)
+        if all(g is None for g in grads[:len(theta)]):
             raise ValueError("loss_fn returned a loss that does not depend on any parameter "
                              "the optimizer trains (with requires_grad=True): does it call the "
                              "model it is given (its first argument), not your module itself?")

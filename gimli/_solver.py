@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from . import _arguments, _checkpoint, _distributed
 from ._data import Stream
 from ._distributed import Sums
+from ._forward import directions, forward_hypergradient
 from ._meta import MetaParams
 from ._problem import GimliWarning, LossFn, NonFiniteError, Problem, ValLossFn
 from ._schedule import Schedule, rebase
@@ -71,6 +72,11 @@ class GimliSolver:
             and when a rank fails every rank fails or skips the step with it).
             ``None`` (default): when a process group is initialized; ``False``: never.
         process_group: the group to average over (default: the whole world).
+        mode: ``"reverse"`` (Algorithm 1: the sweep back over the unroll) or
+            ``"forward"``: the tangents dθ'_j/dφ and dσ_j/dφ carried forward with the
+            unroll, one per element of the learned hyperparameters and φ^loss entries, so
+            memory does not grow with J (for few hyperparameters: scalar, group or tensor
+            granularity; not θ₀ or per-element ones). The same hypergradient to rounding.
         compile: run each optimizer call (joining its tensors, the update, splitting
             back) and its VJP through ``torch.compile``, fused into a few kernels instead
             of one per operation (elementwise rules with a closed-form VJP). Exact to
@@ -91,7 +97,7 @@ class GimliSolver:
                  scheduler: Any = None, memory: str = "retain", snapshots: int | None = None,
                  first_order: bool = False, truncate: int | None = None,
                  distributed: bool | None = None, process_group: Any = None,
-                 compile: bool = False, _shadows: Any = None):
+                 compile: bool = False, mode: str = "reverse", _shadows: Any = None):
         _arguments.check_positional(model, loss_fn, opt, meta_params)
         if meta_opt is not None:
             _arguments.check_meta_opt_type(meta_opt)
@@ -110,6 +116,14 @@ class GimliSolver:
             raise ValueError(f"truncate must be an int ≥ 1, got {truncate!r}")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
+        if mode not in ("reverse", "forward"):
+            raise ValueError(f"mode must be 'reverse' or 'forward', not {mode!r}")
+        if mode == "forward" and memory != "retain":
+            raise ValueError(f"memory={memory!r} chooses how reverse mode keeps the trajectory; "
+                             f"mode='forward' keeps none (its memory does not grow with J)")
+        if mode == "forward":
+            _check_forward(meta_params)
+        self.mode = mode
         self.distributed, self.process_group = distributed, process_group
         self.memory, self.snapshots = memory, snapshots
         self.first_order, self.truncate = first_order, truncate
@@ -340,6 +354,8 @@ class GimliSolver:
         return Sums(total, float(len(pairs)), val, train), result
 
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], _Result]:
+        if self.mode == "forward":
+            return self._compute_forward(train_batches, val_batch)
         problem = self.problem
         with torch.enable_grad(), problem.held():                   # also under torch.no_grad()
             split = problem.split(len(train_batches))                             # line 2
@@ -357,6 +373,29 @@ class GimliSolver:
                                   first_order=self.first_order)                # lines 8–15
             self._warn_unreached(phi_loss, result.reached)
             grads = self._join(result, phi_loss)                                   # line 16
+        self.last_forward_steps = run.forward_steps
+        return grads, _Result(result.val_loss, run.train_losses, schedule, result.final)
+
+    def _compute_forward(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], _Result]:
+        problem = self.problem
+        J = len(train_batches)
+        with torch.enable_grad(), problem.held():
+            split = problem.split(J)
+            _, learned, phi_loss, schedule = split
+            count = len(directions(self.meta, learned, phi_loss))
+            swept = J if self.truncate is None else min(J, self.truncate)
+            if count > swept:
+                raise ValueError(
+                    f"mode='forward' would carry {count} tangents of (θ, σ), one per learned "
+                    f"hyperparameter or loss-parameter element, more than the {swept} steps whose "
+                    f"points reverse mode keeps: use mode='reverse' (memory='recompute' holds "
+                    f"{swept} points, 'budget' fewer)")
+            run = Unroll(problem, split.per_step(J), train_batches, truncate=self.truncate,
+                         graph=not self.first_order or bool(phi_loss), leaves=phi_loss)
+            result = forward_hypergradient(problem, run, learned, phi_loss, schedule, val_batch,
+                                           first_order=self.first_order)
+            self._warn_unreached(phi_loss, result.reached)
+            grads = {name: result.grads[id(p)] for name, p in self._learned()}
         self.last_forward_steps = run.forward_steps
         return grads, _Result(result.val_loss, run.train_losses, schedule, result.final)
 
@@ -396,6 +435,19 @@ class _Result(NamedTuple):
     train_losses: list[float]
     schedule: Schedule | None
     final: Point
+
+
+def _check_forward(meta: MetaParams) -> None:
+    """Forward mode carries one tangent per meta-parameter element: refuse the kinds
+    whose count grows with the model (θ₀, per-element hyperparameters)."""
+    if meta.init is not None:
+        raise ValueError("mode='forward' carries one tangent of (θ, σ) per meta-parameter element, "
+                         "and θ₀ (init=) has as many elements as the model: use mode='reverse'")
+    per_element = [name for name, per in meta.granularity.items() if per == "element"]
+    if per_element:
+        raise ValueError(f"mode='forward' carries one tangent of (θ, σ) per meta-parameter element, "
+                         f"and {', '.join(per_element)} per 'element' has as many as the model: learn "
+                         f"it per 'tensor', 'group' or 'scalar', or use mode='reverse'")
 
 
 def _norms(grads: dict[str, Tensor]) -> dict[str, float]:

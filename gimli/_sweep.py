@@ -59,6 +59,29 @@ def _or_zeros(grads: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
 
 
+def validation(problem: Problem, unroll: Unroll, final: Point, leaves: list[Tensor],
+               val_batch: Any) -> tuple[Tensor, list[Tensor], list[Tensor], list[bool]]:
+    """L^val(θ'_J), its gradient w.r.t. θ'_J and its direct gradient w.r.t. each φ^loss
+    leaf (zeros where it does not read one), and which leaves it reads."""
+    n = len(final.theta)
+    theta_J = [t.detach().requires_grad_(trained) for t, trained in zip(final.theta, unroll.trained)]
+    val_buffers = {k: b.clone() for k, b in final.buffers.items()}    # σ_J's buffers stay as J steps
+    try:
+        val = problem.val_loss(theta_J, val_buffers, val_batch)         # left them (for a commit)
+    except Exception as e:
+        add_note(e, f"(raised by the validation loss on val_batch, {describe_batch(val_batch)}; val_batch "
+                 f"is one batch, where train_batches is a list of them)")
+        raise
+    direct = grad_of(val, theta_J + leaves) if val.requires_grad else [None] * (n + len(leaves))
+    if all(d is None for d in direct[:n]):
+        raise ValueError("the validation loss does not depend on the model's parameters θ'_J, so "
+                         "no meta-parameter can change it through the unroll (Requirement I of the "
+                         "paper: ∇_θ L^val must exist); check val_loss_fn (is it computed under "
+                         "torch.no_grad(), or from detached outputs?)")
+    return (val, _or_zeros(direct[:n], theta_J), _or_zeros(direct[n:], leaves),
+            [d is not None for d in direct[n:]])
+
+
 def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[Tensor],
           schedule: Schedule | None, val_batch: Any, *, first_order: bool = False) -> Sweep:
     """The hypergradient pieces for the hyperparameters ``need`` (φ^opt) and the
@@ -72,24 +95,9 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     A_opt = {name: [torch.zeros_like(v) for v in unroll.hypers[0][name]] for name in need}
     A_loss = [torch.zeros_like(x) for x in leaves]
     # line 9: B_J ← ∇_θ L^val(θ'_J), plus L^val's direct gradient w.r.t. φ^loss; S_J ← 0
-    theta_J = [t.detach().requires_grad_(trained) for t, trained in zip(final.theta, unroll.trained)]
-    val_buffers = {n: b.clone() for n, b in final.buffers.items()}    # σ_J's buffers stay as J steps
-    try:
-        val = problem.val_loss(theta_J, val_buffers, val_batch)         # left them (for a commit)
-    except Exception as e:
-        add_note(e, f"(raised by the validation loss on val_batch, {describe_batch(val_batch)}; val_batch "
-                 f"is one batch, where train_batches is a list of them)")
-        raise
+    val, B, direct, reached = validation(problem, unroll, final, leaves, val_batch)
     unroll.rng.mark_end()
-    direct = grad_of(val, theta_J + leaves) if val.requires_grad else [None] * (n + len(leaves))
-    if all(d is None for d in direct[:n]):
-        raise ValueError("the validation loss does not depend on the model's parameters θ'_J, so "
-                         "no meta-parameter can change it through the unroll (Requirement I of the "
-                         "paper: ∇_θ L^val must exist); check val_loss_fn (is it computed under "
-                         "torch.no_grad(), or from detached outputs?)")
-    reached = [d is not None for d in direct[n:]]
-    B = _or_zeros(direct[:n], theta_J)
-    A_loss = [a + d for a, d in zip(A_loss, _or_zeros(direct[n:], leaves))]
+    A_loss = [a + d for a, d in zip(A_loss, direct)]
     S = _zeros_like_state(final.state)
     targets = n if not first_order else 0       # first-order: no ∇²_θ ℓ term
     for step in steps:                                          # line 10: j = J−1 … 0

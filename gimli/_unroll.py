@@ -43,12 +43,14 @@ class Point(NamedTuple):
 
 
 class Step(NamedTuple):
-    """Step j as the sweep needs it: θ'_j as leaves, σ_j, G_j with its graph."""
+    """Step j as the sweep needs it: θ'_j as leaves, σ_j, G_j with its graph (and, for
+    forward mode, ∇ℓ_j w.r.t. each φ^loss leaf with its graph)."""
 
     j: int
     theta: list[Tensor]
     state: Any
     grads: list[Tensor | None]
+    leaf_grads: list[Tensor | None] = []
 
 
 class RngTape:
@@ -157,8 +159,10 @@ class Unroll:
 
     def __init__(self, problem: Problem, hypers: Sequence[Hypers], batches: Sequence[Any], *,
                  memory: str = "retain", snapshots: int | None = None, graph: bool = True,
-                 truncate: int | None = None, check_each: bool = False):
+                 truncate: int | None = None, check_each: bool = False,
+                 leaves: Sequence[Tensor] = ()):
         self.problem, self.hypers, self.batches = problem, hypers, batches
+        self.leaves = list(leaves)      # φ^loss leaves whose ∇ℓ_j each step also keeps
         self.memory, self.snapshots, self.graph = memory, snapshots, graph
         self.J = len(batches)
         self.first = 0 if truncate is None else max(0, self.J - truncate)   # oldest step swept
@@ -204,11 +208,12 @@ class Unroll:
             raise ValueError("loss_fn modified the model's parameters in place (θ'_j); gimli "
                              "evaluates every loss at the unroll's own θ'_j, so loss_fn must only "
                              "read them (use out-of-place operations, e.g. w = w * mask, not w.mul_)")
-        G = self.problem.inner_grads(loss, theta, graph=graph)
+        found = self.problem.inner_grads(loss, theta, graph=graph, leaves=self.leaves)
+        G, leaf_grads = found[:len(theta)], found[len(theta):]
         if not self._checking:
             if len(self._losses) == j:              # first run of step j: checked at check()
                 self._losses.append(loss.detach())
-            return Step(j, theta, point.state, G), buffers
+            return Step(j, theta, point.state, G, leaf_grads), buffers
         value = loss.item()
         bad = _nonfinite(G)
         if bad is not None:
@@ -218,7 +223,7 @@ class Unroll:
                 f"of loss_fn (or of the model) produces inf or NaN at θ'_{j} — a square root, log "
                 f"or division at 0, or a masked branch (torch.where) with an infinite value")
         self.train_losses[j] = value
-        return Step(j, theta, point.state, G), buffers
+        return Step(j, theta, point.state, G, leaf_grads), buffers
 
     def run(self, j: int, point: Point, *, graph: bool) -> tuple[Step, Point]:
         """Step j from ``point``: G_j and the next point (line 6)."""

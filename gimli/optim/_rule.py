@@ -554,9 +554,10 @@ def autograd_vjp(rule: Rule) -> VjpFn:
             names = sorted(need)
             inputs = [p] + [fields[f] for f in slots] + [g] + [hp[n] for n in names]
             raw: tuple[Tensor | None, ...] = (None,) * len(inputs)
-            if outs:
+            if outs:            # (differentiable in the cotangents where they need it: forward mode)
                 raw = torch.autograd.grad([x for x, _ in outs], inputs,
-                                          [c.expand_as(x) for x, c in outs], allow_unused=True)
+                                          [c.expand_as(x) for x, c in outs], allow_unused=True,
+                                          create_graph=any(c.requires_grad for _, c in outs))
         found = [torch.zeros_like(x) if r is None else r for r, x in zip(raw, inputs)]
         s_bar: list[Any] = [None] * len(state)
         for f, r in zip(slots, found[1:1 + len(slots)]):

@@ -1,0 +1,217 @@
+r"""Forward-mode hypergradients: the tangents of θ'_j and σ_j carried with the unroll.
+
+Reverse mode (``_sweep.py``) needs the whole trajectory back, so its memory grows
+with J. Forward mode (Franceschi et al. 2017, "Forward and Reverse Gradient-Based
+Hyperparameter Optimization") carries, for each direction d in meta-parameter space
+(one per element of a learned hyperparameter or φ^loss entry), the tangents
+Z_j = (dθ'_j/dφ)·d and Y_j = (dσ_j/dφ)·d, starting from Z_0 = Y_0 = 0:
+
+    dG_j    = ∇²_θ ℓ_j Z_j + ∂_{φ^loss}∇_θ ℓ_j · d^loss
+            = ∇_θ [ ⟨G_j, Z_j⟩ + ⟨∇_{φ^loss} ℓ_j, d^loss⟩ ]              one backward call
+    (Z_{j+1}, Y_{j+1}) = JVP of opt_j at (θ'_j, σ_j, G_j, φ^opt_j) along (Z_j, Y_j, dG_j, d^opt_j)
+    dL^val/dφ · d = ⟨∇_θ L^val(θ'_J), Z_J⟩ + ∂_{φ^loss} L^val · d^loss
+
+(the second line by the symmetry of second derivatives: ∇_θ⟨∇_{φ^loss}ℓ, d⟩ is the
+mixed derivative applied to d). Memory: one (Z, Y) per direction and one step's
+graph, whatever J.
+
+The optimizer's JVP is the transpose of the VJP the sweep uses. The VJP maps the
+cotangents (P, S) of (θ'_{j+1}, σ_{j+1}) linearly to those of (θ'_j, σ_j, G_j, φ^opt_j),
+so for any tangent (Z, Y, dG, d^opt):
+
+    (Z_{j+1}, Y_{j+1}) = ∇_(P,S) ⟨VJP(P, S), (Z, Y, dG, d^opt)⟩
+
+one autograd pass through the VJP per direction. It is the same closed form, with the
+same guards (Adam's cotangent at √0), so forward mode equals reverse mode to rounding
+for every optimizer, and is as finite as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._meta import MetaParams
+from ._problem import Problem
+from ._schedule import Schedule
+from ._sweep import validation
+from ._unroll import Point, Step, Unroll
+
+Tangent = tuple[list[Tensor], Any]          # (Z: one tensor per θ tensor, Y: a State of lists)
+
+
+class Direction(NamedTuple):
+    """One tangent direction: an element of a learned hyperparameter (``name``) or of a
+    φ^loss leaf (``leaf``, its index among the leaves)."""
+
+    name: str | None
+    leaf: int | None
+    element: int        # the element, in the meta-parameter's flattened order
+
+
+class Forward(NamedTuple):
+    grads: dict[int, Tensor]        # id(meta-parameter tensor) -> its hypergradient
+    val_loss: float
+    final: Point
+    reached: list[bool]             # per φ^loss leaf: reaches some G_j or L^val
+
+
+def directions(meta: MetaParams, learned: frozenset[str], leaves: Sequence[Tensor]) -> list[Direction]:
+    """Every direction forward mode carries, φ^opt's first."""
+    out = [Direction(name, None, e) for name in sorted(learned) if meta.hyper(name).requires_grad
+           for e in range(meta.hyper(name).numel())]
+    return out + [Direction(None, i, e) for i, leaf in enumerate(leaves) for e in range(leaf.numel())]
+
+
+def hyper_tangents(meta: MetaParams, dirs: Sequence[Direction]) -> list[dict[str, list[Tensor]]]:
+    """For each direction, the tangent of each learned hyperparameter per tensor (its
+    value through the transform and the granularity's spread): J·e for the Jacobian J
+    of ``meta.expand(name)``, by transposing its VJP once per direction."""
+    out: list[dict[str, list[Tensor]]] = [{} for _ in dirs]
+    for name in {d.name for d in dirs if d.name is not None}:
+        raw = meta.hyper(name)
+        with torch.enable_grad():
+            values = meta.expand(name)
+            probes = [torch.zeros_like(v, requires_grad=True) for v in values]
+            (pulled,) = torch.autograd.grad(values, raw, probes, create_graph=True)
+        for k, d in enumerate(dirs):
+            if d.name != name:
+                continue
+            unit = torch.zeros_like(raw).view(-1)
+            unit[d.element] = 1
+            found = torch.autograd.grad(pulled, probes, unit.view_as(raw), retain_graph=True,
+                                        allow_unused=True)
+            out[k][name] = [torch.zeros_like(v) if t is None else t.detach() for t, v in zip(found, values)]
+    return out
+
+
+def _state_zeros(state: Any, grad: bool) -> Any:
+    """A State of zeros shaped as ``state``'s floating tensors (None elsewhere)."""
+    return type(state)(*([torch.zeros_like(x).requires_grad_(grad)
+                          if isinstance(x, Tensor) and x.is_floating_point() else None for x in field]
+                         for field in state))
+
+
+def forward_hypergradient(problem: Problem, unroll: Unroll, learned: frozenset[str],
+                          leaves: list[Tensor], schedule: Schedule | None, val_batch: Any, *,
+                          first_order: bool = False) -> Forward:
+    """The hypergradient of every learned φ^opt and φ^loss entry by forward mode, with
+    the unroll run once, in order, each step's graph freed before the next."""
+    inner, meta = problem.inner, problem.meta
+    dirs = directions(meta, learned, leaves)
+    d_hyper = hyper_tangents(meta, dirs)
+    need = frozenset(name for name in learned if meta.hyper(name).requires_grad)
+    point = unroll.advance(0, unroll.start, unroll.first)      # truncated: tangents start at J − K
+    tangents: list[Tangent | None] = [None] * len(dirs)        # None: zero so far
+    reached = [False] * len(leaves)
+    for j in range(unroll.first, unroll.J):
+        step, after = unroll.run(j, point, graph=True)
+        reached = [r or g is not None for r, g in zip(reached, step.leaf_grads)]
+        hp = unroll.hypers[j]
+        d_hp = [{name: list(values) if schedule is None else
+                 [torch.zeros_like(v) if t is None else t
+                  for t, v in zip(schedule.pull_back(j, name, values), values)]
+                 for name, values in dh.items()} for dh in d_hyper]
+        d_grads = [_grad_tangent(step, tangent, d, leaves, first_order)
+                   for tangent, d in zip(tangents, dirs)]
+        tangents = _optimizer_jvp(inner, step, after.state, hp, need, tangents, d_grads, d_hp)
+        point = after
+        del step
+    unroll.check(point)
+    val, B, direct, val_reached = validation(problem, unroll, point, leaves, val_batch)
+    reached = [r or v for r, v in zip(reached, val_reached)]
+    grads: dict[int, Tensor] = {}
+    flat: dict[int, Tensor] = {}
+    for tangent, d in zip(tangents, dirs):
+        target = meta.hyper(d.name) if d.name is not None else leaves[d.leaf]   # type: ignore[index]
+        if id(target) not in flat:
+            flat[id(target)] = torch.zeros(target.numel(), dtype=target.dtype, device=target.device)
+            grads[id(target)] = flat[id(target)].view_as(target)
+        total = torch.zeros((), dtype=torch.float64, device=target.device)
+        if tangent is not None:
+            for b, z in zip(B, tangent[0]):
+                total = total + (b.double() * z.double()).sum()
+        if d.leaf is not None:
+            total = total + direct[d.leaf].reshape(-1)[d.element].double()
+        flat[id(target)][d.element] = total.to(target.dtype)
+    return Forward(grads, val.item(), point, reached)
+
+
+def _grad_tangent(step: Step, tangent: Tangent | None, d: Direction, leaves: list[Tensor],
+                  first_order: bool) -> list[Tensor | None] | None:
+    """dG_j along one direction: ∇_θ[⟨G_j, Z_j⟩ + ⟨∇_{φ^loss}ℓ_j, d^loss⟩] (None: zero)."""
+    outputs: list[Tensor] = []
+    cotangents: list[Tensor] = []
+    if tangent is not None and not first_order:         # first order: no ∇²_θ ℓ term
+        for g, z in zip(step.grads, tangent[0]):
+            if g is not None and g.requires_grad:
+                outputs.append(g)
+                cotangents.append(z)
+    if d.leaf is not None:
+        g = step.leaf_grads[d.leaf]
+        if g is not None and g.requires_grad:
+            unit = torch.zeros_like(g).view(-1)
+            unit[d.element] = 1
+            outputs.append(g)
+            cotangents.append(unit.view_as(g))
+    inputs = [t for t in step.theta if t.requires_grad]
+    if not outputs or not inputs:
+        return None
+    found = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True)
+    it = iter(found)
+    return [next(it) if t.requires_grad else None for t in step.theta]
+
+
+def _optimizer_jvp(inner: Any, step: Step, new_state: Any, hp: dict[str, list[Tensor]],
+                   need: frozenset[str], tangents: Sequence[Tangent | None],
+                   d_grads: Sequence[list[Tensor | None] | None],
+                   d_hp: Sequence[dict[str, list[Tensor]]]) -> list[Tangent | None]:
+    """(Z_{j+1}, Y_{j+1}) for every direction: the transpose of the optimizer's VJP at
+    step j, applied to (Z_j, Y_j, dG_j, d^opt_j)."""
+    theta = [t.detach() for t in step.theta]
+    G = [None if g is None else g.detach() for g in step.grads]
+    P = [torch.zeros_like(t, requires_grad=True) for t in theta]
+    S = _state_zeros(new_state, True)
+    S_leaves = [x for field in S for x in field if x is not None]
+    with torch.enable_grad():
+        out = inner.vjp(theta, step.state, G, hp, P, S, need)
+    result: list[Tangent | None] = []
+    for tangent, dG, dh in zip(tangents, d_grads, d_hp):
+        outputs: list[Tensor] = []
+        cotangents: list[Tensor] = []
+
+        def add(y: Tensor | None, t: Tensor | None) -> None:
+            if y is not None and t is not None and y.requires_grad:
+                outputs.append(y)
+                cotangents.append(t)
+
+        if tangent is not None:
+            for b, z in zip(out.params, tangent[0]):
+                add(b, z)
+            for s_field, y_field in zip(out.state, tangent[1]):
+                for s, y in zip(s_field, y_field):
+                    add(s, y)
+        if dG is not None:
+            for o, dg in zip(out.grads, dG):
+                add(o, dg)
+        for name, values in dh.items():
+            for a, t in zip(out.hypers[name], values):
+                add(a, t)
+        if not outputs:
+            result.append(None)
+            continue
+        found = torch.autograd.grad(outputs, P + S_leaves, cotangents, retain_graph=True,
+                                    allow_unused=True)
+        Z = [torch.zeros_like(t) if z is None else z for z, t in zip(found[:len(P)], theta)]
+        it = iter(found[len(P):])
+        Y = type(new_state)(*([None if x is None else _or_zero(next(it), x) for x in field]
+                              for field in S))
+        result.append((Z, Y))
+    return result
+
+
+def _or_zero(found: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like).detach() if found is None else found

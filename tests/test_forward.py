@@ -1,0 +1,235 @@
+"""Forward mode (``GimliSolver(mode="forward")``): the tangents dθ'_j/dφ and dσ_j/dφ carried
+with the unroll give the same hypergradient as reverse mode.
+
+Oracle: reverse mode on the same solver setup, itself equal to the full autograd unroll
+for every optimizer (tests/test_sweep.py, tests/test_capabilities.py); float64, the
+same tolerance as those (rtol 1e-9). Forward mode is the transpose of the same linear
+maps, evaluated in the other order, so the two agree to rounding, not only to 1e-9.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from torch import nn
+
+import gimli
+from gimli._forward import directions
+from gimli.optim import capabilities
+from gimli.optim._settings import TYPICAL
+from optim_db import IDS, OPTIM_DB, OptimRow, granularities
+from setups import optimizer_class
+from strategies import meta_choices, mlp, mse, problems, regression_batches, take_real_steps
+from strategies import Problem as Task
+from test_capabilities import PRE
+from test_sweep import assert_hypergradients_close, build
+
+pytestmark = pytest.mark.filterwarnings("ignore::gimli.GimliWarning")
+
+
+def both(make: Any, train: list[Any], val: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The hypergradient of ``make(mode)``'s solver in reverse and in forward mode, each from
+    the same random state (dropout draws the same masks)."""
+    torch.manual_seed(7)
+    reverse = make("reverse").hypergradient(train, val)
+    torch.manual_seed(7)
+    forward = make("forward").hypergradient(train, val)
+    return reverse, forward
+
+
+def penalized(m: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
+    """mse plus a φ^loss L2 term per weight matrix (log-coefficients)."""
+    weights = [p for name, p in m.named_parameters() if name.endswith("weight")]
+    return mse(m, batch) + sum(c.exp() * (w ** 2).sum() for c, w in zip(meta["l2"], weights))
+
+
+# every optimizer, every hyperparameter it claims, at once: per group where it may be
+# (one value per param group), else one for all; and a φ^loss term; the learned
+# optimizer's network (hundreds of weights: reverse mode's case) is left out
+CASES = sorted(capabilities())
+
+
+@pytest.mark.parametrize("opt_name", CASES)
+def test_forward_equals_reverse_for_every_optimizer(opt_name: str) -> None:
+    pre = PRE.get(opt_name, 2)
+    steps = 16
+    batches = regression_batches(3, 3, 2, pre + steps + 1)
+    claims = {h: "group" if "group" in per else "scalar"
+              for h, per in capabilities()[opt_name].items() if h != "net"}
+
+    def make(mode: str) -> gimli.GimliSolver:
+        torch.manual_seed(0)
+        model = mlp([3, 4, 2], "tanh", bias=opt_name != "Muon")
+        params = list(model.parameters())
+        half = len(params) // 2
+        opt = optimizer_class(opt_name)([{"params": params[:half]},
+                                         {"params": params[half:], "lr": TYPICAL[opt_name]["lr"] * 0.5}],
+                                        **TYPICAL[opt_name])
+        take_real_steps(Task(model, opt, batches[:pre], batches[-1]), pre)
+        # (φ^loss reaches θ through no step of an optimizer blind to G's size: Rprop)
+        loss = {} if gimli.optim.bind(opt).rule.insensitive_to_g else \
+            {"l2": torch.tensor([-4.0, -3.0], dtype=torch.float64)}
+        meta = gimli.MetaParams(opt, claims, loss=loss)
+        return gimli.GimliSolver(model, penalized if loss else lambda m, b, meta: mse(m, b), opt, meta,
+                                 val_loss_fn=mse, mode=mode)
+
+    reverse, forward = both(make, batches[pre:pre + steps], batches[-1])
+    assert {f"hypers.{h}" for h in claims} <= set(reverse)
+    assert all(g.abs().sum() > 0 for g in reverse.values())
+    assert_hypergradients_close(forward, reverse)
+
+
+def _fit(solver_for: Any, choice: dict[str, Any], steps: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``choice`` made forward mode's: no θ₀, nothing per element, and at most ``steps``
+    tangent directions (φ^loss dropped, then granularities coarsened, then hyperparameters
+    dropped, in that order), so that every draw is used."""
+    choice = dict(choice, init=False, hypers=dict(choice["hypers"]))
+    for name, per in choice["hypers"].items():
+        if per == "element":
+            choice["hypers"][name] = "tensor" if "tensor" in granularities(opt, name) else "scalar"
+    coarser = {"tensor": "group", "group": "scalar"}
+    while True:
+        solver = solver_for(choice)
+        count = len(directions(solver.meta, frozenset(solver.meta.granularity), solver.problem.loss_leaves()))
+        if count <= steps:
+            return choice
+        groups_agree = len({group["lr"] for group in opt.param_groups}) == 1
+        finer = [n for n, per in choice["hypers"].items() if per in coarser
+                 and coarser[per] in granularities(opt, n)
+                 and (n != "lr" or groups_agree or coarser[per] != "scalar")]
+        if choice["loss"]:
+            choice["loss"] = False
+        elif finer:
+            choice["hypers"][finer[0]] = coarser[choice["hypers"][finer[0]]]
+        else:
+            choice["hypers"].pop(next(iter(choice["hypers"])))
+
+
+@pytest.mark.parametrize("row", OPTIM_DB, ids=IDS)
+@given(data=st.data())
+def test_forward_equals_reverse_property(row: OptimRow, data: st.DataObject) -> None:
+    problem, kwargs, steps = data.draw(problems(row, max_steps=10))
+    first_order = data.draw(st.booleans())
+    truncate = data.draw(st.one_of(st.none(), st.integers(1, steps)))
+    choice = data.draw(meta_choices(row, kwargs, problem.opt))
+    saved = (copy.deepcopy(problem.model.state_dict()), copy.deepcopy(problem.opt.state_dict()))
+
+    def solver_for(choice: dict[str, Any], mode: str = "reverse") -> gimli.GimliSolver:
+        problem.model.load_state_dict(saved[0])
+        problem.opt.load_state_dict(saved[1])
+        solver = build(problem, choice, kwargs.get("maximize", False))
+        return gimli.GimliSolver(problem.model, solver.problem.loss_fn, problem.opt, solver.meta,
+                                 val_loss_fn=mse, first_order=first_order, truncate=truncate, mode=mode)
+
+    swept = steps if truncate is None else min(steps, truncate)
+    choice = _fit(solver_for, choice, swept, problem.opt)
+    assume(choice["hypers"] or choice["loss"])
+    try:
+        reverse = solver_for(choice).hypergradient(problem.train, problem.val)
+    except FloatingPointError:                  # a diverging unroll: nothing to compare
+        assume(False)
+    forward = solver_for(choice, "forward").hypergradient(problem.train, problem.val)
+    assert_hypergradients_close(forward, reverse)
+
+
+class Net(nn.Module):
+    """BatchNorm (running statistics updated by every step) and dropout (a random mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3),
+                                  nn.Linear(6, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_forward_with_batchnorm_dropout_scheduler_and_weight_decay_loss() -> None:
+    batches = regression_batches(5, 3, 2, 13, size=8)
+    torch.manual_seed(0)
+    net = Net().double()
+
+    def make(mode: str) -> gimli.GimliSolver:
+        model = copy.deepcopy(net)
+        opt = torch.optim.SGD([{"params": model.body[0].parameters()},
+                               {"params": list(model.body[1].parameters()) + list(model.body[4].parameters())}],
+                              lr=0.1, momentum=0.9)
+        first = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=4)
+        then = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+        scheduler = torch.optim.lr_scheduler.ChainedScheduler([first, then])
+        meta = gimli.MetaParams(opt, {"lr": "group", "momentum": "scalar"},
+                                loss={"l2": torch.tensor([-3.0, -4.0], dtype=torch.float64)})
+
+        def loss_fn(m: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(m(x), y) + meta["l2"][0].exp() * (m.body[0].weight ** 2).sum() \
+                + meta["l2"][1].exp() * (m.body[4].weight ** 2).sum()
+
+        return gimli.GimliSolver(model, loss_fn, opt, meta, scheduler=scheduler, mode=mode,
+                                 val_loss_fn=lambda m, batch: F.mse_loss(m.eval()(batch[0]), batch[1]))
+
+    reverse, forward = both(make, batches[:12], batches[12])
+    assert all(g.abs().sum() > 0 for g in reverse.values())
+    assert_hypergradients_close(forward, reverse)
+
+
+def test_forward_meta_batch_first_order_truncate_and_step_with_commit() -> None:
+    batches = regression_batches(6, 3, 2, 25)
+    torch.manual_seed(0)
+    net = mlp([3, 5, 2], "tanh")
+    tasks = [(batches[:8], batches[8]), (batches[9:17], batches[17])]
+
+    def make(mode: str, **kw: Any) -> gimli.GimliSolver:
+        model = copy.deepcopy(net)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        meta = gimli.MetaParams(opt, {"lr": "tensor", "beta2": "scalar"})
+        meta_opt = torch.optim.SGD(meta.parameters(), lr=1e-3)
+        return gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, meta_opt=meta_opt,
+                                 mode=mode, **kw)
+
+    for kw in [{}, {"first_order": True}, {"truncate": 5}]:
+        reverse = make("reverse", **kw).hypergradient(tasks=tasks)
+        forward = make("forward", **kw).hypergradient(tasks=tasks)
+        assert_hypergradients_close(forward, reverse)
+    # a meta-step that commits the unroll's end: the same model, optimizer state and
+    # meta-parameters afterwards
+    solvers = [make("reverse"), make("forward")]
+    results = [s.step(batches[18:24], batches[24], commit=True) for s in solvers]
+    assert results[0].train_losses == pytest.approx(results[1].train_losses, rel=1e-12)
+    for a, b in zip(solvers[0].problem.module.parameters(), solvers[1].problem.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for a, b in zip(solvers[0].meta.parameters(), solvers[1].meta.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+    opts = [s.problem.inner.torch_optimizer for s in solvers]
+    for p, q in zip(opts[0].param_groups[0]["params"], opts[1].param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opts[0].state[p][key], opts[1].state[q][key], rtol=1e-12, atol=0)
+
+
+def test_forward_refuses_what_it_cannot_carry() -> None:
+    model = mlp([3, 4, 2], "tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = lambda m, b, meta: mse(m, b)  # noqa: E731
+    with pytest.raises(ValueError, match="θ₀ .init=. has as many elements as the model"):
+        gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "scalar"}, init=model),
+                          mode="forward")
+    with pytest.raises(ValueError, match="lr per 'element' has as many as the model"):
+        gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "element"}), mode="forward")
+    with pytest.raises(ValueError, match="mode='forward' keeps none"):
+        gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "scalar"}), mode="forward",
+                          memory="recompute")
+    with pytest.raises(ValueError, match="mode must be 'reverse' or 'forward'"):
+        gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "scalar"}), mode="backward")
+    # 4 per-tensor lrs + 1 momentum = 5 tangents, over 4 steps: reverse mode holds less
+    solver = gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "tensor", "momentum": "scalar"}),
+                               mode="forward")
+    batches = regression_batches(0, 3, 2, 5)
+    with pytest.raises(ValueError, match="carry 5 tangents .* more than the 4 steps"):
+        solver.hypergradient(batches[:4], batches[4])
+    assert solver.hypergradient(batches[:4] + batches[:1], batches[4]).keys() == {"hypers.lr", "hypers.momentum"}
