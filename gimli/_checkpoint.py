@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from ._forward import directions
 from ._schedule import LR_KEYS, Shadows
 from ._transaction import Snapshot
 
@@ -30,6 +31,7 @@ def save(solver: GimliSolver) -> dict[str, Any]:
         "meta_steps": solver.meta_steps,
         "data": {name: None if stream is None else stream.position()
                  for name, stream in (("train", solver.train_data), ("val", solver.val_data))},
+        "horizon": solver._horizon.state_dict(),        # forward mode's carried tangents
     }
 
 
@@ -54,6 +56,7 @@ def load(solver: GimliSolver, state: dict[str, Any]) -> None:
                 shadows.restore(Shadows.start(problem.scheduler, problem.inner).snapshot())
             else:
                 shadows.load_state_dict(state["schedule"], problem.scheduler, problem.inner)
+        solver._horizon.load_state_dict(state.get("horizon"), type(problem.inner.read_state()))
     solver.train_data = streams.get("train", solver.train_data)
     solver.val_data = streams.get("val", solver.val_data)
     solver.meta_steps = state["meta_steps"]
@@ -99,6 +102,7 @@ def check(solver: GimliSolver, state: Any) -> None:
                          + "scheduler and this one " + ("has" if solver.problem.scheduler else "has none"))
     if solver.problem.shadows is not None and state.get("schedule") is not None:
         Shadows.check_state(state["schedule"], len(groups))
+    _check_horizon(solver, state.get("horizon"))
     if not isinstance(state["meta_steps"], int):
         raise ValueError(f"state_dict['meta_steps'] is not an int: {state['meta_steps']!r}")
     data = state["data"]
@@ -110,6 +114,27 @@ def check(solver: GimliSolver, state: Any) -> None:
                 stream.check(data[name])
             except ValueError as e:
                 raise ValueError(f"state_dict['data'][{name!r}]: {e}") from None
+
+
+def _check_horizon(solver: GimliSolver, horizon: Any) -> None:
+    """The carried tangents of ``horizon="full"``: one (Z, Y) or None per direction."""
+    if horizon is None:
+        return
+    if solver.horizon != "full":
+        raise ValueError("state_dict['horizon'] holds carried tangents, but this solver does not "
+                         "carry them (GimliSolver(mode='forward', horizon='full'))")
+    problem = solver.problem
+    count = len(directions(solver.meta, frozenset(solver.meta.granularity), problem.loss_leaves()))
+    tangents = horizon.get("tangents") if isinstance(horizon, dict) else None
+    if not isinstance(tangents, list) or len(tangents) != count \
+            or not isinstance(horizon.get("fingerprint"), Tensor):
+        raise ValueError(f"state_dict['horizon'] does not fit this solver: it needs {count} carried "
+                         f"tangents and the weights' fingerprint")
+    shapes = [p.shape for p in problem.inner.params]
+    for t in tangents:
+        if t is not None and [getattr(z, "shape", None) for z in t[0]] != shapes:
+            raise ValueError("state_dict['horizon'] holds tangents of other parameter shapes than "
+                             "this solver's model")
 
 
 def _written_keys(solver: GimliSolver) -> list[str]:

@@ -57,6 +57,66 @@ class Forward(NamedTuple):
     val_loss: float
     final: Point
     reached: list[bool]             # per φ^loss leaf: reaches some G_j or L^val
+    tangents: list[Tangent | None]  # (Z_J, Y_J) per direction (None: zero)
+
+
+class Horizon:
+    """The tangents carried from one meta-step to the next (``horizon="full"``): after a
+    commit, the model's weights are θ'_J and these are dθ'_J/dφ and dσ_J/dφ over all the
+    training committed so far, each step's hyperparameters taken as they were applied
+    (real-time hyperparameter optimisation, Franceschi et al. 2017). A fingerprint of the
+    weights they belong to (each tensor's sum and sum of squares, in float64) tells
+    whether the model still holds them."""
+
+    def __init__(self) -> None:
+        self.tangents: list[Tangent | None] | None = None
+        self.fingerprint: Tensor | None = None
+
+    @staticmethod
+    def _print(params: Sequence[Tensor]) -> Tensor:
+        with torch.no_grad():
+            return torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()]) for p in params]).cpu()
+
+    def start(self, params: Sequence[Tensor], count: int) -> list[Tangent | None]:
+        """The tangents an unroll from ``params`` starts with: the carried ones, or zeros."""
+        if self.tangents is None:
+            return [None] * count
+        if len(self.tangents) != count or self.fingerprint is None \
+                or not torch.equal(self._print(params), self.fingerprint):
+            raise ValueError("horizon='full': the model's weights are not those of the last commit, "
+                             "so the carried tangents dθ/dφ do not describe them (were they trained or "
+                             "loaded outside the solver?); call solver.reset_horizon() to start the "
+                             "horizon anew from the current weights")
+        return list(self.tangents)
+
+    def carry(self, tangents: list[Tangent | None], params: Sequence[Tensor]) -> None:
+        self.tangents, self.fingerprint = list(tangents), self._print(params)
+
+    def reset(self) -> None:
+        self.tangents, self.fingerprint = None, None
+
+    # the solver's transaction (a failed step leaves them as they were) and checkpoint
+    def snapshot(self) -> tuple[list[Tangent | None] | None, Tensor | None]:
+        return self.tangents, self.fingerprint
+
+    def restore(self, saved: tuple[list[Tangent | None] | None, Tensor | None]) -> None:
+        self.tangents, self.fingerprint = saved
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Plain lists and tensors (``torch.load(..., weights_only=True)`` reads them)."""
+        if self.tangents is None:
+            return None
+        return {"tangents": [None if t is None else [list(t[0]), [list(field) for field in t[1]]]
+                             for t in self.tangents],
+                "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any] | None, state_type: Any) -> None:
+        if state is None:
+            self.reset()
+            return
+        self.tangents = [None if t is None else (list(t[0]), state_type(*(list(f) for f in t[1])))
+                         for t in state["tangents"]]
+        self.fingerprint = state["fingerprint"]
 
 
 def directions(meta: MetaParams, learned: frozenset[str], leaves: Sequence[Tensor]) -> list[Direction]:
@@ -97,15 +157,17 @@ def _state_zeros(state: Any, grad: bool) -> Any:
 
 def forward_hypergradient(problem: Problem, unroll: Unroll, learned: frozenset[str],
                           leaves: list[Tensor], schedule: Schedule | None, val_batch: Any, *,
-                          first_order: bool = False) -> Forward:
+                          first_order: bool = False, start: list[Tangent | None] | None = None) -> Forward:
     """The hypergradient of every learned φ^opt and φ^loss entry by forward mode, with
-    the unroll run once, in order, each step's graph freed before the next."""
+    the unroll run once, in order, each step's graph freed before the next. ``start``:
+    the tangents at θ'_0 (carried from earlier training; default zero)."""
     inner, meta = problem.inner, problem.meta
     dirs = directions(meta, learned, leaves)
     d_hyper = hyper_tangents(meta, dirs)
     need = frozenset(name for name in learned if meta.hyper(name).requires_grad)
     point = unroll.advance(0, unroll.start, unroll.first)      # truncated: tangents start at J − K
-    tangents: list[Tangent | None] = [None] * len(dirs)        # None: zero so far
+    tangents: list[Tangent | None] = [None] * len(dirs) if start is None or unroll.first > 0 \
+        else list(start)                                        # None: zero so far
     reached = [False] * len(leaves)
     for j in range(unroll.first, unroll.J):
         step, after = unroll.run(j, point, graph=True)
@@ -137,7 +199,7 @@ def forward_hypergradient(problem: Problem, unroll: Unroll, learned: frozenset[s
         if d.leaf is not None:
             total = total + direct[d.leaf].reshape(-1)[d.element].double()
         flat[id(target)][d.element] = total.to(target.dtype)
-    return Forward(grads, val.item(), point, reached)
+    return Forward(grads, val.item(), point, reached, tangents)
 
 
 def _grad_tangent(step: Step, tangent: Tangent | None, d: Direction, leaves: list[Tensor],

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import _arguments, _checkpoint, _distributed
 from ._data import Stream
 from ._distributed import Sums
-from ._forward import directions, forward_hypergradient
+from ._forward import Horizon, directions, forward_hypergradient
 from ._meta import MetaParams
 from ._problem import GimliWarning, LossFn, NonFiniteError, Problem, ValLossFn
 from ._schedule import Schedule, rebase
@@ -77,6 +77,11 @@ class GimliSolver:
             unroll, one per element of the learned hyperparameters and φ^loss entries, so
             memory does not grow with J (for few hyperparameters: scalar, group or tensor
             granularity; not θ₀ or per-element ones). The same hypergradient to rounding.
+        horizon: forward mode only. ``"window"`` (default): each hypergradient is that of
+            its own J steps, as in reverse mode. ``"full"``: the tangents carry over from
+            one ``commit=True`` call to the next, so the hypergradient is that of the
+            validation loss after all the training committed so far (online, real-time
+            hyperparameter learning with no truncation); :meth:`reset_horizon` restarts it.
         compile: run each optimizer call (joining its tensors, the update, splitting
             back) and its VJP through ``torch.compile``, fused into a few kernels instead
             of one per operation (elementwise rules with a closed-form VJP). Exact to
@@ -97,7 +102,8 @@ class GimliSolver:
                  scheduler: Any = None, memory: str = "retain", snapshots: int | None = None,
                  first_order: bool = False, truncate: int | None = None,
                  distributed: bool | None = None, process_group: Any = None,
-                 compile: bool = False, mode: str = "reverse", _shadows: Any = None):
+                 compile: bool = False, mode: str = "reverse", horizon: str = "window",
+                 _shadows: Any = None):
         _arguments.check_positional(model, loss_fn, opt, meta_params)
         if meta_opt is not None:
             _arguments.check_meta_opt_type(meta_opt)
@@ -123,7 +129,13 @@ class GimliSolver:
                              f"mode='forward' keeps none (its memory does not grow with J)")
         if mode == "forward":
             _check_forward(meta_params)
-        self.mode = mode
+        if horizon not in ("window", "full"):
+            raise ValueError(f"horizon must be 'window' or 'full', not {horizon!r}")
+        if horizon == "full" and (mode != "forward" or truncate is not None):
+            raise ValueError("horizon='full' carries forward mode's tangents from one committed "
+                             "meta-step to the next: it needs mode='forward' and no truncate=")
+        self.mode, self.horizon = mode, horizon
+        self._horizon = Horizon()       # the tangents carried between meta-steps (horizon='full')
         self.distributed, self.process_group = distributed, process_group
         self.memory, self.snapshots = memory, snapshots
         self.first_order, self.truncate = first_order, truncate
@@ -159,6 +171,7 @@ class GimliSolver:
             grads, result = self._gradients(train_batches, val_batch, tasks)
             if commit:
                 commit_unroll(self, result.final, len(result.train_losses))
+                self._carry(result)
         return grads
 
     def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None, *,
@@ -233,6 +246,7 @@ class GimliSolver:
                        self.problem.shadows)
             if commit:
                 commit_unroll(self, result.final, len(result.train_losses))
+                self._carry(result)
         self.meta_steps += 1
         return StepResult(result.val_loss, result.train_losses, _norms(grads))
 
@@ -288,8 +302,20 @@ class GimliSolver:
 
     def transactional(self) -> list[Any]:
         """Objects of the solver's own with ``snapshot()``/``restore()``, kept by a step's
-        transaction: the schedule's shadows, with lr meta-learned under a scheduler."""
-        return [] if self.problem.shadows is None else [self.problem.shadows]
+        transaction: the schedule's shadows, with lr meta-learned under a scheduler, and
+        the carried tangents of ``horizon="full"``."""
+        return ([] if self.problem.shadows is None else [self.problem.shadows]) \
+            + ([self._horizon] if self.horizon == "full" else [])
+
+    def reset_horizon(self) -> None:
+        """``horizon="full"``: forget the carried tangents; the next unroll starts the
+        horizon anew from the model's current weights."""
+        self._horizon.reset()
+
+    def _carry(self, result: _Result) -> None:
+        if self.horizon == "full":
+            assert result.tangents is not None
+            self._horizon.carry(result.tangents, self.problem.inner.params)
 
     # --- the hypergradient -------------------------------------------------------------------
     def _batches(self, train_batches: Iterable[Any] | None, val_batch: Any) -> tuple[list[Any], Any]:
@@ -330,7 +356,8 @@ class GimliSolver:
             last = local[1]
         assert last is not None
         n = sums.tasks
-        mean = _Result(sums.val_loss / n, [s / n for s in sums.train_losses], last.schedule, last.final)
+        mean = _Result(sums.val_loss / n, [s / n for s in sums.train_losses], last.schedule, last.final,
+                       last.tangents)
         return {k: g / n for k, g in sums.grads.items()}, mean
 
     def _local(self, pairs: Sequence[tuple[Any, Any]]) -> tuple[Sums, _Result]:
@@ -384,20 +411,21 @@ class GimliSolver:
             _, learned, phi_loss, schedule = split
             count = len(directions(self.meta, learned, phi_loss))
             swept = J if self.truncate is None else min(J, self.truncate)
-            if count > swept:
+            if count > swept and self.horizon == "window":     # (only forward mode has the full one)
                 raise ValueError(
                     f"mode='forward' would carry {count} tangents of (θ, σ), one per learned "
                     f"hyperparameter or loss-parameter element, more than the {swept} steps whose "
                     f"points reverse mode keeps: use mode='reverse' (memory='recompute' holds "
                     f"{swept} points, 'budget' fewer)")
+            start = self._horizon.start(problem.inner.params, count) if self.horizon == "full" else None
             run = Unroll(problem, split.per_step(J), train_batches, truncate=self.truncate,
                          graph=not self.first_order or bool(phi_loss), leaves=phi_loss)
             result = forward_hypergradient(problem, run, learned, phi_loss, schedule, val_batch,
-                                           first_order=self.first_order)
+                                           first_order=self.first_order, start=start)
             self._warn_unreached(phi_loss, result.reached)
             grads = {name: result.grads[id(p)] for name, p in self._learned()}
         self.last_forward_steps = run.forward_steps
-        return grads, _Result(result.val_loss, run.train_losses, schedule, result.final)
+        return grads, _Result(result.val_loss, run.train_losses, schedule, result.final, result.tangents)
 
     def _warn_unreached(self, leaves: list[Tensor], reached: list[bool]) -> None:
         """A φ^loss entry that reaches no G_j and not L^val gets a hypergradient of 0:
@@ -435,6 +463,7 @@ class _Result(NamedTuple):
     train_losses: list[float]
     schedule: Schedule | None
     final: Point
+    tangents: list[Any] | None = None       # forward mode's (Z_J, Y_J) per direction
 
 
 def _check_forward(meta: MetaParams) -> None:

@@ -233,3 +233,88 @@ def test_forward_refuses_what_it_cannot_carry() -> None:
     with pytest.raises(ValueError, match="carry 5 tangents .* more than the 4 steps"):
         solver.hypergradient(batches[:4], batches[4])
     assert solver.hypergradient(batches[:4] + batches[:1], batches[4]).keys() == {"hypers.lr", "hypers.momentum"}
+
+
+# --- horizon="full": the tangents carry over from one committed meta-step to the next ---------
+def _online(mode: str = "forward", horizon: str = "full", seed: int = 0) -> tuple[gimli.GimliSolver, Any]:
+    torch.manual_seed(seed)
+    model = mlp([3, 5, 2], "tanh")
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+                          lr=0.1, momentum=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+    meta = gimli.MetaParams(opt, {"lr": "group", "momentum": "scalar"},
+                            loss={"l2": torch.tensor([-3.0, -4.0], dtype=torch.float64)})
+    kw = {"horizon": horizon} if mode == "forward" else {}
+    return gimli.GimliSolver(model, penalized, opt, meta, val_loss_fn=mse, scheduler=scheduler,
+                             mode=mode, **kw), (model, opt, scheduler)
+
+
+def test_full_horizon_equals_one_long_unroll() -> None:
+    """With φ held (hypergradient(commit=True) does not update it), the hypergradient after
+    k committed windows of J steps is that of one unroll over all k·J steps from the first
+    weights: reverse mode over the concatenated batches is the oracle."""
+    J, windows = 5, 3
+    batches = regression_batches(8, 3, 2, J * windows + 1)
+    val = batches[-1]
+    online, _ = _online()
+    got = [online.hypergradient(batches[k * J:(k + 1) * J], val, commit=True) for k in range(windows)]
+    for k in range(windows):
+        long, _ = _online("reverse")
+        ref = long.hypergradient(batches[:(k + 1) * J], val)
+        assert_hypergradients_close(got[k], ref)
+    # a window's own hypergradient (horizon="window") differs once there is a past
+    windowed, _ = _online(horizon="window")
+    first = [windowed.hypergradient(batches[k * J:(k + 1) * J], val, commit=True) for k in range(2)][1]
+    assert (first["hypers.lr"] - got[1]["hypers.lr"]).abs().max() > 1e-6
+
+
+def test_full_horizon_guards_resumes_and_rolls_back(tmp_path: Any) -> None:
+    J = 3
+    batches = regression_batches(9, 3, 2, 4 * J + 1)
+    val = batches[-1]
+    online, (model, opt, scheduler) = _online()
+    online.hypergradient(batches[:J], val, commit=True)
+    # weights changed behind the solver's back: refused, until the horizon is reset
+    with torch.no_grad():
+        model[0].weight.add_(0.01)
+    with pytest.raises(ValueError, match="reset_horizon"):
+        online.hypergradient(batches[J:2 * J], val)
+    with torch.no_grad():
+        model[0].weight.sub_(0.01)          # the committed weights again: accepted
+    online.hypergradient(batches[J:2 * J], val)
+    # a call that fails leaves the carried tangents as they were: the retry gives what the
+    # first try would have
+    first_try = online.hypergradient(batches[J:2 * J], val)        # (no commit: changes nothing)
+    original = online.problem.val_loss_fn
+
+    def failing(m: Any, b: Any, meta: Any) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    online.problem.val_loss_fn = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        online.hypergradient(batches[J:2 * J], val, commit=True)
+    online.problem.val_loss_fn = original
+    retry = online.hypergradient(batches[J:2 * J], val)
+    for name in first_try:
+        assert torch.equal(retry[name], first_try[name]), name
+    # resume: a new solver, model, optimizer and scheduler loaded from their state_dicts
+    # continue bit for bit
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
+             copy.deepcopy(scheduler.state_dict()), copy.deepcopy(online.state_dict()))
+    online.hypergradient(batches[J:2 * J], val, commit=True)
+    expected = online.hypergradient(batches[2 * J:3 * J], val, commit=True)
+    fresh, (model2, opt2, scheduler2) = _online(seed=1)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    scheduler2.load_state_dict(saved[2])
+    fresh.load_state_dict(saved[3])
+    fresh.hypergradient(batches[J:2 * J], val, commit=True)
+    got = fresh.hypergradient(batches[2 * J:3 * J], val, commit=True)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    fresh.reset_horizon()
+    assert fresh.state_dict()["horizon"] is None
+    with pytest.raises(ValueError, match="does not carry them"):
+        _online(horizon="window")[0].load_state_dict(saved[3])
+    with pytest.raises(ValueError, match="horizon='full' carries"):
+        gimli.GimliSolver(model, penalized, opt, online.meta, horizon="full")
