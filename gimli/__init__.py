@@ -4,12 +4,12 @@
 from ._functional import FunctionalModel
 from ._meta import MetaParams
 from ._oracle import full_unroll_hypergradient
-from ._problem import GimliWarning
+from ._problem import GimliInfo, GimliWarning
 from ._solver import GimliSolver, StepResult
 from ._verify import CheckReport, assert_hypergradients_correct, check
 from .optim import LearnedOptimizer, register_optimizer
 
-__all__ = ["CheckReport", "FunctionalModel", "GimliSolver", "GimliWarning", "LearnedOptimizer", "MetaParams",
+__all__ = ["CheckReport", "FunctionalModel", "GimliInfo", "GimliSolver", "GimliWarning", "LearnedOptimizer", "MetaParams",
            "StepResult", "assert_hypergradients_correct", "check", "full_unroll_hypergradient",
            "register_optimizer"]
 __version__ = "0.1.0"

@@ -31,6 +31,10 @@ class GimliWarning(UserWarning):
     Requirements I–III of §2.4 is not met)."""
 
 
+class GimliInfo(UserWarning):
+    """A choice gimli made for the user (``mode="auto"``), said once per solver and choice."""
+
+
 class NonFiniteError(FloatingPointError):
     """A non-finite loss, gradient, hypergradient or meta-parameter: what
     ``step(on_nonfinite="skip")`` skips."""

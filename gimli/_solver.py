@@ -21,7 +21,7 @@ from ._data import Stream
 from ._distributed import Sums
 from ._forward import Horizon, directions, forward_hypergradient
 from ._meta import MetaParams
-from ._problem import GimliWarning, LossFn, NonFiniteError, Problem, ValLossFn
+from ._problem import GimliInfo, GimliWarning, LossFn, NonFiniteError, Problem, ValLossFn
 from ._schedule import Schedule, rebase
 from ._sweep import Sweep, sweep
 from ._transaction import Snapshot, commit as commit_unroll
@@ -77,6 +77,10 @@ class GimliSolver:
             unroll, one per element of the learned hyperparameters and φ^loss entries, so
             memory does not grow with J (for few hyperparameters: scalar, group or tensor
             granularity; not θ₀ or per-element ones). The same hypergradient to rounding.
+            ``"auto"``: forward mode where it holds fewer tangents than reverse mode holds
+            points (fewer directions than swept steps, or ``horizon="full"``), else
+            reverse; it says which (:class:`GimliInfo`, once per solver and choice) and
+            records it in :attr:`last_mode`.
         horizon: forward mode only. ``"window"`` (default): each hypergradient is that of
             its own J steps, as in reverse mode. ``"full"``: the tangents carry over from
             one ``commit=True`` call to the next, so the hypergradient is that of the
@@ -122,19 +126,23 @@ class GimliSolver:
             raise ValueError(f"truncate must be an int ≥ 1, got {truncate!r}")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
-        if mode not in ("reverse", "forward"):
-            raise ValueError(f"mode must be 'reverse' or 'forward', not {mode!r}")
+        if mode not in ("reverse", "forward", "auto"):
+            raise ValueError(f"mode must be 'reverse', 'forward' or 'auto', not {mode!r}")
         if mode == "forward" and memory != "retain":
             raise ValueError(f"memory={memory!r} chooses how reverse mode keeps the trajectory; "
                              f"mode='forward' keeps none (its memory does not grow with J)")
-        if mode == "forward":
-            _check_forward(meta_params)
         if horizon not in ("window", "full"):
             raise ValueError(f"horizon must be 'window' or 'full', not {horizon!r}")
-        if horizon == "full" and (mode != "forward" or truncate is not None):
+        if horizon == "full" and (mode == "reverse" or truncate is not None):
             raise ValueError("horizon='full' carries forward mode's tangents from one committed "
                              "meta-step to the next: it needs mode='forward' and no truncate=")
+        why_not = _why_not_forward(meta_params)
+        if why_not and (mode == "forward" or horizon == "full"):
+            raise ValueError(why_not)
+        self._forward_possible = not why_not
         self.mode, self.horizon = mode, horizon
+        self.last_mode = mode if mode != "auto" else ""     # the mode the last unroll used
+        self._said: set[str] = set()
         self._horizon = Horizon()       # the tangents carried between meta-steps (horizon='full')
         self.distributed, self.process_group = distributed, process_group
         self.memory, self.snapshots = memory, snapshots
@@ -380,8 +388,24 @@ class GimliSolver:
         assert result is not None and train is not None
         return Sums(total, float(len(pairs)), val, train), result
 
+    def _chosen_mode(self, J: int) -> str:
+        """``mode``, or what ``mode="auto"`` picks for a J-step unroll (said once per choice)."""
+        if self.mode != "auto":
+            return self.mode
+        count = len(directions(self.meta, frozenset(self.meta.granularity), self.problem.loss_leaves()))
+        swept = J if self.truncate is None else min(J, self.truncate)
+        forward = self._forward_possible and (self.horizon == "full" or count < swept)
+        chosen = "forward" if forward else "reverse"
+        if chosen not in self._said:
+            self._said.add(chosen)
+            why = (f"{count} tangents of (θ, σ) against the {swept} points reverse mode holds"
+                   if self._forward_possible else _why_not_forward(self.meta))
+            warnings.warn(f"mode='auto' chose mode={chosen!r}: {why}", GimliInfo, stacklevel=5)
+        return chosen
+
     def _compute(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], _Result]:
-        if self.mode == "forward":
+        self.last_mode = self._chosen_mode(len(train_batches))
+        if self.last_mode == "forward":
             return self._compute_forward(train_batches, val_batch)
         problem = self.problem
         with torch.enable_grad(), problem.held():                   # also under torch.no_grad()
@@ -466,17 +490,19 @@ class _Result(NamedTuple):
     tangents: list[Any] | None = None       # forward mode's (Z_J, Y_J) per direction
 
 
-def _check_forward(meta: MetaParams) -> None:
-    """Forward mode carries one tangent per meta-parameter element: refuse the kinds
-    whose count grows with the model (θ₀, per-element hyperparameters)."""
+def _why_not_forward(meta: MetaParams) -> str:
+    """Why forward mode, which carries one tangent per meta-parameter element, cannot take
+    these meta-parameters (their count grows with the model: θ₀, per-element
+    hyperparameters), or ''."""
     if meta.init is not None:
-        raise ValueError("mode='forward' carries one tangent of (θ, σ) per meta-parameter element, "
-                         "and θ₀ (init=) has as many elements as the model: use mode='reverse'")
+        return ("mode='forward' carries one tangent of (θ, σ) per meta-parameter element, "
+                "and θ₀ (init=) has as many elements as the model: use mode='reverse'")
     per_element = [name for name, per in meta.granularity.items() if per == "element"]
     if per_element:
-        raise ValueError(f"mode='forward' carries one tangent of (θ, σ) per meta-parameter element, "
-                         f"and {', '.join(per_element)} per 'element' has as many as the model: learn "
-                         f"it per 'tensor', 'group' or 'scalar', or use mode='reverse'")
+        return (f"mode='forward' carries one tangent of (θ, σ) per meta-parameter element, "
+                f"and {', '.join(per_element)} per 'element' has as many as the model: learn "
+                f"it per 'tensor', 'group' or 'scalar', or use mode='reverse'")
+    return ""
 
 
 def _norms(grads: dict[str, Tensor]) -> dict[str, float]:

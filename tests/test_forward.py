@@ -224,7 +224,7 @@ def test_forward_refuses_what_it_cannot_carry() -> None:
     with pytest.raises(ValueError, match="mode='forward' keeps none"):
         gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "scalar"}), mode="forward",
                           memory="recompute")
-    with pytest.raises(ValueError, match="mode must be 'reverse' or 'forward'"):
+    with pytest.raises(ValueError, match="mode must be 'reverse', 'forward' or 'auto'"):
         gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "scalar"}), mode="backward")
     # 4 per-tensor lrs + 1 momentum = 5 tangents, over 4 steps: reverse mode holds less
     solver = gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "tensor", "momentum": "scalar"}),
@@ -318,3 +318,36 @@ def test_full_horizon_guards_resumes_and_rolls_back(tmp_path: Any) -> None:
         _online(horizon="window")[0].load_state_dict(saved[3])
     with pytest.raises(ValueError, match="horizon='full' carries"):
         gimli.GimliSolver(model, penalized, opt, online.meta, horizon="full")
+
+
+def test_auto_mode_picks_and_says_which() -> None:
+    batches = regression_batches(4, 3, 2, 9)
+    torch.manual_seed(0)
+    net = mlp([3, 4, 2], "tanh")
+
+    def make(mode: str, hypers: dict[str, str], init: bool = False) -> gimli.GimliSolver:
+        model = copy.deepcopy(net)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        meta = gimli.MetaParams(opt, hypers, init=model if init else None)
+        return gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, mode=mode)
+
+    # 2 tangents, 8 steps: forward, said once
+    auto = make("auto", {"lr": "scalar", "momentum": "scalar"})
+    with pytest.warns(gimli.GimliInfo, match=r"chose mode='forward': 2 tangents .* 8 points"):
+        got = auto.hypergradient(batches[:8], batches[8])
+    assert auto.last_mode == "forward"
+    assert_hypergradients_close(got, make("reverse", {"lr": "scalar", "momentum": "scalar"})
+                                .hypergradient(batches[:8], batches[8]))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # not said again
+        auto.hypergradient(batches[:8], batches[8])
+    # as many tangents as steps, θ₀, per-element lrs: reverse
+    with pytest.warns(gimli.GimliInfo, match=r"chose mode='reverse': 4 tangents .* 2 points"):
+        make("auto", {"lr": "tensor"}).hypergradient(batches[:2], batches[8])
+    with pytest.warns(gimli.GimliInfo, match=r"chose mode='reverse': .*θ₀"):
+        solver = make("auto", {"lr": "scalar"}, init=True)
+        solver.hypergradient(batches[:8], batches[8])
+    assert solver.last_mode == "reverse"
+    with pytest.warns(gimli.GimliInfo, match=r"chose mode='reverse': .*per 'element'"):
+        make("auto", {"lr": "element"}).hypergradient(batches[:8], batches[8])
