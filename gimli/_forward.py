@@ -28,6 +28,7 @@ for every optimizer, and is as finite as it is.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -177,8 +178,7 @@ def forward_hypergradient(problem: Problem, unroll: Unroll, learned: frozenset[s
                  [torch.zeros_like(v) if t is None else t
                   for t, v in zip(schedule.pull_back(j, name, values), values)]
                  for name, values in dh.items()} for dh in d_hyper]
-        d_grads = [_grad_tangent(step, tangent, d, leaves, first_order)
-                   for tangent, d in zip(tangents, dirs)]
+        d_grads = _grad_tangents(step, tangents, dirs, first_order)
         tangents = _optimizer_jvp(inner, step, after.state, hp, need, tangents, d_grads, d_hp)
         point = after
         del step
@@ -202,29 +202,60 @@ def forward_hypergradient(problem: Problem, unroll: Unroll, learned: frozenset[s
     return Forward(grads, val.item(), point, reached, tangents)
 
 
-def _grad_tangent(step: Step, tangent: Tangent | None, d: Direction, leaves: list[Tensor],
-                  first_order: bool) -> list[Tensor | None] | None:
-    """dG_j along one direction: ∇_θ[⟨G_j, Z_j⟩ + ⟨∇_{φ^loss}ℓ_j, d^loss⟩] (None: zero)."""
-    outputs: list[Tensor] = []
-    cotangents: list[Tensor] = []
-    if tangent is not None and not first_order:         # first order: no ∇²_θ ℓ term
-        for g, z in zip(step.grads, tangent[0]):
+def _grads_per_direction(pairs: Sequence[list[tuple[Tensor, Tensor]]], inputs: list[Tensor]
+                         ) -> list[tuple[Tensor | None, ...] | None]:
+    """For each direction's (output, cotangent) pairs, the gradient w.r.t. ``inputs``
+    (None: the direction has no pair). All directions in one backward pass through the
+    shared graph, the cotangents stacked (``is_grads_batched``); the graph is kept."""
+    live = [k for k, p in enumerate(pairs) if p]
+    result: list[tuple[Tensor | None, ...] | None] = [None] * len(pairs)
+    if not live or not inputs:
+        return result
+    outputs: dict[int, Tensor] = {}
+    for k in live:
+        for y, _ in pairs[k]:
+            outputs.setdefault(id(y), y)
+    if len(live) == 1:
+        (k,) = live
+        result[k] = torch.autograd.grad([y for y, _ in pairs[k]], inputs, [t for _, t in pairs[k]],
+                                        retain_graph=True, allow_unused=True)
+        return result
+    given = [{id(y): t for y, t in pairs[k]} for k in live]
+    stacked = [torch.stack([g[key] if key in g else torch.zeros_like(y) for g in given])
+               for key, y in outputs.items()]
+    with warnings.catch_warnings():         # an op without a batching rule: slower, as exact
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        found = torch.autograd.grad(list(outputs.values()), inputs, stacked, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+    for i, k in enumerate(live):
+        result[k] = tuple(None if f is None else f[i] for f in found)
+    return result
+
+
+def _grad_tangents(step: Step, tangents: Sequence[Tangent | None], dirs: Sequence[Direction],
+                   first_order: bool) -> list[list[Tensor | None] | None]:
+    """dG_j along each direction: ∇_θ[⟨G_j, Z_j⟩ + ⟨∇_{φ^loss}ℓ_j, d^loss⟩] (None: zero)."""
+    pairs: list[list[tuple[Tensor, Tensor]]] = []
+    for tangent, d in zip(tangents, dirs):
+        mine: list[tuple[Tensor, Tensor]] = []
+        if tangent is not None and not first_order:         # first order: no ∇²_θ ℓ term
+            mine += [(g, z) for g, z in zip(step.grads, tangent[0]) if g is not None and g.requires_grad]
+        if d.leaf is not None:
+            g = step.leaf_grads[d.leaf]
             if g is not None and g.requires_grad:
-                outputs.append(g)
-                cotangents.append(z)
-    if d.leaf is not None:
-        g = step.leaf_grads[d.leaf]
-        if g is not None and g.requires_grad:
-            unit = torch.zeros_like(g).view(-1)
-            unit[d.element] = 1
-            outputs.append(g)
-            cotangents.append(unit.view_as(g))
+                unit = torch.zeros_like(g).view(-1)
+                unit[d.element] = 1
+                mine.append((g, unit.view_as(g)))
+        pairs.append(mine)
     inputs = [t for t in step.theta if t.requires_grad]
-    if not outputs or not inputs:
-        return None
-    found = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True)
-    it = iter(found)
-    return [next(it) if t.requires_grad else None for t in step.theta]
+    out: list[list[Tensor | None] | None] = []
+    for found in _grads_per_direction(pairs, inputs):
+        if found is None:
+            out.append(None)
+            continue
+        it = iter(found)
+        out.append([next(it) if t.requires_grad else None for t in step.theta])
+    return out
 
 
 def _optimizer_jvp(inner: Any, step: Step, new_state: Any, hp: dict[str, list[Tensor]],
@@ -240,33 +271,32 @@ def _optimizer_jvp(inner: Any, step: Step, new_state: Any, hp: dict[str, list[Te
     S_leaves = [x for field in S for x in field if x is not None]
     with torch.enable_grad():
         out = inner.vjp(theta, step.state, G, hp, P, S, need)
-    result: list[Tangent | None] = []
+    pairs: list[list[tuple[Tensor, Tensor]]] = []
     for tangent, dG, dh in zip(tangents, d_grads, d_hp):
-        outputs: list[Tensor] = []
-        cotangents: list[Tensor] = []
+        mine: list[tuple[Tensor, Tensor]] = []
 
         def add(y: Tensor | None, t: Tensor | None) -> None:
             if y is not None and t is not None and y.requires_grad:
-                outputs.append(y)
-                cotangents.append(t)
+                mine.append((y, t))
 
         if tangent is not None:
             for b, z in zip(out.params, tangent[0]):
                 add(b, z)
             for s_field, y_field in zip(out.state, tangent[1]):
-                for s, y in zip(s_field, y_field):
-                    add(s, y)
+                for s_, y in zip(s_field, y_field):
+                    add(s_, y)
         if dG is not None:
             for o, dg in zip(out.grads, dG):
                 add(o, dg)
         for name, values in dh.items():
             for a, t in zip(out.hypers[name], values):
                 add(a, t)
-        if not outputs:
+        pairs.append(mine)
+    result: list[Tangent | None] = []
+    for found in _grads_per_direction(pairs, P + S_leaves):
+        if found is None:
             result.append(None)
             continue
-        found = torch.autograd.grad(outputs, P + S_leaves, cotangents, retain_graph=True,
-                                    allow_unused=True)
         Z = [torch.zeros_like(t) if z is None else z for z, t in zip(found[:len(P)], theta)]
         it = iter(found[len(P):])
         Y = type(new_state)(*([None if x is None else _or_zero(next(it), x) for x in field]
