@@ -34,7 +34,8 @@ def build(kind: str) -> tuple[gimli.GimliSolver, list[tuple[Any, Any]]]:
         opt = torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.02)
         meta = gimli.MetaParams(opt, {"lr": "group", "beta1": "scalar"})
     solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta,
-                               meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-2))
+                               meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-2),
+                               mode="forward" if kind == "lrs_forward" else "reverse")
     tasks = []
     for t in range(TASKS):
         batches = regression_batches(10 + t, 2, 1, STEPS + 1)
@@ -42,7 +43,7 @@ def build(kind: str) -> tuple[gimli.GimliSolver, list[tuple[Any, Any]]]:
     return solver, tasks
 
 
-@pytest.mark.parametrize("kind", ["maml", "lrs"])
+@pytest.mark.parametrize("kind", ["maml", "lrs", "lrs_forward"])
 def test_meta_batch_is_the_mean_of_the_tasks(kind: str) -> None:
     solver, tasks = build(kind)
     got = solver.hypergradient(tasks=tasks)
@@ -92,7 +93,7 @@ def _worker(rank: int, world: int, init: str, kind: str, out: str) -> None:
         _finish()
 
 
-@pytest.mark.parametrize("kind", ["maml", "lrs"])
+@pytest.mark.parametrize("kind", ["maml", "lrs", "lrs_forward"])
 def test_two_processes_equal_one(kind: str, tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, f"file://{tmp_path}/store", kind, str(tmp_path)), nprocs=2, join=True)
     solver, tasks = build(kind)
