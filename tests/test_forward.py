@@ -351,3 +351,16 @@ def test_auto_mode_picks_and_says_which() -> None:
     assert solver.last_mode == "reverse"
     with pytest.warns(gimli.GimliInfo, match=r"chose mode='reverse': .*per 'element'"):
         make("auto", {"lr": "element"}).hypergradient(batches[:8], batches[8])
+
+
+def test_the_checker_takes_a_forward_mode_solver() -> None:
+    """gimli.check compares the solver's own hypergradient (here forward mode's) with the
+    full autograd unroll and finite differences of the real training loop."""
+    torch.manual_seed(0)
+    model = mlp([3, 6, 1], "tanh")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    meta = gimli.MetaParams(opt, {"lr": "scalar", "beta1": "scalar"})
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta, mode="forward")
+    batches = regression_batches(2, 3, 1, 6)
+    report = gimli.check(solver, batches[:5], batches[5])
+    assert report.passed, report
