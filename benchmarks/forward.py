@@ -100,6 +100,67 @@ def time_table(J: int, reps: int) -> None:
     sys.stdout.flush()
 
 
+def hvp_table(reps: int) -> None:
+    """The Hessian of ℓ_j applied to K tangents, three ways, per unroll step: what forward
+    mode needs besides G_j. Reverse-over-reverse needs G_j with its graph
+    (``create_graph``), so its rows include that gradient; forward-over-reverse
+    (``torch.func.jvp`` of ``torch.func.grad``) recomputes the gradient inside, so its
+    rows include a plain gradient for G_j."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    inst = TASKS["adam_lrs"].build(1)
+    model, batch = inst.model, inst.train[0]
+    names = [n for n, _ in model.named_parameters()]
+    theta = tuple(p.detach().clone() for p in model.parameters())
+
+    def loss(*params: Tensor) -> Tensor:
+        out = functional_call(model, dict(zip(names, params)), (batch[0],))
+        return F.cross_entropy(out, batch[1])
+
+    rows = []
+    for K in (1, 4, 16):
+        vs = [tuple(torch.randn_like(t) for t in theta) for _ in range(K)]
+        stacked = tuple(torch.stack([v[i] for v in vs]) for i in range(len(theta)))
+
+        def graph() -> tuple[list[Tensor], tuple[Tensor, ...]]:
+            leaves = [t.clone().requires_grad_() for t in theta]
+            return leaves, torch.autograd.grad(loss(*leaves), leaves, create_graph=True)
+
+        def loop() -> None:
+            leaves, G = graph()
+            for v in vs:
+                torch.autograd.grad(G, leaves, v, retain_graph=True)
+
+        def batched() -> None:
+            leaves, G = graph()
+            torch.autograd.grad(G, leaves, stacked, is_grads_batched=True)
+
+        g = grad(lambda ps: loss(*ps))
+
+        def forward_over_reverse() -> None:
+            g(theta)                                                # G_j itself
+            vmap(lambda v: jvp(g, (theta,), (v,))[1])(stacked)
+
+        times: dict[str, list[float]] = {"loop": [], "batched": [], "fwd": []}
+        calls = {"loop": loop, "batched": batched, "fwd": forward_over_reverse}
+        for fn in calls.values():
+            fn()
+        for r in range(reps):
+            for name, fn in calls.items():
+                t = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                times[name].append((time.perf_counter() - t) / 20)
+        rows.append((K, *(statistics.median(times[k]) * 1e3 for k in ("loop", "batched", "fwd"))))
+    print("\nThe Hessian of ℓ_j on K tangents, with G_j, per step (ms)")
+    print("| K | reverse-over-reverse, one call per tangent | the same, batched (is_grads_batched) | "
+          "forward-over-reverse (torch.func, vmap) |")
+    print("|---:|---:|---:|---:|")
+    for K, a, b, c in rows:
+        print(f"| {K} | {a:.2f} | {b:.2f} | {c:.2f} |")
+    sys.stdout.flush()
+
+
 def peak(J: int, mode: str, memory: str) -> dict[str, Any]:
     """In a fresh (forked) process: one hypergradient's peak RSS growth and its time."""
     _mmap_large_blocks()
@@ -144,6 +205,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(machine())
     time_table(50, 3 if args.quick else 5)
+    hvp_table(3 if args.quick else 5)
     memory_table([10, 100, 1000] if args.quick else [10, 100, 1000, 10000])
 
 
