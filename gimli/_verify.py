@@ -233,7 +233,9 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
 
     Args:
         solver: the user's solver (its model, optimizer, scheduler, meta-parameters,
-            losses, memory mode, ``first_order``/``truncate``).
+            losses, memory mode, forward or reverse mode, ``first_order``/``truncate``;
+            with ``horizon="full"``, the hypergradient over these batches alone, without
+            the tangents it carries).
         train_batches, val_batch: a few batches, as for :meth:`GimliSolver.hypergradient`.
         dtype: the floating dtype the copy computes in (``None``: as they are).
             Floating tensors in the batches are converted too, and the default dtype
@@ -557,10 +559,13 @@ def _twin(solver: GimliSolver, dtype: torch.dtype | None) -> GimliSolver:
                     state[key] = value.to(dtype)
     if meta.inner is not None:          # flags read again under the default dtype (NAdam's, ASGD's scalars)
         meta.inner = bind(opt)
+    # the solver's own mode, forward or reverse; forward mode's carried tangents are not
+    # copied: the check is of the hypergradient over these batches (horizon="window")
+    mode = solver.last_mode if solver.mode == "auto" and solver.last_mode else solver.mode
     return GimliSolver(model, problem.loss_fn, opt, meta, val_loss_fn=problem.val_loss_fn,
                        scheduler=scheduler, memory=solver.memory, snapshots=solver.snapshots,
                        first_order=solver.first_order, truncate=solver.truncate, distributed=False,
-                       _shadows=copy.deepcopy(problem.shadows))     # a schedule followed so far
+                       mode=mode, _shadows=copy.deepcopy(problem.shadows))     # a schedule followed so far
 
 
 def _cast(batch: Any, dtype: torch.dtype | None) -> Any:

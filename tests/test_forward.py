@@ -353,9 +353,18 @@ def test_auto_mode_picks_and_says_which() -> None:
         make("auto", {"lr": "element"}).hypergradient(batches[:8], batches[8])
 
 
-def test_the_checker_takes_a_forward_mode_solver() -> None:
+def test_the_checker_takes_a_forward_mode_solver(monkeypatch: pytest.MonkeyPatch) -> None:
     """gimli.check compares the solver's own hypergradient (here forward mode's) with the
     full autograd unroll and finite differences of the real training loop."""
+    import gimli._solver
+    calls = []
+    original = gimli._solver.forward_hypergradient
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gimli._solver, "forward_hypergradient", counted)
     torch.manual_seed(0)
     model = mlp([3, 6, 1], "tanh")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -364,3 +373,4 @@ def test_the_checker_takes_a_forward_mode_solver() -> None:
     batches = regression_batches(2, 3, 1, 6)
     report = gimli.check(solver, batches[:5], batches[5])
     assert report.passed, report
+    assert calls                    # the copy it checked ran in forward mode
