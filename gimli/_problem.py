@@ -66,6 +66,7 @@ class Problem:
     shadows: Shadows | None = None      # with lr meta-learned: the schedule's derivative (_schedule)
     # the module's (name, parameter) pairs while one hypergradient is computed (held())
     _held: list[tuple[str, Tensor]] | None = None
+    val_mode: str | None = None         # L^val with the module in "eval" or "train" mode, or as it is
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -182,6 +183,8 @@ class Problem:
 
     def val_loss(self, theta: list[Tensor], buffers: dict[str, Tensor], batch: Any) -> Tensor:
         model = self.view(theta, buffers)
+        if self.val_mode is not None:           # a view in that mode; the module is not changed
+            model = model.eval() if self.val_mode == "eval" else model.train()
         if self.val_loss_fn is None:
             return _scalar(self.loss_fn(model, batch, self.meta), "loss_fn (as the validation loss)")
         return _scalar(self.val_loss_fn(model, batch, self.meta), "val_loss_fn")

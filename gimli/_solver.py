@@ -50,6 +50,10 @@ class GimliSolver:
         meta_params: the :class:`MetaParams` declaring what is meta-learned.
         val_loss_fn: ``val_loss_fn(model, batch)`` (or ``(model, batch, meta)``) ->
             scalar, L^val; default ``loss_fn``.
+        val_mode: ``"eval"``: L^val is evaluated with the module in eval mode (dropout
+            off, BatchNorm on the running statistics the unroll reached), ``"train"``: in
+            train mode; ``None`` (default): in the module's own mode. The module itself
+            is not changed: ``val_loss_fn``'s ``model`` is a view in that mode.
         meta_opt: a ``torch.optim`` optimizer over ``meta_params.parameters()``, used by
             :meth:`step` (Algorithm 1, line 16).
         steps: J, the unroll length; default: as many as training batches given.
@@ -107,7 +111,7 @@ class GimliSolver:
                  first_order: bool = False, truncate: int | None = None,
                  distributed: bool | None = None, process_group: Any = None,
                  compile: bool = False, mode: str = "reverse", horizon: str = "window",
-                 _shadows: Any = None):
+                 val_mode: str | None = None, _shadows: Any = None):
         _arguments.check_positional(model, loss_fn, opt, meta_params)
         if meta_opt is not None:
             _arguments.check_meta_opt_type(meta_opt)
@@ -131,6 +135,9 @@ class GimliSolver:
         if mode == "forward" and memory != "retain":
             raise ValueError(f"memory={memory!r} chooses how reverse mode keeps the trajectory; "
                              f"mode='forward' keeps none (its memory does not grow with J)")
+        if val_mode not in (None, "eval", "train"):
+            raise ValueError(f"val_mode must be 'eval', 'train' or None (the module's own mode), "
+                             f"not {val_mode!r}")
         if horizon not in ("window", "full"):
             raise ValueError(f"horizon must be 'window' or 'full', not {horizon!r}")
         if horizon == "full" and (mode == "reverse" or truncate is not None):
@@ -152,6 +159,7 @@ class GimliSolver:
                                      _arguments.val_loss(val_loss_fn), scheduler, _shadows)
         self.meta = meta_params
         self.problem.inner.compile = compile
+        self.problem.val_mode = val_mode
         self.meta_opt = meta_opt
         if meta_opt is not None:
             self._check_meta_opt()
