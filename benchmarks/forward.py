@@ -64,7 +64,7 @@ def solver(inst: Instance, K: int, mode: str, memory: str = "retain") -> gimli.G
         weight = meta["class_log_weight"].exp()[y]                       # type: ignore[union-attr]
         return (F.cross_entropy(m(x), y, reduction="none") * weight).mean()
 
-    def val_loss_fn(m: gimli.FunctionalModel, batch: Any) -> Tensor:
+    def val_loss_fn(m: gimli.FunctionalModel, batch: Any, meta: gimli.MetaParams) -> Tensor:
         return F.cross_entropy(m(batch[0]), batch[1])
 
     return gimli.GimliSolver(inst.model, loss_fn, opt, meta, val_loss_fn=val_loss_fn, mode=mode,

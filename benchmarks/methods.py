@@ -136,7 +136,7 @@ def _solver(inst: Instance, memory: str, J: int) -> gimli.GimliSolver:
         phi = {k: cast(Tensor, meta[k]) for k in keys}     # (φ^loss entries here are tensors)
         return inst.loss(m, dict(m.named_parameters()), batch, phi)
 
-    def val_loss_fn(m: gimli.FunctionalModel, batch: Batch) -> Tensor:
+    def val_loss_fn(m: gimli.FunctionalModel, batch: Batch, meta: gimli.MetaParams) -> Tensor:
         return inst.val_loss(m, batch)
 
     return gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=val_loss_fn, memory=memory,

@@ -75,7 +75,7 @@ def loss_fn(model: gimli.FunctionalModel, batch: Batch, meta: gimli.MetaParams) 
     return objective(model, batch, log_l2)
 
 
-def val_loss_fn(model: gimli.FunctionalModel, batch: Batch) -> Tensor:
+def val_loss_fn(model: gimli.FunctionalModel, batch: Batch, meta: Any = None) -> Tensor:
     """L^val: plain cross-entropy, which reads no meta-parameter."""
     return objective(model, batch, None)
 

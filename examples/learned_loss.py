@@ -100,7 +100,7 @@ def loss_fn(model: gimli.FunctionalModel, batch: Batch, meta: gimli.MetaParams) 
     return learned_loss(net, model(x), y)
 
 
-def val_loss_fn(model: gimli.FunctionalModel, batch: Batch) -> Tensor:
+def val_loss_fn(model: gimli.FunctionalModel, batch: Batch, meta: Any = None) -> Tensor:
     """L^val: the true loss, MSE on clean points. It reads no meta-parameter."""
     x, y = batch
     return F.mse_loss(model(x), y)

@@ -5,11 +5,11 @@ from ._functional import FunctionalModel
 from ._meta import MetaParams
 from ._oracle import full_unroll_hypergradient
 from ._problem import GimliInfo, GimliWarning
-from ._solver import GimliSolver, StepResult
+from ._solver import GimliSolver, Hypergradients, StepResult
 from ._verify import CheckReport, assert_hypergradients_correct, check
 from .optim import LearnedOptimizer, register_optimizer
 
-__all__ = ["CheckReport", "FunctionalModel", "GimliInfo", "GimliSolver", "GimliWarning", "LearnedOptimizer", "MetaParams",
-           "StepResult", "assert_hypergradients_correct", "check", "full_unroll_hypergradient",
+__all__ = ["CheckReport", "FunctionalModel", "GimliInfo", "GimliSolver", "GimliWarning", "Hypergradients",
+           "LearnedOptimizer", "MetaParams", "StepResult", "assert_hypergradients_correct", "check", "full_unroll_hypergradient",
            "register_optimizer"]
 __version__ = "0.1.0"

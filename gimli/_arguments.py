@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -44,19 +45,23 @@ def _accepts(fn: Callable[..., Any], n: int) -> bool:
 
 
 def val_loss(fn: Callable[..., Any] | None) -> ValLossFn | None:
-    """``val_loss_fn`` as ``(model, batch, meta)``: one written as ``(model, batch)`` is
-    called without ``meta``."""
+    """``val_loss_fn`` as ``(model, batch, meta)``, the way ``loss_fn`` is called; one
+    written as ``(model, batch)`` still works, called without ``meta``, with a
+    DeprecationWarning."""
     if fn is None:
         return None
     if not callable(fn):
-        raise TypeError(f"val_loss_fn must be a function val_loss_fn(model, batch), not "
+        raise TypeError(f"val_loss_fn must be a function val_loss_fn(model, batch, meta), not "
                         f"{type(fn).__name__}")
-    if _accepts(fn, 2):
-        return lambda model, batch, meta: fn(model, batch)
     if _accepts(fn, 3):
         return fn
-    raise TypeError("val_loss_fn is called as val_loss_fn(model, batch) or "
-                    "val_loss_fn(model, batch, meta), but it takes neither")
+    if _accepts(fn, 2):
+        warnings.warn("val_loss_fn(model, batch) is deprecated: take meta too, as loss_fn does "
+                      "(val_loss_fn(model, batch, meta)); the two-argument form is called "
+                      "without it for now", DeprecationWarning, stacklevel=3)
+        return lambda model, batch, meta: fn(model, batch)
+    raise TypeError("val_loss_fn is called as val_loss_fn(model, batch, meta), as loss_fn is, "
+                    "but it does not take three arguments")
 
 
 def check_batches(train_batches: Any) -> None:

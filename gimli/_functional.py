@@ -62,7 +62,7 @@ class FunctionalModel:
 
     ``model.eval()`` and ``model.train()`` return a view that runs the module in that
     mode (dropout off, BatchNorm on its running statistics) without changing the
-    user's module: ``val_loss_fn = lambda model, batch: loss(model.eval()(batch[0]), ...)``
+    user's module: ``val_loss_fn = lambda model, batch, meta: loss(model.eval()(batch[0]), ...)``
     evaluates L^val in eval mode.
     """
 

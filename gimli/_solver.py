@@ -28,6 +28,16 @@ from ._transaction import Snapshot, commit as commit_unroll
 from ._unroll import Point, Unroll
 
 
+class Hypergradients(dict[str, Tensor]):
+    """What :meth:`GimliSolver.hypergradient` returns: ∇_φ L^val per meta-parameter name
+    (a dict), and the unroll's losses as :meth:`GimliSolver.step` reports them."""
+
+    def __init__(self, grads: dict[str, Tensor], val_loss: float, train_losses: list[float]):
+        super().__init__(grads)
+        self.val_loss = val_loss                # L^val(θ'_J)
+        self.train_losses = train_losses        # ℓ_j(θ'_j), j = 0 … J−1
+
+
 class StepResult(NamedTuple):
     """What :meth:`GimliSolver.step` reports about the meta-step it took."""
 
@@ -48,8 +58,9 @@ class GimliSolver:
             ``gimli.optim.capabilities()``, or one registered with
             :func:`register_optimizer`); its param groups and current state are the start.
         meta_params: the :class:`MetaParams` declaring what is meta-learned.
-        val_loss_fn: ``val_loss_fn(model, batch)`` (or ``(model, batch, meta)``) ->
-            scalar, L^val; default ``loss_fn``.
+        val_loss_fn: ``val_loss_fn(model, batch, meta)`` -> scalar, L^val, called as
+            ``loss_fn`` is; default ``loss_fn``. (The older ``val_loss_fn(model, batch)``
+            still works, with a DeprecationWarning.)
         val_mode: ``"eval"``: L^val is evaluated with the module in eval mode (dropout
             off, BatchNorm on the running statistics the unroll reached), ``"train"``: in
             train mode; ``None`` (default): in the module's own mode. The module itself
@@ -172,9 +183,10 @@ class GimliSolver:
     # --- the public calls --------------------------------------------------------------------
     def hypergradient(self, train_batches: Iterable[Any] | None = None,
                       val_batch: Any = None, *, tasks: Iterable[tuple[Any, Any]] | None = None,
-                      commit: bool = False) -> dict[str, Tensor]:
+                      commit: bool = False) -> Hypergradients:
         """∇_φ L^val(θ'_J) for every meta-parameter with ``requires_grad=True``, keyed by
-        its name in ``meta_params.named_parameters()``. Changes nothing of the user's,
+        its name in ``meta_params.named_parameters()`` (a dict, which also carries
+        ``val_loss`` and ``train_losses``, as :meth:`step` reports them). Changes nothing of the user's,
         unless ``commit`` (see :meth:`step`); a call that fails draws no batch from
         ``train_data``/``val_data`` and leaves torch's random state as it was.
 
@@ -188,7 +200,7 @@ class GimliSolver:
             if commit:
                 commit_unroll(self, result.final, len(result.train_losses))
                 self._carry(result)
-        return grads
+        return Hypergradients(grads, result.val_loss, result.train_losses)
 
     def step(self, train_batches: Iterable[Any] | None = None, val_batch: Any = None, *,
              tasks: Iterable[tuple[Any, Any]] | None = None, on_nonfinite: str = "raise",

@@ -523,7 +523,7 @@ def _amplification(twin: GimliSolver, batches: list[Any], val_batch: Any, seed: 
         w = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p)
              for n, p in problem.module.named_parameters()}
 
-        def functional(model: Any, batch: Any, w: dict[str, Tensor] = w) -> Tensor:    # w·θ_J
+        def functional(model: Any, batch: Any, meta: Any, w: dict[str, Tensor] = w) -> Tensor:  # w·θ_J
             return sum(((p * w[n]).sum() for n, p in model.named_parameters()), torch.zeros(()))
 
         probe = GimliSolver(problem.module, problem.loss_fn, problem.inner.torch_optimizer, twin.meta,

@@ -47,7 +47,7 @@ def two_groups(model: nn.Module, cls: type[torch.optim.Optimizer], kwargs: dict[
                **kwargs)
 
 
-def mse(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def mse(model: Any, batch: tuple[torch.Tensor, torch.Tensor], meta: Any = None) -> torch.Tensor:
     x, y = batch
     return ((model(x) - y) ** 2).mean()
 

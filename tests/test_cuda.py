@@ -42,7 +42,7 @@ def build(device: str, dropout: float = 0.0, seed: int = 0) -> tuple[gimli.Gimli
         return F.mse_loss(m(x), y) + meta["l2"] * sum((p ** 2).sum() for p in m.parameters())
 
     solver = gimli.GimliSolver(model, loss_fn, opt, meta, scheduler=sched,
-                               val_loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]),
+                               val_loss_fn=lambda m, b, meta: F.mse_loss(m(b[0]), b[1]),
                                meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-2))
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(16, 3, generator=g, dtype=torch.float64).to(device),

@@ -33,8 +33,8 @@ C = {"c": torch.tensor(0.01, dtype=torch.float64)}
 
 # --- Requirement I: L^val must depend on θ ------------------------------------------------
 @pytest.mark.parametrize("val_loss_fn", [
-    lambda m, b: mse(m, b).detach(),                                    # no graph at all
-    lambda m, b: mse(m, b).detach() + 0 * torch.ones((), dtype=torch.float64, requires_grad=True),
+    lambda m, b, meta: mse(m, b).detach(),                              # no graph at all
+    lambda m, b, meta: mse(m, b).detach() + 0 * torch.ones((), dtype=torch.float64, requires_grad=True),
 ])
 def test_validation_loss_without_theta(val_loss_fn: Any) -> None:
     model, opt, batches = parts()
@@ -60,7 +60,7 @@ def test_rprop_with_loss_parameters_warns() -> None:
 def test_loss_parameter_that_reaches_no_gradient_warns_once(loss_fn: Any) -> None:
     model, opt, batches = parts()
     meta = gimli.MetaParams(opt, {"lr": "group"}, loss=C)
-    solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m, b: mse(m, b))
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m, b, meta: mse(m, b))
     with pytest.warns(gimli.GimliWarning, match="loss.c reaches no gradient.*Requirement IIIb"):
         got = solver.hypergradient(batches[:3], batches[3])
     assert float(got["loss.c"]) == 0.0 and float(got["hypers.lr"].abs().sum()) > 0
@@ -94,7 +94,7 @@ def test_parameters_modified_in_place_inside_loss_fn() -> None:
         return mse(m, batch)
 
     solver = gimli.GimliSolver(model, sneaky, opt, gimli.MetaParams(opt, {"lr": "group"}),
-                               val_loss_fn=lambda m, b: mse(m, b))
+                               val_loss_fn=lambda m, b, meta: mse(m, b))
     with pytest.raises(ValueError, match="in place"):
         solver.hypergradient(batches[:3], batches[3])
 

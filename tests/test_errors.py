@@ -40,8 +40,15 @@ def test_loss_functions_with_the_wrong_arguments() -> None:
     model, loss_fn, opt, meta, data = setup()
     with pytest.raises(TypeError, match=r"loss_fn\(model, batch, meta\)"):
         gimli.GimliSolver(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), opt, meta)
-    with pytest.raises(TypeError, match=r"val_loss_fn\(model, batch\)"):
+    with pytest.raises(TypeError, match=r"val_loss_fn\(model, batch, meta\), as loss_fn is"):
         gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m: 0.0)
+    # the old two-argument L^val still works, with a DeprecationWarning that names the new form
+    with pytest.warns(DeprecationWarning, match=r"val_loss_fn\(model, batch, meta\)"):
+        old = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    new = gimli.GimliSolver(model, loss_fn, opt, meta,
+                            val_loss_fn=lambda m, b, meta: F.mse_loss(m(b[0]), b[1]))
+    torch.testing.assert_close(old.hypergradient(data[:3], data[3])["hypers.lr"],
+                               new.hypergradient(data[:3], data[3])["hypers.lr"], rtol=0, atol=0)
     # the three-argument training loss reused as L^val works (it may read meta)
     solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=loss_fn)
     torch.testing.assert_close(solver.hypergradient(data[:3], data[3])["hypers.lr"],

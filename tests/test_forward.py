@@ -172,7 +172,7 @@ def test_forward_with_batchnorm_dropout_scheduler_and_weight_decay_loss() -> Non
                 + meta["l2"][1].exp() * (m.body[4].weight ** 2).sum()
 
         return gimli.GimliSolver(model, loss_fn, opt, meta, scheduler=scheduler, mode=mode,
-                                 val_loss_fn=lambda m, batch: F.mse_loss(m.eval()(batch[0]), batch[1]))
+                                 val_loss_fn=lambda m, batch, meta: F.mse_loss(m.eval()(batch[0]), batch[1]))
 
     reverse, forward = both(make, batches[:12], batches[12])
     assert all(g.abs().sum() > 0 for g in reverse.values())

@@ -48,7 +48,7 @@ def val_after(model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Opti
         return float(F.mse_loss(trained(val[0]), val[1]))
 
 
-def mse(m: Any, batch: Batch) -> torch.Tensor:
+def mse(m: Any, batch: Batch, meta: Any = None) -> torch.Tensor:
     return F.mse_loss(m(batch[0]), batch[1])
 
 
@@ -258,7 +258,7 @@ def test_validation_loss_in_eval_mode() -> None:
     meta = gimli.MetaParams(opt, ["lr"], init=net)
     data = batches(8, 3, 2, 4)
 
-    def val_loss(m: Any, batch: Batch) -> torch.Tensor:
+    def val_loss(m: Any, batch: Batch, meta: Any) -> torch.Tensor:
         return mse(m.eval(), batch)
 
     solver = gimli.GimliSolver(net, lambda m, b, meta: mse(m, b), opt, meta, val_loss_fn=val_loss)

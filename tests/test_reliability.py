@@ -319,7 +319,7 @@ def test_nonfinite_gradient_with_a_finite_loss_is_named_at_its_step() -> None:
     g = torch.Generator().manual_seed(1)
     train = [(torch.randn(8, 3, generator=g, dtype=torch.float64),
               torch.randn(8, 1, generator=g, dtype=torch.float64), j == 2) for j in range(4)]
-    solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]),
+    solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m, b, meta: F.mse_loss(m(b[0]), b[1]),
                                meta_opt=torch.optim.SGD(meta.parameters(), lr=0.1))
     with pytest.raises(FloatingPointError, match=r"G_2 .* step 2 .*not finite in 0\.bias.*backward") as error:
         solver.step(train, train[0][:2])
@@ -417,7 +417,7 @@ def test_every_checkpoint_loads_with_weights_only(kind: str) -> None:
             r = (m(b[0]) - b[1]) ** 2
             return (meta["weigher"](r) * r).mean()
 
-        solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]),
+        solver = gimli.GimliSolver(model, loss_fn, opt, meta, val_loss_fn=lambda m, b, meta: F.mse_loss(m(b[0]), b[1]),
                                    meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-3))
         train, val = setup()[1:]
         solver.step(train, val)

@@ -91,6 +91,9 @@ def test_step_applies_meta_optimizer_and_writes_back() -> None:
     assert all(g["momentum"] == meta.hyper("momentum").item() for g in p.opt.param_groups)
     assert len(result.train_losses) == 4 and result.val_loss > 0
     assert result.hypergradient_norms["hypers.lr"] == pytest.approx(hg["hypers.lr"].norm().item())
+    # hypergradient() reports the same losses as the step over the same unroll
+    assert isinstance(hg, dict) and isinstance(hg, gimli.Hypergradients)
+    assert hg.val_loss == result.val_loss and hg.train_losses == result.train_losses
 
 
 def test_betas_write_back_as_a_tuple() -> None:

@@ -113,7 +113,7 @@ def test_quadratic_sgd_closed_form(steps: int) -> None:
         return 0.5 * theta @ A @ theta - b @ theta
 
     solver = gimli.GimliSolver(model, loss_fn, opt, meta,
-                               val_loss_fn=lambda m, batch: 0.5 * ((m() - c) ** 2).sum())
+                               val_loss_fn=lambda m, batch, meta: 0.5 * ((m() - c) ** 2).sum())
     got = solver.hypergradient([None] * steps, "val")
 
     lam, Q = torch.linalg.eigh(A)

@@ -40,7 +40,7 @@ def test_eval_mode_validation() -> None:
     train, val = batches[:5], batches[5]
     model = net()
 
-    def by_hand(m: Any, batch: Any) -> torch.Tensor:
+    def by_hand(m: Any, batch: Any, meta: Any) -> torch.Tensor:
         return F.mse_loss(m.eval()(batch[0]), batch[1])
 
     results = {}
@@ -69,7 +69,7 @@ def test_train_mode_validation_of_a_module_in_eval_mode() -> None:
     s = solver(model, "train")
     torch.manual_seed(1)                # the same dropout masks in L^val for both
     got = s.hypergradient(batches[:5], batches[5])
-    by_hand = solver(copy.deepcopy(model), None, lambda m, b: F.mse_loss(m.train()(b[0]), b[1]))
+    by_hand = solver(copy.deepcopy(model), None, lambda m, b, meta: F.mse_loss(m.train()(b[0]), b[1]))
     torch.manual_seed(1)
     assert_hypergradients_close(got, by_hand.hypergradient(batches[:5], batches[5]))
     assert not model.training

@@ -192,7 +192,7 @@ def batchnorm(kind: str, seed: int) -> tuple[gimli.GimliSolver, list[Any]]:
     meta = gimli.MetaParams(opt, {"lr": "scalar"}, loss={"c": torch.tensor(0.5, dtype=torch.float64)},
                             init=model)
     solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]) + meta["c"], opt, meta,
-                               val_loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]))
+                               val_loss_fn=lambda m, b, meta: F.mse_loss(m(b[0]), b[1]))
     g = torch.Generator().manual_seed(seed)
     return solver, [(torch.randn(8, 3, generator=g, dtype=torch.float64),
                      torch.randn(8, 1, generator=g, dtype=torch.float64)) for _ in range(4)]
@@ -381,7 +381,7 @@ def test_eval_mode_validation_loss_reading_running_statistics(monkeypatch: pytes
     meta = gimli.MetaParams(opt, ["lr"], init=model)
     data = regression_batches(2, 3, 1, 4, size=8)
     solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt, meta,
-                               val_loss_fn=lambda m, b: F.mse_loss(m.eval()(b[0]), b[1]))
+                               val_loss_fn=lambda m, b, meta: F.mse_loss(m.eval()(b[0]), b[1]))
     report = gimli.check(solver, data[:3], data[3])
     assert report.passed, str(report)
     assert all(p.elements > 0 for p in report.params)
