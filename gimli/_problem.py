@@ -67,6 +67,7 @@ class Problem:
     # the module's (name, parameter) pairs while one hypergradient is computed (held())
     _held: list[tuple[str, Tensor]] | None = None
     val_mode: str | None = None         # L^val with the module in "eval" or "train" mode, or as it is
+    clip: Any = None                    # gradient clipping applied to G_j (gimli/_clip.py)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -200,6 +201,8 @@ class Problem:
                              "given (its first argument), not your module itself, and not under "
                              "torch.no_grad()?")
         grads = grad_of(loss, theta + list(leaves), create_graph=graph)
+        if self.clip is not None:       # between backward() and step(), as a training loop does
+            grads[:len(theta)] = self.clip(grads[:len(theta)], self.meta)
         if all(g is None for g in grads[:len(theta)]):
             raise ValueError("loss_fn returned a loss that does not depend on any parameter "
                              "the optimizer trains (with requires_grad=True): does it call the "

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _arguments, _checkpoint, _distributed
+from ._clip import Clip, check_clip
 from ._data import Stream
 from ._distributed import Sums
 from ._forward import Horizon, directions, forward_hypergradient
@@ -61,6 +62,13 @@ class GimliSolver:
         val_loss_fn: ``val_loss_fn(model, batch, meta)`` -> scalar, L^val, called as
             ``loss_fn`` is; default ``loss_fn``. (The older ``val_loss_fn(model, batch)``
             still works, with a DeprecationWarning.)
+        clip: gradient clipping between each step's gradient and the optimizer, as a
+            training loop calls it between ``backward()`` and ``opt.step()``:
+            ``gimli.ClipGradNorm(max_norm, norm_type=2.0)`` (torch's
+            ``clip_grad_norm_`` over the optimizer's tensors) or
+            ``gimli.ClipGradValue(clip_value)``; the threshold may be a function of the
+            meta-parameters, and is then meta-learned. Differentiated exactly (reverse
+            mode).
         val_mode: ``"eval"``: L^val is evaluated with the module in eval mode (dropout
             off, BatchNorm on the running statistics the unroll reached), ``"train"``: in
             train mode; ``None`` (default): in the module's own mode. The module itself
@@ -122,7 +130,7 @@ class GimliSolver:
                  first_order: bool = False, truncate: int | None = None,
                  distributed: bool | None = None, process_group: Any = None,
                  compile: bool = False, mode: str = "reverse", horizon: str = "window",
-                 val_mode: str | None = None, _shadows: Any = None):
+                 val_mode: str | None = None, clip: Clip | None = None, _shadows: Any = None):
         _arguments.check_positional(model, loss_fn, opt, meta_params)
         if meta_opt is not None:
             _arguments.check_meta_opt_type(meta_opt)
@@ -154,7 +162,8 @@ class GimliSolver:
         if horizon == "full" and (mode == "reverse" or truncate is not None):
             raise ValueError("horizon='full' carries forward mode's tangents from one committed "
                              "meta-step to the next: it needs mode='forward' and no truncate=")
-        why_not = _why_not_forward(meta_params)
+        check_clip(clip)
+        why_not = _why_not_forward(meta_params, clip)
         if why_not and (mode == "forward" or horizon == "full"):
             raise ValueError(why_not)
         self._forward_possible = not why_not
@@ -171,6 +180,7 @@ class GimliSolver:
         self.meta = meta_params
         self.problem.inner.compile = compile
         self.problem.val_mode = val_mode
+        self.problem.clip = clip
         self.meta_opt = meta_opt
         if meta_opt is not None:
             self._check_meta_opt()
@@ -419,7 +429,7 @@ class GimliSolver:
         if chosen not in self._said:
             self._said.add(chosen)
             why = (f"{count} tangents of (θ, σ) against the {swept} points reverse mode holds"
-                   if self._forward_possible else _why_not_forward(self.meta))
+                   if self._forward_possible else _why_not_forward(self.meta, self.problem.clip))
             warnings.warn(f"mode='auto' chose mode={chosen!r}: {why}", GimliInfo, stacklevel=5)
         return chosen
 
@@ -510,10 +520,13 @@ class _Result(NamedTuple):
     tangents: list[Any] | None = None       # forward mode's (Z_J, Y_J) per direction
 
 
-def _why_not_forward(meta: MetaParams) -> str:
+def _why_not_forward(meta: MetaParams, clip: Any = None) -> str:
     """Why forward mode, which carries one tangent per meta-parameter element, cannot take
     these meta-parameters (their count grows with the model: θ₀, per-element
-    hyperparameters), or ''."""
+    hyperparameters), or this setup (clipping), or ''."""
+    if clip is not None:
+        return ("mode='forward' does not carry tangents through gradient clipping (clip=): "
+                "use mode='reverse'")
     if meta.init is not None:
         return ("mode='forward' carries one tangent of (θ, σ) per meta-parameter element, "
                 "and θ₀ (init=) has as many elements as the model: use mode='reverse'")

@@ -529,7 +529,7 @@ def _amplification(twin: GimliSolver, batches: list[Any], val_batch: Any, seed: 
         probe = GimliSolver(problem.module, problem.loss_fn, problem.inner.torch_optimizer, twin.meta,
                             val_loss_fn=functional, scheduler=problem.scheduler, memory=twin.memory,
                             snapshots=twin.snapshots, first_order=twin.first_order, truncate=twin.truncate,
-                            distributed=False, val_mode=problem.val_mode,
+                            distributed=False, val_mode=problem.val_mode, clip=problem.clip,
                             _shadows=copy.deepcopy(problem.shadows))
         torch.manual_seed(seed)
         for name, g in probe.hypergradient(batches, val_batch).items():
@@ -566,7 +566,7 @@ def _twin(solver: GimliSolver, dtype: torch.dtype | None) -> GimliSolver:
     return GimliSolver(model, problem.loss_fn, opt, meta, val_loss_fn=problem.val_loss_fn,
                        scheduler=scheduler, memory=solver.memory, snapshots=solver.snapshots,
                        first_order=solver.first_order, truncate=solver.truncate, distributed=False,
-                       mode=mode, val_mode=problem.val_mode,
+                       mode=mode, val_mode=problem.val_mode, clip=problem.clip,
                        _shadows=copy.deepcopy(problem.shadows))     # a schedule followed so far
 
 
