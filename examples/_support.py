@@ -54,6 +54,16 @@ def pyplot() -> ModuleType | None:
     return plt
 
 
+def save(fig: Any, out: Path, name: str) -> Path:
+    """Lay ``fig`` out, write it to ``out/name`` as a PNG, and close it."""
+    fig.tight_layout()
+    path = out / name
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt     # (save is called where pyplot() found it)
+    plt.close(fig)
+    return path
+
+
 class Progress(Generic[T]):
     """A loop's progress: a tqdm bar where tqdm is installed and stderr is a terminal,
     else a plain line every tenth of the way, ``desc: n/total (elapsed) postfix``.

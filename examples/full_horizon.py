@@ -48,7 +48,7 @@ import gimli
 if str(Path(__file__).resolve().parent) not in sys.path:     # the examples beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _digits  # noqa: E402
-from _support import OUTPUT, Progress, one_thread, pyplot  # noqa: E402
+from _support import OUTPUT, Progress, one_thread, pyplot, save  # noqa: E402
 from learned_lr import BATCH, Batch, layers, loss_fn, make_model, make_opt, train_epoch  # noqa: E402
 
 LR = 0.05
@@ -124,11 +124,7 @@ def plot(out: Path, runs: list[dict[str, Any]], names: list[str], start: float) 
               title="Learned lr per layer (first seed)")
     lr_ax.grid(alpha=0.3)
     lr_ax.legend(fontsize="x-small", ncol=2)
-    fig.tight_layout()
-    path = out / "full_horizon.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save(fig, out, "full_horizon.png")]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

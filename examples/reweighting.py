@@ -41,7 +41,7 @@ import gimli
 if str(Path(__file__).resolve().parent) not in sys.path:     # the examples beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _digits  # noqa: E402
-from _support import OUTPUT, Progress, one_thread, pyplot  # noqa: E402
+from _support import OUTPUT, Progress, one_thread, pyplot, save  # noqa: E402
 
 Batch = tuple[Tensor, Tensor, Tensor]       # images, labels, their indices in the training set
 
@@ -120,11 +120,7 @@ def plot(out: Path, weights: Tensor, bad: Tensor, acc: dict[str, float]) -> list
         bar.text(i, value + 0.005, f"{value:.3f}", ha="center")
     bar.set(ylabel="test accuracy", ylim=(min(acc.values()) - 0.05, 1.0),
             title="Retrained from scratch with plain torch")
-    fig.tight_layout()
-    path = out / "reweighting.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save(fig, out, "reweighting.png")]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
