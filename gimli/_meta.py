@@ -23,6 +23,8 @@ from .optim import InnerOptimizer, bind
 from .optim._core import REAL, Interval, hyper_dtype
 
 GRANULARITIES = ("scalar", "group", "tensor", "element")
+# one value per inner step of the unroll (a schedule), shared by every group or per group
+STEPWISE = {"step": "scalar", "group-step": "group"}
 # how a hyperparameter x is held by its meta-parameter z, and the values each map reaches
 TRANSFORMS = ("project", "log", "logit")
 _IMAGE = {"log": Interval(0.0, lo_open=True), "logit": Interval(0.0, 1.0, lo_open=True, hi_open=True)}
@@ -42,7 +44,9 @@ class MetaParams(nn.Module):
             and ``beta2``. Initial values are read from ``optimizer.param_groups``
             (``lr`` from ``initial_lr`` where an LR scheduler is attached: its base lr).
             A module-valued hyperparameter (``LearnedOptimizer``'s ``"net"``) takes
-            ``"scalar"`` and contributes its own weights.
+            ``"scalar"`` and contributes its own weights. ``"step"`` (one value per inner
+            step j of a ``steps``-step unroll) and ``"group-step"`` (per step and group)
+            learn a whole schedule over the unroll; each starts at the optimizer's value.
         transform: how each hyperparameter is kept inside its valid range (the values
             ``torch.optim``'s constructor accepts, ``meta.ranges[name]``), name → one of
 
@@ -75,7 +79,7 @@ class MetaParams(nn.Module):
                  hypers: Mapping[str, str] | Iterable[str] = (), *,
                  transform: Mapping[str, str] | None = None,
                  loss: Mapping[str, Tensor | nn.Module] | None = None,
-                 init: nn.Module | None = None):
+                 init: nn.Module | None = None, steps: int | None = None):
         super().__init__()
         granularity = dict(hypers) if isinstance(hypers, Mapping) else dict.fromkeys(
             [hypers] if isinstance(hypers, str) else hypers, "scalar")   # "lr": one name
@@ -86,6 +90,14 @@ class MetaParams(nn.Module):
         if unknown:
             raise ValueError(f"MetaParams: transform= names {', '.join(unknown)}, which hypers= "
                              f"does not declare")
+        stepwise = sorted(name for name, per in granularity.items() if per in STEPWISE)
+        if stepwise and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"MetaParams: {', '.join(stepwise)} is learned per step: give steps=J, "
+                             f"the number of inner steps of the unroll")
+        if steps is not None and not stepwise:
+            raise ValueError("MetaParams: steps= is for a hyperparameter learned per 'step' or "
+                             "'group-step'; none is")
+        self.steps = steps                          # J of a per-step schedule, or None
         self.inner: InnerOptimizer | None = None if optimizer is None else bind(optimizer)
         self.granularity: dict[str, str] = {}
         self.transform: dict[str, str] = {}         # name → how it is kept in range
@@ -106,7 +118,10 @@ class MetaParams(nn.Module):
                                          for n, _ in modules[name].named_parameters()})
                 continue
             kind = transforms.get(name, "project")
-            start = _initial_value(self.inner, name, per)
+            start = _initial_value(self.inner, name, STEPWISE.get(per, per))
+            if per in STEPWISE:                     # the same value at every step, to start
+                assert steps is not None
+                start = start.expand(steps, *start.shape).clone()
             self.ranges[name] = valid_range(self.inner, name)
             _check_transform(self.inner, name, kind, self.ranges[name], start)
             self.hypers.register_parameter(name, nn.Parameter(_inverse(kind, start)))
@@ -153,12 +168,27 @@ class MetaParams(nn.Module):
         lo, hi = self.ranges[name].representable(x.dtype)
         return x.clamp(lo, hi)                                  # the guard (module doc)
 
-    def expand(self, name: str) -> list[Tensor]:
+    def stepwise(self) -> frozenset[str]:
+        """The hyperparameters learned per inner step (``"step"``, ``"group-step"``)."""
+        return frozenset(name for name, per in self.granularity.items() if per in STEPWISE)
+
+    def expand(self, name: str, step: int | None = None) -> list[Tensor]:
         """Hyperparameter ``name`` as one tensor per parameter tensor (0-dim or the
         parameter's shape), in the optimizer's order; differentiable (with respect to
-        the meta-parameter, through the transform)."""
+        the meta-parameter, through the transform). A hyperparameter learned per step
+        takes ``step``, the inner step j whose values are meant."""
         assert self.inner is not None
         raw, per, params = self.hyper(name), self.granularity[name], self.inner.params
+        if per in STEPWISE:
+            if step is None:
+                raise ValueError(f"{name} is learned per step: say which step's values")
+            assert self.steps is not None
+            needed = (self.steps,) if per == "step" else (self.steps, len(self.inner.groups))
+            if tuple(raw.shape) != needed:
+                raise ValueError(f"meta-parameter hypers.{name} has shape {tuple(raw.shape)}, but "
+                                 f"{per!r} granularity over {self.steps} steps needs {needed}")
+            value = self.value(name)[step]
+            return [value] * len(params) if per == "step" else [value[g] for g in self.inner.group_of()]
         shape = {"scalar": (), "group": (len(self.inner.groups),), "tensor": (len(params),),
                  "element": (sum(p.numel() for p in params),)}[per]
         if "." not in name and tuple(raw.shape) != shape:       # (a module's weights: their own)

@@ -45,11 +45,19 @@ class Split(NamedTuple):
     learned: frozenset[str]            # the hyperparameters that are meta-parameters
     phi_loss: list[Tensor]             # φ^loss as leaves
     schedule: Schedule | None          # per-step hyperparameters of an LR scheduler
+    # hyperparameters learned per step: name -> step j -> one value per tensor
+    stepwise: dict[str, list[list[Tensor]]] = {}
 
     def per_step(self, steps: int) -> list[dict[str, list[Tensor]]]:
-        """Each unroll step's hyperparameters: φ^opt, or the scheduler's values at step j."""
-        return [self.phi_opt if self.schedule is None else self.schedule.at(j, self.phi_opt)
-                for j in range(steps)]
+        """Each unroll step's hyperparameters: φ^opt, with step j's values of those learned
+        per step, or the scheduler's values at step j (a value learned per step is that
+        step's base value, which the scheduler scales as it scales the base lr)."""
+        out = []
+        for j in range(steps):
+            hp = self.phi_opt if not self.stepwise else \
+                {**self.phi_opt, **{name: values[j] for name, values in self.stepwise.items()}}
+            out.append(hp if self.schedule is None else self.schedule.at(j, hp))
+        return out
 
 
 @dataclass
@@ -124,8 +132,15 @@ class Problem:
         """φ^opt, φ^loss ← split(φ): the hyperparameter values the unroll and sweep use
         (detached), which of them are learned, φ^loss as leaf tensors, and the
         schedule of a J-step unroll."""
+        stepwise = self.meta.stepwise()
+        if stepwise and steps != self.meta.steps:
+            raise ValueError(f"{', '.join(sorted(stepwise))} is learned per step over "
+                             f"{self.meta.steps} steps (MetaParams(steps=...)), but this unroll has "
+                             f"{steps}: give {self.meta.steps} training batches (or steps=)")
+        values = {name: [[v.detach() for v in self.meta.expand(name, j)] for j in range(steps)]
+                  for name in stepwise}
         return Split(self.hypers(differentiable=False), frozenset(self.meta.granularity),
-                     self.loss_leaves(), self.schedule(steps))
+                     self.loss_leaves(), self.schedule(steps), values)
 
     def schedule(self, steps: int) -> Schedule | None:
         if self.scheduler is None:
@@ -156,6 +171,8 @@ class Problem:
         hp = self.inner.constant_hypers(None if self.scheduler is None else
                                         {"lr": base_lrs(self.inner)})
         for name in self.meta.granularity:
+            if name in self.meta.stepwise():        # (per step: Split.per_step)
+                continue
             hp[name] = self.meta.expand(name) if differentiable else self.meta.hyper_values(name)
         return hp
 

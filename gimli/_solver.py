@@ -440,7 +440,7 @@ class GimliSolver:
         problem = self.problem
         with torch.enable_grad(), problem.held():                   # also under torch.no_grad()
             split = problem.split(len(train_batches))                             # line 2
-            _, learned, phi_loss, schedule = split
+            learned, phi_loss, schedule = split.learned, split.phi_loss, split.schedule
             run = Unroll(problem, split.per_step(len(train_batches)), train_batches, memory=self.memory,     # lines 3–7
                          snapshots=self.snapshots, truncate=self.truncate,
                          graph=not self.first_order or bool(phi_loss))
@@ -462,7 +462,7 @@ class GimliSolver:
         J = len(train_batches)
         with torch.enable_grad(), problem.held():
             split = problem.split(J)
-            _, learned, phi_loss, schedule = split
+            learned, phi_loss, schedule = split.learned, split.phi_loss, split.schedule
             count = len(directions(self.meta, learned, phi_loss))
             swept = J if self.truncate is None else min(J, self.truncate)
             if count > swept and self.horizon == "window":     # (only forward mode has the full one)
@@ -501,8 +501,16 @@ class GimliSolver:
         meta, problem = self.meta, self.problem
         by_tensor: dict[int, Tensor] = {}
         for name in meta.granularity:                               # per-tensor a_j → φ^opt's shape
-            (g,) = torch.autograd.grad(meta.expand(name), meta.hyper(name),
-                                       grad_outputs=result.A_opt[name])
+            if name in result.A_step:                               # learned per step: step j's a_j
+                swept = [(j, a) for j, a in enumerate(result.A_step[name]) if a is not None]
+                outputs = [v for j, _ in swept for v in meta.expand(name, j)]
+                cotangents = [x for _, a in swept for x in a]
+                found = torch.autograd.grad(outputs, meta.hyper(name), cotangents, allow_unused=True) \
+                    if swept else (None,)
+                g = torch.zeros_like(meta.hyper(name)) if found[0] is None else found[0]
+            else:
+                (g,) = torch.autograd.grad(meta.expand(name), meta.hyper(name),
+                                           grad_outputs=result.A_opt[name])
             by_tensor[id(meta.hyper(name))] = g
         for leaf, g in zip(phi_loss, result.A_loss):
             by_tensor[id(leaf)] = g
@@ -530,6 +538,10 @@ def _why_not_forward(meta: MetaParams, clip: Any = None) -> str:
     if meta.init is not None:
         return ("mode='forward' carries one tangent of (θ, σ) per meta-parameter element, "
                 "and θ₀ (init=) has as many elements as the model: use mode='reverse'")
+    if meta.stepwise():
+        return (f"mode='forward' carries one tangent of (θ, σ) per meta-parameter element, and "
+                f"{', '.join(sorted(meta.stepwise()))} per step has one per step, as many as the "
+                f"points reverse mode holds: use mode='reverse'")
     per_element = [name for name, per in meta.granularity.items() if per == "element"]
     if per_element:
         return (f"mode='forward' carries one tangent of (θ, σ) per meta-parameter element, "

@@ -28,10 +28,12 @@ from ._unroll import Point, Step, Unroll, add_note, describe_batch
 class Sweep(NamedTuple):
     B0: list[Tensor]                            # ∂L^val/∂θ'_0 (θ₀'s hypergradient in MAML)
     A_opt: dict[str, list[Tensor]]              # per tensor, each hyperparameter's shape there
+    # a hyperparameter learned per step: each step's a_j (None for a step not swept)
     A_loss: list[Tensor]                        # aligned with problem.loss_leaves()
     val_loss: float
     final: Point                                # (θ'_J, σ_J, buffers), for a commit
     reached: list[bool]                         # per φ^loss leaf: reaches some G_j or L^val
+    A_step: dict[str, list[list[Tensor] | None]] = {}
 
 
 def _zeros_like_state(state: Any) -> Any:
@@ -92,7 +94,9 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     final = next(steps)
     assert isinstance(final, Point)
     # line 8: A^opt ← 0, A^loss ← 0
-    A_opt = {name: [torch.zeros_like(v) for v in unroll.hypers[0][name]] for name in need}
+    stepwise = problem.meta.stepwise() & need
+    A_opt = {name: [torch.zeros_like(v) for v in unroll.hypers[0][name]] for name in need - stepwise}
+    A_step: dict[str, list[list[Tensor] | None]] = {name: [None] * unroll.J for name in stepwise}
     A_loss = [torch.zeros_like(x) for x in leaves]
     # line 9: B_J ← ∇_θ L^val(θ'_J), plus L^val's direct gradient w.r.t. φ^loss; S_J ← 0
     val, B, direct, reached = validation(problem, unroll, final, leaves, val_batch)
@@ -108,7 +112,11 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
             out = inner.vjp(theta, step.state, G, unroll.hypers[j], B, S, need)
         for name in need:                                       # line 12: A^opt += a_j
             a_j = out.hypers[name] if schedule is None else schedule.pull_back(j, name, out.hypers[name])
-            _accumulate(A_opt[name], a_j)
+            if name in stepwise:                                # its own entry per step
+                A_step[name][j] = [torch.zeros_like(v) if a is None else a
+                                   for a, v in zip(a_j, unroll.hypers[j][name])]
+            else:
+                _accumulate(A_opt[name], a_j)
         # lines 13–14: (h_j, m_j) = ∇_(θ'_j, φ^loss) ⟨o_j, G_j⟩, one double-backward call
         inputs = theta[:targets] + leaves
         hm: list[Tensor | None] = [None] * len(inputs)
@@ -123,4 +131,4 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         S = out.state
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]
-    return Sweep(B, A_opt, A_loss, val.item(), final, reached)
+    return Sweep(B, A_opt, A_loss, val.item(), final, reached, A_step)
