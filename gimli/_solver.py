@@ -103,7 +103,7 @@ class GimliSolver:
             ``"auto"``: forward mode where it holds fewer tangents than reverse mode holds
             points (fewer directions than swept steps, or ``horizon="full"``), else
             reverse; it says which (:class:`GimliInfo`, once per solver and choice) and
-            records it in :attr:`last_mode`.
+            records it in ``solver.last_mode``.
         horizon: forward mode only. ``"window"`` (default): each hypergradient is that of
             its own J steps, as in reverse mode. ``"full"``: the tangents carry over from
             one ``commit=True`` call to the next, so the hypergradient is that of the

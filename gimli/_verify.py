@@ -220,8 +220,8 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
     """Compare the solver's hypergradient with the full autograd unroll and with
     finite differences, per meta-parameter, on a copy (nothing of the user's changes).
 
-    Errors are relative to max(|reference|, floor_p), floor_p = ``floor``·|L^val|/s_p
-    with s_p = max(max |φ_p|, 10⁻²); finite differences also allow for their own error
+    Errors are relative to ``max(|reference|, floor_p)``, ``floor_p = floor·|L^val|/s_p``
+    with ``s_p = max(max |φ_p|, 10⁻²)``; finite differences also allow for their own error
     (rounding of L^val, measured truncation), shrink their step or go one-sided where
     L^val is not smooth, and skip elements where nothing is; where the autograd
     reference is not finite (√0 at a dead unit under Adam-like optimizers) the entries
@@ -252,7 +252,7 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
             unrolls can differ by 10⁻⁴ and only a gross error can be told).
         fd_rtol: tolerance against finite differences (whose own error is ~1e-9 in
             float64 where L^val is smooth).
-        floor: ρ, the change of L^val, relative to |L^val|, below which a meta-parameter
+        floor: ρ, the change of L^val, relative to ``|L^val|``, below which a meta-parameter
             moved by its own size counts as not mattering (the floor of every error's scale).
         seed: the random-number state every evaluation starts from (dropout masks).
     """

@@ -59,7 +59,7 @@ SUPPORTED[LearnedOptimizer] = learned.RULE
 
 
 def register(cls: type[torch.optim.Optimizer], rule: Any) -> None:
-    """Make ``cls`` (exact class) differentiable through ``rule`` (a :class:`Rule`)."""
+    """Make ``cls`` (exact class) differentiable through ``rule`` (a :class:`gimli.optim.Rule`)."""
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(f"register a torch.optim.Optimizer subclass, not {cls!r}")
     if not isinstance(rule, Rule):

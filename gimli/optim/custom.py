@@ -1,4 +1,4 @@
-"""User-defined optimizers: per-tensor pure functions turned into a gimli :class:`Rule`.
+"""User-defined optimizers: per-tensor pure functions turned into a gimli :class:`gimli.optim.Rule`.
 
 The user supplies, for one parameter tensor,
 
@@ -38,7 +38,7 @@ VjpFn = Callable[..., tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]
 
 
 class CustomRule(Rule):
-    """A gimli :class:`Rule` made of a user's per-tensor functions."""
+    """A gimli :class:`gimli.optim.Rule` made of a user's per-tensor functions."""
 
     def __init__(self, hypers: Sequence[str], init: InitFn, step: StepFn, vjp: VjpFn | None = None,
                  group_keys: Mapping[str, tuple[str, int]] | None = None,

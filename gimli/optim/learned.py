@@ -100,7 +100,7 @@ RULE = Rule(hypers=HYPERS, ranges=RANGES, read_group=read_group, read_state=read
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
-    """A ``torch.optim`` optimizer whose update is ``net`` (default :func:`default_net`).
+    """A ``torch.optim`` optimizer whose update is ``net`` (default :func:`gimli.optim.learned.default_net`).
 
     It steps with the very function gimli differentiates, so a meta-trained
     network is used as it is in the user's own training loop.
