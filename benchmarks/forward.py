@@ -25,7 +25,6 @@ leanest mode that keeps every point) and ``"retain"`` (up to J = 1,000).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ import gimli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from methods import plain_step  # noqa: E402
-from run import MIB, _forked, _mmap_large_blocks, _proc_kb, _reset_peak, machine  # noqa: E402
+from run import MIB, _forked, _mmap_large_blocks, machine, peak_mb  # noqa: E402
 from tasks import TASKS, Instance  # noqa: E402
 
 SPECS: dict[int, tuple[dict[str, str], bool]] = {       # K -> (hyperparameters, class weights)
@@ -168,15 +167,9 @@ def peak(J: int, mode: str, memory: str) -> dict[str, Any]:
     inst = TASKS["adam_lrs"].build(J)
     s = solver(inst, 4, mode, memory)
     s.hypergradient(inst.train[:10], inst.val)          # warm-up
-    gc.collect()
-    _reset_peak()
-    before = _proc_kb("VmRSS")
     t = time.perf_counter()
-    out = s.hypergradient(inst.train, inst.val)
-    seconds = time.perf_counter() - t
-    top = _proc_kb("VmHWM")
-    del out
-    return {"mb": (top - before) * 1024 / MIB, "s": seconds}
+    mb = peak_mb(lambda: s.hypergradient(inst.train, inst.val))
+    return {"mb": mb, "s": time.perf_counter() - t}
 
 
 def memory_table(steps: list[int]) -> None:

@@ -94,13 +94,19 @@ def measure_memory(task: str, J: int, method: str) -> dict[str, Any]:
         run = prepare(method, inst)
         run(inst.train[:2])                 # warm-up on 2 steps
         call = lambda: run(inst.train)  # noqa: E731
+    return {"task": task, "J": J, "method": method, "peak_mb": peak_mb(call)}
+
+
+def peak_mb(call: Callable[[], Any]) -> float:
+    """The peak RSS growth of ``call()`` in MB, over the RSS just before it (in a process
+    whose large blocks are mmapped: ``_mmap_large_blocks``)."""
     gc.collect()
     _reset_peak()
     before = _proc_kb("VmRSS")
     out = call()
     peak = _proc_kb("VmHWM")
     del out
-    return {"task": task, "J": J, "method": method, "peak_mb": (peak - before) * 1024 / MIB}
+    return (peak - before) * 1024 / MIB
 
 
 def _forked(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ The data set ships inside scikit-learn (no download): ``pip install -e ".[exampl
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,8 +38,12 @@ def split(data: Digits, fractions: tuple[float, ...], seed: int = 0) -> list[Dig
     return parts
 
 
-def batches(data: Digits, size: int, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
-    """One epoch of shuffled minibatches (the last, short one dropped)."""
+def batches(data: Digits, size: int, gen: torch.Generator, *, indices: bool = False) -> list[Any]:
+    """One epoch of shuffled minibatches (the last, short one dropped): ``(x, y)``, or with
+    ``indices`` ``(x, y, idx)``, idx the examples' positions in ``data``."""
     order = torch.randperm(len(data.y), generator=gen)
-    return [(data.x[order[i:i + size]], data.y[order[i:i + size]])
-            for i in range(0, len(order) - size + 1, size)]
+    out = []
+    for i in range(0, len(order) - size + 1, size):
+        idx = order[i:i + size]
+        out.append((data.x[idx], data.y[idx], idx) if indices else (data.x[idx], data.y[idx]))
+    return out

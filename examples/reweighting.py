@@ -70,18 +70,14 @@ def val_loss(model: Any, batch: Batch, meta: gimli.MetaParams) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def batches(x: Tensor, y: Tensor, size: int, gen: torch.Generator) -> list[Batch]:
-    order = torch.randperm(len(y), generator=gen)
-    return [(x[i], y[i], i) for i in (order[k:k + size] for k in range(0, len(order) - size + 1, size))]
-
-
 def train_plain(x: Tensor, y: Tensor, weights: Tensor, args: argparse.Namespace, seed: int) -> nn.Module:
     """Training from scratch with plain torch on fixed example weights (the score's model)."""
     torch.manual_seed(seed)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     for epoch in range(args.epochs):
-        for bx, by, idx in batches(x, y, args.batch, torch.Generator().manual_seed(seed * 100 + epoch)):
+        for bx, by, idx in _digits.batches(_digits.Digits(x, y), args.batch,
+                                           torch.Generator().manual_seed(seed * 100 + epoch), indices=True):
             opt.zero_grad()
             (weights[idx] * F.cross_entropy(model(bx), by, reduction="none")).mean().backward()
             opt.step()
@@ -155,7 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     solver = gimli.GimliSolver(model, weighted_loss, opt, meta, val_loss_fn=val_loss,
                                meta_opt=torch.optim.Adam(meta.parameters(), lr=args.meta_lr))
     for epoch in Progress(range(args.epochs), desc="meta-learning", disable=args.quick):
-        epoch_batches = batches(train.x, noisy, args.batch, torch.Generator().manual_seed(epoch))
+        epoch_batches = _digits.batches(_digits.Digits(train.x, noisy), args.batch,
+                                        torch.Generator().manual_seed(epoch), indices=True)
         for k in range(0, len(epoch_batches), args.steps):
             solver.step(epoch_batches[k:k + args.steps], val_batch, commit=True)
 

@@ -75,7 +75,8 @@ def check_clip(clip: Any) -> None:
     if clip is not None and not isinstance(clip, (ClipGradNorm, ClipGradValue)):
         raise TypeError(f"clip must be gimli.ClipGradNorm(...) or gimli.ClipGradValue(...), "
                         f"not {type(clip).__name__}")
-    if isinstance(clip, ClipGradNorm) and not callable(clip.max_norm) and not float(clip.max_norm) > 0:
-        raise ValueError(f"ClipGradNorm: max_norm must be > 0, got {clip.max_norm!r}")
-    if isinstance(clip, ClipGradValue) and not callable(clip.clip_value) and not float(clip.clip_value) > 0:
-        raise ValueError(f"ClipGradValue: clip_value must be > 0, got {clip.clip_value!r}")
+    if clip is not None:
+        name, threshold = (("max_norm", clip.max_norm) if isinstance(clip, ClipGradNorm)
+                           else ("clip_value", clip.clip_value))
+        if not callable(threshold) and not float(threshold) > 0:
+            raise ValueError(f"{type(clip).__name__}: {name} must be > 0, got {threshold!r}")

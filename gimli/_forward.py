@@ -138,15 +138,19 @@ def hyper_tangents(meta: MetaParams, dirs: Sequence[Direction]) -> list[dict[str
             values = meta.expand(name)
             probes = [torch.zeros_like(v, requires_grad=True) for v in values]
             (pulled,) = torch.autograd.grad(values, raw, probes, create_graph=True)
-        for k, d in enumerate(dirs):
-            if d.name != name:
-                continue
-            unit = torch.zeros_like(raw).view(-1)
-            unit[d.element] = 1
-            found = torch.autograd.grad(pulled, probes, unit.view_as(raw), retain_graph=True,
-                                        allow_unused=True)
-            out[k][name] = [torch.zeros_like(v) if t is None else t.detach() for t, v in zip(found, values)]
+        mine = [k for k, d in enumerate(dirs) if d.name == name]
+        found = _grads_per_direction([[(pulled, _unit(raw, dirs[k].element))] for k in mine], probes)
+        for k, f in zip(mine, found):
+            assert f is not None
+            out[k][name] = [torch.zeros_like(v) if t is None else t.detach() for t, v in zip(f, values)]
     return out
+
+
+def _unit(like: Tensor, element: int) -> Tensor:
+    """The basis tensor of ``like``'s shape: 1 at flat index ``element``, 0 elsewhere."""
+    unit = torch.zeros_like(like).view(-1)
+    unit[element] = 1
+    return unit.view_as(like)
 
 
 def _state_zeros(state: Any, grad: bool) -> Any:
@@ -243,9 +247,7 @@ def _grad_tangents(step: Step, tangents: Sequence[Tangent | None], dirs: Sequenc
         if d.leaf is not None:
             g = step.leaf_grads[d.leaf]
             if g is not None and g.requires_grad:
-                unit = torch.zeros_like(g).view(-1)
-                unit[d.element] = 1
-                mine.append((g, unit.view_as(g)))
+                mine.append((g, _unit(g, d.element)))
         pairs.append(mine)
     inputs = [t for t in step.theta if t.requires_grad]
     out: list[list[Tensor | None] | None] = []

@@ -67,6 +67,8 @@ class MetaParams(nn.Module):
             its storage); a module contributes all its parameters.
         init: the model itself, to meta-learn its initial weights θ₀ (MAML). The
             meta-parameters are then the model's own parameters.
+        steps: J, the unroll's number of inner steps, for a hyperparameter learned per
+            ``"step"`` or ``"group-step"`` (and only then).
 
     Parameters are named ``hypers.<name>``, ``loss.<name>[.<sub>]`` and
     ``init.<model parameter name>``; hypergradients are keyed the same way. A

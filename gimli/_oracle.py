@@ -54,10 +54,7 @@ def _full_unroll(problem: Problem, train_batches: list[Any], val_batch: Any, fir
             theta = [t.detach().requires_grad_(trained) for t, trained in zip(theta, problem.trained())]
             state = _detached_state(state)
         hp_j = hp if j >= cut else hp_const
-        stepwise = problem.meta.stepwise()
-        if stepwise:                                # a schedule learned per step: step j's values
-            hp_j = {**hp_j, **{name: [v if j >= cut else v.detach() for v in problem.meta.expand(name, j)]
-                               for name in stepwise}}
+        hp_j = {**hp_j, **problem.step_hypers(j, differentiable=j >= cut)}     # (a learned schedule)
         hp_j = hp_j if schedule is None else schedule.at(j, hp_j)
         at = [t.detach().requires_grad_(trained) for t, trained in zip(theta, problem.trained())] \
             if first_order or j < cut else theta

@@ -45,8 +45,8 @@ class Split(NamedTuple):
     learned: frozenset[str]            # the hyperparameters that are meta-parameters
     phi_loss: list[Tensor]             # φ^loss as leaves
     schedule: Schedule | None          # per-step hyperparameters of an LR scheduler
-    # hyperparameters learned per step: name -> step j -> one value per tensor
-    stepwise: dict[str, list[list[Tensor]]] = {}
+    # per step j, the values of the hyperparameters learned per step (empty: none is)
+    stepwise: list[dict[str, list[Tensor]]] = []
 
     def per_step(self, steps: int) -> list[dict[str, list[Tensor]]]:
         """Each unroll step's hyperparameters: φ^opt, with step j's values of those learned
@@ -54,8 +54,7 @@ class Split(NamedTuple):
         step's base value, which the scheduler scales as it scales the base lr)."""
         out = []
         for j in range(steps):
-            hp = self.phi_opt if not self.stepwise else \
-                {**self.phi_opt, **{name: values[j] for name, values in self.stepwise.items()}}
+            hp = {**self.phi_opt, **self.stepwise[j]} if self.stepwise else self.phi_opt
             out.append(hp if self.schedule is None else self.schedule.at(j, hp))
         return out
 
@@ -137,8 +136,7 @@ class Problem:
             raise ValueError(f"{', '.join(sorted(stepwise))} is learned per step over "
                              f"{self.meta.steps} steps (MetaParams(steps=...)), but this unroll has "
                              f"{steps}: give {self.meta.steps} training batches (or steps=)")
-        values = {name: [[v.detach() for v in self.meta.expand(name, j)] for j in range(steps)]
-                  for name in stepwise}
+        values = [self.step_hypers(j, differentiable=False) for j in range(steps)] if stepwise else []
         return Split(self.hypers(differentiable=False), frozenset(self.meta.granularity),
                      self.loss_leaves(), self.schedule(steps), values)
 
@@ -165,8 +163,9 @@ class Problem:
         return [p.requires_grad for p in self.inner.params]
 
     def hypers(self, *, differentiable: bool) -> dict[str, list[Tensor]]:
-        """Every hyperparameter per tensor: meta-learned ones from φ^opt, the rest
-        from the optimizer's param_groups."""
+        """Every hyperparameter per tensor: meta-learned ones from φ^opt, the rest (and
+        those learned per step, which :meth:`step_hypers` gives) from the optimizer's
+        param_groups."""
         # with a scheduler, the un-scheduled lr is the scheduler's base lr
         hp = self.inner.constant_hypers(None if self.scheduler is None else
                                         {"lr": base_lrs(self.inner)})
@@ -175,6 +174,11 @@ class Problem:
                 continue
             hp[name] = self.meta.expand(name) if differentiable else self.meta.hyper_values(name)
         return hp
+
+    def step_hypers(self, j: int, *, differentiable: bool) -> dict[str, list[Tensor]]:
+        """Step j's values of the hyperparameters learned per step, per tensor."""
+        return {name: [v if differentiable else v.detach() for v in self.meta.expand(name, j)]
+                for name in self.meta.stepwise()}
 
     # --- evaluating the losses at θ -----------------------------------------------------
     def view(self, theta: list[Tensor], buffers: dict[str, Tensor]) -> FunctionalModel:

@@ -418,12 +418,17 @@ class GimliSolver:
         assert result is not None and train is not None
         return Sums(total, float(len(pairs)), val, train), result
 
+    def _tangents_and_steps(self, J: int) -> tuple[int, int]:
+        """How many tangents forward mode would carry, and how many of the J steps are swept
+        (the points reverse mode would hold)."""
+        count = len(directions(self.meta, frozenset(self.meta.granularity), self.problem.loss_leaves()))
+        return count, J if self.truncate is None else min(J, self.truncate)
+
     def _chosen_mode(self, J: int) -> str:
         """``mode``, or what ``mode="auto"`` picks for a J-step unroll (said once per choice)."""
         if self.mode != "auto":
             return self.mode
-        count = len(directions(self.meta, frozenset(self.meta.granularity), self.problem.loss_leaves()))
-        swept = J if self.truncate is None else min(J, self.truncate)
+        count, swept = self._tangents_and_steps(J)
         forward = self._forward_possible and (self.horizon == "full" or count < swept)
         chosen = "forward" if forward else "reverse"
         if chosen not in self._said:
@@ -463,8 +468,7 @@ class GimliSolver:
         with torch.enable_grad(), problem.held():
             split = problem.split(J)
             learned, phi_loss, schedule = split.learned, split.phi_loss, split.schedule
-            count = len(directions(self.meta, learned, phi_loss))
-            swept = J if self.truncate is None else min(J, self.truncate)
+            count, swept = self._tangents_and_steps(J)
             if count > swept and self.horizon == "window":     # (only forward mode has the full one)
                 raise ValueError(
                     f"mode='forward' would carry {count} tangents of (θ, σ), one per learned "
@@ -502,16 +506,14 @@ class GimliSolver:
         by_tensor: dict[int, Tensor] = {}
         for name in meta.granularity:                               # per-tensor a_j → φ^opt's shape
             if name in result.A_step:                               # learned per step: step j's a_j
-                swept = [(j, a) for j, a in enumerate(result.A_step[name]) if a is not None]
-                outputs = [v for j, _ in swept for v in meta.expand(name, j)]
-                cotangents = [x for _, a in swept for x in a]
-                found = torch.autograd.grad(outputs, meta.hyper(name), cotangents, allow_unused=True) \
-                    if swept else (None,)
-                g = torch.zeros_like(meta.hyper(name)) if found[0] is None else found[0]
+                pairs = [(v, a) for j, a_j in enumerate(result.A_step[name]) if a_j is not None
+                         for v, a in zip(meta.expand(name, j), a_j)]
             else:
-                (g,) = torch.autograd.grad(meta.expand(name), meta.hyper(name),
-                                           grad_outputs=result.A_opt[name])
-            by_tensor[id(meta.hyper(name))] = g
+                pairs = list(zip(meta.expand(name), result.A_opt[name]))
+            hyper = meta.hyper(name)
+            (g,) = torch.autograd.grad([v for v, _ in pairs], hyper, [a for _, a in pairs],
+                                       allow_unused=True) if pairs else (None,)
+            by_tensor[id(hyper)] = torch.zeros_like(hyper) if g is None else g
         for leaf, g in zip(phi_loss, result.A_loss):
             by_tensor[id(leaf)] = g
         if meta.init is not None:
