@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ._meta import MetaParams
 from ._problem import ValLossFn
+from .optim._joint import Joint
 
 _ORDER = "GimliSolver(model, loss_fn, opt, meta_params, ...)"
 
@@ -20,9 +21,12 @@ def check_positional(model: Any, loss_fn: Any, opt: Any, meta: Any) -> None:
     """Each positional argument's type, with the order spelled out when they are swapped."""
     expected = [("model", model, nn.Module, "an nn.Module"),
                 ("loss_fn", loss_fn, None, "a function loss_fn(model, batch, meta)"),
-                ("opt", opt, torch.optim.Optimizer, "a torch.optim optimizer"),
+                ("opt", opt, torch.optim.Optimizer, "a torch.optim optimizer (or a list of them)"),
                 ("meta_params", meta, MetaParams, "a gimli.MetaParams")]
     for position, (name, value, kind, what) in enumerate(expected, 1):
+        if name == "opt" and (isinstance(value, Joint) or isinstance(value, (list, tuple)) and value
+                              and all(isinstance(o, torch.optim.Optimizer) for o in value)):
+            continue            # several optimizers, each over its own tensors
         wrong = (not callable(value) or isinstance(value, (torch.optim.Optimizer, MetaParams))) \
             if kind is None else not isinstance(value, kind)
         if wrong:

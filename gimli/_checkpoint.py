@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from ._forward import directions
-from ._schedule import LR_KEYS, Shadows
+from ._schedule import LR_KEYS, check_shadows, load_shadows, start_shadows
 from ._transaction import Snapshot
 
 if TYPE_CHECKING:
@@ -53,9 +53,9 @@ def load(solver: GimliSolver, state: dict[str, Any]) -> None:
         shadows = problem.shadows
         if shadows is not None:         # an older checkpoint has none: start them anew
             if state.get("schedule") is None:
-                shadows.restore(Shadows.start(problem.scheduler, problem.inner).snapshot())
+                shadows.restore(start_shadows(problem.scheduler, problem.inner).snapshot())
             else:
-                shadows.load_state_dict(state["schedule"], problem.scheduler, problem.inner)
+                load_shadows(shadows, state["schedule"], problem.scheduler, problem.inner)
         solver._horizon.load_state_dict(state.get("horizon"), type(problem.inner.read_state()))
     solver.train_data = streams.get("train", solver.train_data)
     solver.val_data = streams.get("val", solver.val_data)
@@ -101,7 +101,7 @@ def check(solver: GimliSolver, state: Any) -> None:
                          + ("no " if state["scheduler"] is None else "a ")
                          + "scheduler and this one " + ("has" if solver.problem.scheduler else "has none"))
     if solver.problem.shadows is not None and state.get("schedule") is not None:
-        Shadows.check_state(state["schedule"], len(groups))
+        check_shadows(state["schedule"], solver.problem.scheduler, solver.problem.inner)
     _check_horizon(solver, state.get("horizon"))
     if not isinstance(state["meta_steps"], int):
         raise ValueError(f"state_dict['meta_steps'] is not an int: {state['meta_steps']!r}")
@@ -140,9 +140,9 @@ def _check_horizon(solver: GimliSolver, horizon: Any) -> None:
 def _written_keys(solver: GimliSolver) -> list[str]:
     """The param-group entries gimli writes: learned hyperparameters and, with a
     scheduler, its learning-rate entries."""
-    rule = solver.problem.inner.rule
+    inner = solver.problem.inner
     keys = {rule.group_key(name)[0]
-            for name in solver.meta.granularity if "." not in name}
+            for name in solver.meta.granularity if "." not in name for rule in inner.rules_for(name)}
     if solver.problem.scheduler is not None:
         keys |= set(LR_KEYS)                # what a re-base writes
     return sorted(keys)

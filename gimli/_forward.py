@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -135,14 +135,16 @@ def hyper_tangents(meta: MetaParams, dirs: Sequence[Direction]) -> list[dict[str
     for name in {d.name for d in dirs if d.name is not None}:
         raw = meta.hyper(name)
         with torch.enable_grad():
-            values = meta.expand(name)
+            every = meta.expand(name)       # (None: a tensor whose optimizer has no such name)
+            values = [v for v in every if v is not None]
             probes = [torch.zeros_like(v, requires_grad=True) for v in values]
             (pulled,) = torch.autograd.grad(values, raw, probes, create_graph=True)
         mine = [k for k, d in enumerate(dirs) if d.name == name]
         found = _grads_per_direction([[(pulled, _unit(raw, dirs[k].element))] for k in mine], probes)
         for k, f in zip(mine, found):
             assert f is not None
-            out[k][name] = [torch.zeros_like(v) if t is None else t.detach() for t, v in zip(f, values)]
+            it = iter(torch.zeros_like(v) if t is None else t.detach() for t, v in zip(f, values))
+            out[k][name] = cast(list[Tensor], [None if v is None else next(it) for v in every])
     return out
 
 

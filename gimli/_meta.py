@@ -13,7 +13,7 @@ below 1), so no value ``torch.optim`` would refuse is ever used or written.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,13 +35,19 @@ class MetaParams(nn.Module):
 
     Args:
         optimizer: the inner ``torch.optim`` optimizer whose hyperparameters are
-            learned (needed only when ``hypers`` is given).
+            learned (needed only when ``hypers`` is given), or the list of them when
+            several step the model (each over its own tensors; the solver gets the
+            same list). Their param groups then count end to end, the first
+            optimizer's first.
         hypers: φ^opt, hyperparameter name → granularity, one of ``"scalar"``
             (one value), ``"group"`` (one per param group), ``"tensor"`` (one per
             parameter tensor) or ``"element"`` (one per parameter element); a
             plain list of names means ``"scalar"``. Names are those of the
             optimizer's param groups, with Adam's ``betas`` split into ``beta1``
-            and ``beta2``. Initial values are read from ``optimizer.param_groups``
+            and ``beta2``. With several optimizers, a name covers the groups of
+            every optimizer that has it (``"lr"`` per group: each optimizer's
+            groups' lrs; ``"beta1"``: AdamW's groups only), and its granularity
+            counts those groups, tensors or elements. Initial values are read from ``optimizer.param_groups``
             (``lr`` from ``initial_lr`` where an LR scheduler is attached: its base lr).
             A module-valued hyperparameter (``LearnedOptimizer``'s ``"net"``) takes
             ``"scalar"`` and contributes its own weights. ``"step"`` (one value per inner
@@ -77,7 +83,7 @@ class MetaParams(nn.Module):
     still steps with β₂ = 0.999, which bfloat16 would round to 1).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer | None = None,
+    def __init__(self, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
                  hypers: Mapping[str, str] | Iterable[str] = (), *,
                  transform: Mapping[str, str] | None = None,
                  loss: Mapping[str, Tensor | nn.Module] | None = None,
@@ -174,40 +180,45 @@ class MetaParams(nn.Module):
         """The hyperparameters learned per inner step (``"step"``, ``"group-step"``)."""
         return frozenset(name for name, per in self.granularity.items() if per in STEPWISE)
 
-    def expand(self, name: str, step: int | None = None) -> list[Tensor]:
+    def expand(self, name: str, step: int | None = None) -> list[Tensor | None]:
         """Hyperparameter ``name`` as one tensor per parameter tensor (0-dim or the
         parameter's shape), in the optimizer's order; differentiable (with respect to
         the meta-parameter, through the transform). A hyperparameter learned per step
-        takes ``step``, the inner step j whose values are meant."""
+        takes ``step``, the inner step j whose values are meant. With several
+        optimizers, a tensor whose optimizer has no hyperparameter ``name`` gets ``None``."""
         assert self.inner is not None
-        raw, per, params = self.hyper(name), self.granularity[name], self.inner.params
+        raw, per, inner = self.hyper(name), self.granularity[name], self.inner
+        groups = inner.groups_with(name)        # (with one optimizer: every group)
+        place = {g: k for k, g in enumerate(groups)}        # a group's index among those
+        owner = [place.get(g) for g in inner.group_of()]    # per tensor (None: not its own)
+        mine = [p for p, k in zip(inner.params, owner) if k is not None]
         if per in STEPWISE:
             if step is None:
                 raise ValueError(f"{name} is learned per step: say which step's values")
             assert self.steps is not None
-            needed = (self.steps,) if per == "step" else (self.steps, len(self.inner.groups))
+            needed = (self.steps,) if per == "step" else (self.steps, len(groups))
             if tuple(raw.shape) != needed:
                 raise ValueError(f"meta-parameter hypers.{name} has shape {tuple(raw.shape)}, but "
                                  f"{per!r} granularity over {self.steps} steps needs {needed}")
             value = self.value(name)[step]
-            return [value] * len(params) if per == "step" else [value[g] for g in self.inner.group_of()]
-        shape = {"scalar": (), "group": (len(self.inner.groups),), "tensor": (len(params),),
-                 "element": (sum(p.numel() for p in params),)}[per]
+            return [None if k is None else value if per == "step" else value[k] for k in owner]
+        shape = {"scalar": (), "group": (len(groups),), "tensor": (len(mine),),
+                 "element": (sum(p.numel() for p in mine),)}[per]
         if "." not in name and tuple(raw.shape) != shape:       # (a module's weights: their own)
             raise ValueError(f"meta-parameter hypers.{name} has shape {tuple(raw.shape)}, but "
                              f"{per!r} granularity over this optimizer needs {shape}")
         value = self.value(name)
         if per == "scalar":
-            return [value] * len(params)
+            return [None if k is None else value for k in owner]
         if per == "group":
-            return [value[g] for g in self.inner.group_of()]
-        if per == "tensor":
-            return list(value.unbind())
-        return [v.view_as(p) for v, p in zip(value.split([p.numel() for p in params]), params)]
+            return [None if k is None else value[k] for k in owner]
+        pieces = iter(value.unbind() if per == "tensor" else
+                      [v.view_as(p) for v, p in zip(value.split([p.numel() for p in mine]), mine)])
+        return [None if k is None else next(pieces) for k in owner]
 
-    def hyper_values(self, name: str) -> list[Tensor]:
+    def hyper_values(self, name: str) -> list[Tensor | None]:
         """Hyperparameter ``name`` per parameter tensor, detached (to inspect or plot)."""
-        return [v.detach() for v in self.expand(name)]
+        return [None if v is None else v.detach() for v in self.expand(name)]
 
     def constrain_(self) -> None:
         """Put every meta-parameter back into its valid set after a meta-update (in place):
@@ -234,8 +245,8 @@ class MetaParams(nn.Module):
             if per not in ("scalar", "group") or "." in name:     # a module's own weights
                 continue
             value = self.value(name).detach()
-            for g in range(len(self.inner.groups)):
-                x = float(value if per == "scalar" else value[g])
+            for k, g in enumerate(self.inner.groups_with(name)):
+                x = float(value if per == "scalar" else value[k])
                 if x not in self.ranges[name]:
                     raise ValueError(f"refusing to write {name} = {x} into param group {g} of "
                                      f"{self.inner.name}: torch.optim accepts {self.ranges[name]}")
@@ -250,8 +261,8 @@ def valid_range(inner: InnerOptimizer, name: str) -> Interval:
     under every param group's flags (the rule's ``ranges(flags)`` or ``RANGES``; the
     whole real line where a rule declares none, as a user's own optimizer)."""
     out = REAL
-    for flags in inner.flags:
-        out = out & inner.rule.ranges_for(flags).get(name, REAL)
+    for g in inner.groups_with(name):
+        out = out & inner.group_rules[g].ranges_for(inner.flags[g]).get(name, REAL)
     return out
 
 
@@ -290,23 +301,29 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
     if name not in inner.hyper_names:
         raise ValueError(f"{inner.name} has no differentiable hyperparameter {name!r}; "
                          f"its hyperparameters are {', '.join(inner.hyper_names)}")
-    allowed = inner.rule.granularities_of(name)
+    owners = inner.groups_with(name)
+    allowed = tuple(p for p in GRANULARITIES
+                    if all(p in rule.granularities_of(name) for rule in inner.rules_for(name)))
     if per not in allowed:
         raise ValueError(f"granularity of {name!r} for {inner.name} must be one of {allowed}, "
                          f"not {per!r}")
-    unread = inner.rule.no_hypergradient
-    if name in unread:
-        raise ValueError(f"{name} cannot be meta-learned with {inner.name}: {unread[name]}, so "
-                         f"the hypergradient of a loss on θ is identically 0")
-    for g, flags in enumerate(inner.flags):
-        off = inner.rule.inactive_hypers(flags)
+    for rule in inner.rules_for(name):
+        unread = rule.no_hypergradient
+        if name in unread:
+            raise ValueError(f"{name} cannot be meta-learned with {inner.name}: {unread[name]}, so "
+                             f"the hypergradient of a loss on θ is identically 0")
+    for g in owners:
+        off = inner.group_rules[g].inactive_hypers(inner.flags[g])
         if name in off:
             raise ValueError(f"{inner.name}, param group {g}: {name} {off[name]}")
     groups = inner.group_hypers()
-    per_group = [float(groups[g][name]) for g in range(len(groups))]
-    torch_groups = inner.torch_optimizer.param_groups
-    if name == "lr" and all("initial_lr" in g for g in torch_groups):
-        per_group = [float(g["initial_lr"]) for g in torch_groups]    # an LR scheduler's base lr
+    per_group = [float(groups[g][name]) for g in owners]
+    if name == "lr":               # where an LR scheduler drives an optimizer: its base lr
+        scheduled = [all("initial_lr" in g for g in part.torch_optimizer.param_groups)
+                     for part in inner.parts() for _ in part.groups]
+        torch_groups = inner.torch_optimizer.param_groups
+        per_group = [float(torch_groups[g]["initial_lr"]) if scheduled[g] else value
+                     for g, value in zip(owners, per_group)]
     ref = inner.params[0]
     kw: dict[str, Any] = {"dtype": hyper_dtype(ref.dtype), "device": ref.device}
     if per == "scalar":
@@ -316,14 +333,16 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
         return torch.tensor(per_group[0], **kw)
     if per == "group":
         return torch.tensor(per_group, **kw)
-    per_tensor = [per_group[g] for g in inner.group_of()]
+    place = {g: k for k, g in enumerate(owners)}
+    tensors = [(p, per_group[place[g]]) for p, g in zip(inner.params, inner.group_of()) if g in place]
     if per == "tensor":
-        return torch.tensor(per_tensor, **kw)
-    return torch.cat([torch.full((p.numel(),), v, **kw) for p, v in zip(inner.params, per_tensor)])
+        return torch.tensor([v for _, v in tensors], **kw)
+    return torch.cat([torch.full((p.numel(),), v, **kw) for p, v in tensors])
 
 
 def _set_group_value(inner: InnerOptimizer, group: dict[str, Any], name: str, value: float) -> None:
-    key, index = inner.rule.group_key(name)
+    rule = next(r for r, g in zip(inner.group_rules, inner.torch_optimizer.param_groups) if g is group)
+    key, index = rule.group_key(name)
     if index is None:
         group[key] = value
     else:

@@ -11,15 +11,16 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
 from ._functional import FunctionalModel, Slots
 from ._meta import MetaParams
-from ._schedule import Schedule, Shadows, attach, base_lrs, build_schedule
+from ._schedule import Schedule, Schedulers, attach, base_lrs, build_schedule, schedulers
 from .optim import InnerOptimizer, bind
+from .optim._joint import joint, parts
 from .optim._core import hyper_dtype
 
 LossFn = Callable[[FunctionalModel, Any, MetaParams], Tensor]
@@ -70,7 +71,7 @@ class Problem:
     frozen: list[str]        # model parameters the optimizer does not hold
     scheduler: Any = None    # a torch.optim.lr_scheduler replayed inside the unroll
     slots: Slots | None = None          # where the module keeps its tensors
-    shadows: Shadows | None = None      # with lr meta-learned: the schedule's derivative (_schedule)
+    shadows: Any = None                 # with lr meta-learned: the schedule's derivative (_schedule)
     # the module's (name, parameter) pairs while one hypergradient is computed (held())
     _held: list[tuple[str, Tensor]] | None = None
     val_mode: str | None = None         # L^val with the module in "eval" or "train" mode, or as it is
@@ -89,17 +90,20 @@ class Problem:
     @classmethod
     def build(cls, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
               meta: MetaParams, val_loss_fn: ValLossFn | None, scheduler: Any = None,
-              shadows: Shadows | None = None) -> Problem:
+              shadows: Any = None) -> Problem:
         """``shadows``: the schedule's shadows to follow, where they are known already (a
         copy of a solver's, for gimli.check); else started here."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
         if not isinstance(meta, MetaParams):
             raise TypeError(f"meta_params must be a gimli.MetaParams, not {type(meta).__name__}")
-        if meta.inner is not None and meta.inner.torch_optimizer is not optimizer:
+        optimizer = joint(optimizer)
+        if meta.inner is not None and not _same(parts(meta.inner.torch_optimizer), parts(optimizer)):
+            given = " + ".join(type(o).__name__ for o in parts(optimizer))
             raise ValueError(f"meta_params was declared for a different optimizer "
-                             f"({meta.inner.name}) than the solver's opt ({type(optimizer).__name__} "
-                             f"object): build MetaParams(opt, ...) with the opt you pass the solver")
+                             f"({meta.inner.name}) than the solver's opt ({given} "
+                             f"object): build MetaParams(opt, ...) with the opt you pass the solver "
+                             f"(with several optimizers, the same list in the same order)")
         if meta.init is not None and meta.init is not model:
             raise ValueError("meta_params' init= is a different module than the solver's model")
         inner = meta.inner if meta.inner is not None else bind(optimizer)
@@ -111,15 +115,19 @@ class Problem:
         names = [name_of[id(p)] for p in inner.params]
         frozen = [n for n, _ in model.named_parameters() if n not in set(names)]
         _check_dtypes(inner, meta)
-        blind = inner.rule.insensitive_to_g
+        blind = inner.rule.insensitive_to_g if all(r.insensitive_to_g for r in inner.group_rules) else ""
         if blind and any(True for _ in meta.loss.parameters()):
             warnings.warn(f"{inner.name} {blind}: φ^loss (loss=) changes θ'_J through no step, so its "
                           f"hypergradient is at most L^val's direct term (Requirement II of the "
                           f"paper: the update must be differentiable in G)", GimliWarning, stacklevel=3)
+        scheduler = schedulers(scheduler, parts(optimizer))
+        driven = [None] * len(parts(optimizer)) if scheduler is None else \
+            scheduler.schedulers if isinstance(scheduler, Schedulers) else [scheduler]
         if scheduler is not None:
             started = attach(scheduler, inner, list(meta.granularity), start=shadows is None)
             shadows = started if shadows is None else shadows
-        elif "lr" in meta.granularity and any("initial_lr" in g for g in optimizer.param_groups):
+        if "lr" in meta.granularity and any(s is None and any("initial_lr" in g for g in part.param_groups)
+                                            for s, part in zip(driven, parts(optimizer))):
             raise ValueError("the optimizer has an LR scheduler attached and lr is meta-learned: "
                              "pass the scheduler to GimliSolver(scheduler=...) so the unroll "
                              "follows it (the learned lr is then its base lr)")
@@ -168,16 +176,18 @@ class Problem:
         param_groups."""
         # with a scheduler, the un-scheduled lr is the scheduler's base lr
         hp = self.inner.constant_hypers(None if self.scheduler is None else
-                                        {"lr": base_lrs(self.inner)})
+                                        {"lr": base_lrs(self.inner, self.scheduler)})
         for name in self.meta.granularity:
             if name in self.meta.stepwise():        # (per step: Split.per_step)
                 continue
-            hp[name] = self.meta.expand(name) if differentiable else self.meta.hyper_values(name)
+            values = self.meta.expand(name) if differentiable else self.meta.hyper_values(name)
+            hp[name] = cast(list[Tensor], values)       # (None for another optimizer's tensor)
         return hp
 
     def step_hypers(self, j: int, *, differentiable: bool) -> dict[str, list[Tensor]]:
         """Step j's values of the hyperparameters learned per step, per tensor."""
-        return {name: [v if differentiable else v.detach() for v in self.meta.expand(name, j)]
+        return {name: cast(list[Tensor], [v if differentiable or v is None else v.detach()
+                                          for v in self.meta.expand(name, j)])
                 for name in self.meta.stepwise()}
 
     # --- evaluating the losses at θ -----------------------------------------------------
@@ -229,6 +239,10 @@ class Problem:
                              "the optimizer trains (with requires_grad=True): does it call the "
                              "model it is given (its first argument), not your module itself?")
         return grads
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def grad_of(outputs: Tensor | list[Tensor], inputs: list[Tensor], cotangents: list[Tensor] | None = None,

@@ -76,16 +76,19 @@ class Schedule(NamedTuple):
     value + scale·(v − origin), v its un-scheduled value (for lr: the base lr, or φ
     where meta-learned), eq. (2)."""
 
-    value: list[dict[str, list[float]]]
-    scale: list[dict[str, list[float]]]
-    origin: dict[str, list[float]]
+    # (None for a tensor no scheduler drives, with several optimizers: v itself)
+    value: list[dict[str, list[float | None]]]
+    scale: list[dict[str, list[float | None]]]
+    origin: dict[str, list[float | None]]
 
     def at(self, j: int, hp: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
         """The hyperparameters of step j."""
         out = dict(hp)
         for name, scale in self.scale[j].items():
-            out[name] = [c + s * (v - o) for c, s, v, o in
-                         zip(self.value[j][name], scale, hp[name], self.origin[name])]
+            values = []
+            for c, s, v, o in zip(self.value[j][name], scale, hp[name], self.origin[name]):
+                values.append(v if c is None or s is None or o is None or v is None else c + s * (v - o))
+            out[name] = values
         return out
 
     def pull_back(self, j: int, name: str,
@@ -93,12 +96,117 @@ class Schedule(NamedTuple):
         """Cotangents w.r.t. step j's values → w.r.t. the un-scheduled values."""
         if name not in self.scale[j]:
             return list(cotangents)
-        return [None if a is None else s * a for s, a in zip(self.scale[j][name], cotangents)]
+        return [a if a is None or s is None else s * a for s, a in zip(self.scale[j][name], cotangents)]
+
+    def part(self, start: int, stop: int) -> Schedule:
+        """The entries of tensors ``start`` … ``stop − 1``."""
+        return Schedule([{n: v[start:stop] for n, v in step.items()} for step in self.value],
+                        [{n: v[start:stop] for n, v in step.items()} for step in self.scale],
+                        {n: v[start:stop] for n, v in self.origin.items()})
 
 
-def base_lrs(inner: InnerOptimizer) -> list[float]:
-    """The scheduler's base learning rate of each group (what φ^lr replaces)."""
-    return [float(group["initial_lr"]) for group in inner.torch_optimizer.param_groups]
+def _joined(pieces: Sequence[tuple[Schedule | None, int]], steps: int) -> Schedule:
+    """Several optimizers' schedules (None: no scheduler; ``int``: its tensors) end to end."""
+    names = list(dict.fromkeys(n for piece, _ in pieces if piece is not None for n in piece.origin))
+
+    def row(rows: list[dict[str, list[float | None]] | None]) -> dict[str, list[float | None]]:
+        out: dict[str, list[float | None]] = {}
+        for n in names:
+            out[n] = []
+            for entries, (_, count) in zip(rows, pieces):
+                out[n] += [None] * count if entries is None or n not in entries else entries[n]
+        return out
+
+    return Schedule([row([None if p is None else p.value[j] for p, _ in pieces]) for j in range(steps)],
+                    [row([None if p is None else p.scale[j] for p, _ in pieces]) for j in range(steps)],
+                    row([None if p is None else p.origin for p, _ in pieces]))
+
+
+def base_lrs(inner: InnerOptimizer, scheduler: Any = None) -> list[float]:
+    """The scheduler's base learning rate of each group (what φ^lr replaces); with several
+    optimizers, the lr of a group no scheduler drives."""
+    if not isinstance(scheduler, Schedulers):
+        return [float(group["initial_lr"]) for group in inner.torch_optimizer.param_groups]
+    out = []
+    for driven, part, _, _ in _pieces(scheduler, inner):
+        out += [float(group["initial_lr"] if driven is not None else group["lr"])
+                for group in part.torch_optimizer.param_groups]
+    return out
+
+
+# --- several optimizers, each with its own scheduler (or none) ---------------------------------
+class Schedulers:
+    """The schedulers of several optimizers, one per optimizer (None: it has none), as one
+    object: what a commit steps, a transaction and a checkpoint save."""
+
+    def __init__(self, schedulers: Sequence[Any]):
+        self.schedulers = list(schedulers)
+
+    def step(self) -> None:
+        for scheduler in self.schedulers:
+            if scheduler is not None:
+                scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedulers": [None if s is None else s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            if scheduler is not None:
+                scheduler.load_state_dict(saved)
+
+
+def schedulers(scheduler: Any, optimizers: Sequence[Any]) -> Any:
+    """The ``scheduler=`` a solver over several optimizers is given (a list with one entry
+    per optimizer, None where it has none; or one scheduler, of one of them) as one
+    :class:`Schedulers`; with one optimizer, the scheduler as it is."""
+    if len(optimizers) == 1 or scheduler is None or isinstance(scheduler, Schedulers):
+        return scheduler
+    if isinstance(scheduler, (list, tuple)):
+        if len(scheduler) != len(optimizers):
+            raise ValueError(f"scheduler= lists {len(scheduler)} schedulers for {len(optimizers)} "
+                             f"optimizers: give one per optimizer, in the same order (None for an "
+                             f"optimizer without one)")
+        for k, (s, opt) in enumerate(zip(scheduler, optimizers)):
+            if s is not None and getattr(s, "optimizer", None) is not opt:
+                raise ValueError(f"scheduler #{k} of the list drives a different optimizer than "
+                                 f"optimizer #{k} ({type(opt).__name__})")
+        return Schedulers(scheduler)
+    owner = [k for k, opt in enumerate(optimizers) if getattr(scheduler, "optimizer", None) is opt]
+    if not owner:
+        raise ValueError("the scheduler drives none of the solver's optimizers")
+    return Schedulers([scheduler if k == owner[0] else None for k in range(len(optimizers))])
+
+
+def _pieces(scheduler: Any, inner: InnerOptimizer) -> list[tuple[Any, InnerOptimizer, int, int]]:
+    """Per optimizer: (its scheduler or None, its own InnerOptimizer, its first param group,
+    its first tensor) in ``inner``."""
+    if not isinstance(scheduler, Schedulers):
+        return [(scheduler, inner, 0, 0)]
+    out, groups, tensors = [], 0, 0
+    for s, part in zip(scheduler.schedulers, inner.parts()):
+        out.append((s, part, groups, tensors))
+        groups += len(part.groups)
+        tensors += len(part.params)
+    return out
+
+
+class JointShadows:
+    """The shadows of several optimizers' schedulers (None where there are none)."""
+
+    def __init__(self, parts: Sequence[Shadows | None]):
+        self.parts = list(parts)
+
+    def snapshot(self) -> list[Any]:
+        return [None if p is None else p.snapshot() for p in self.parts]
+
+    def restore(self, saved: list[Any]) -> None:
+        for p, s in zip(self.parts, saved):
+            if p is not None:
+                p.restore(s)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [None if p is None else p.state_dict() for p in self.parts]}
 
 
 # --- light copies ---------------------------------------------------------------------------
@@ -292,9 +400,52 @@ def _plain(value: Any) -> bool:
 
 # --- the solver's entry points --------------------------------------------------------------
 def attach(scheduler: Any, inner: InnerOptimizer, learned: Sequence[str],
-           start: bool = True) -> Shadows | None:
+           start: bool = True) -> Shadows | JointShadows | None:
     """Check the scheduler the solver is given; with lr meta-learned (and ``start``),
     start its shadows."""
+    if isinstance(scheduler, Schedulers):
+        shadows = [None if s is None else _attach(s, part, learned, start)
+                   for s, part, _, _ in _pieces(scheduler, inner)]
+        return JointShadows(shadows) if "lr" in learned and start else None
+    return _attach(scheduler, inner, learned, start)
+
+
+def start_shadows(scheduler: Any, inner: InnerOptimizer) -> Any:
+    """New shadows at the user's step count (for a checkpoint saved without them)."""
+    if isinstance(scheduler, Schedulers):
+        return JointShadows([None if s is None else Shadows.start(s, part)
+                             for s, part, _, _ in _pieces(scheduler, inner)])
+    return Shadows.start(scheduler, inner)
+
+
+def check_shadows(state: Any, scheduler: Any, inner: InnerOptimizer) -> None:
+    """Raise ``ValueError`` if ``state`` is not the shadows' state_dict of this setup."""
+    if not isinstance(scheduler, Schedulers):
+        Shadows.check_state(state, len(inner.groups))
+        return
+    pieces = _pieces(scheduler, inner)
+    saved = state.get("parts") if isinstance(state, dict) else None
+    if not isinstance(saved, list) or len(saved) != len(pieces):
+        raise ValueError(f"state_dict['schedule'] is not the schedule of a solver over "
+                         f"{len(pieces)} optimizers with lr meta-learned")
+    for entry, (s, part, _, _) in zip(saved, pieces):
+        if (entry is None) != (s is None):
+            raise ValueError("state_dict['schedule'] was saved with schedulers on other optimizers")
+        if entry is not None:
+            Shadows.check_state(entry, len(part.groups))
+
+
+def load_shadows(shadows: Any, state: dict[str, Any], scheduler: Any, inner: InnerOptimizer) -> None:
+    if not isinstance(scheduler, Schedulers):
+        shadows.load_state_dict(state, scheduler, inner)
+        return
+    for p, entry, (s, part, _, _) in zip(shadows.parts, state["parts"], _pieces(scheduler, inner)):
+        if p is not None:
+            p.load_state_dict(entry, s, part)
+
+
+def _attach(scheduler: Any, inner: InnerOptimizer, learned: Sequence[str],
+            start: bool = True) -> Shadows | None:
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or \
             isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise TypeError(f"scheduler must be a torch.optim.lr_scheduler schedule of the step count, "
@@ -311,9 +462,18 @@ def attach(scheduler: Any, inner: InnerOptimizer, learned: Sequence[str],
 
 
 def build_schedule(scheduler: Any, inner: InnerOptimizer, steps: int, learned: frozenset[str],
-                   shadows: Shadows | None) -> Schedule:
+                   shadows: Any) -> Schedule:
     """The hyperparameters of unroll steps 0 … steps−1: the values from a light copy of
     the user's objects; with lr meta-learned, its derivative from the shadows, eq. (2)."""
+    if isinstance(scheduler, Schedulers):
+        own = [None] * len(scheduler.schedulers) if shadows is None else shadows.parts
+        return _joined([(None if s is None else _build(s, part, steps, learned, shadow), len(part.params))
+                        for (s, part, _, _), shadow in zip(_pieces(scheduler, inner), own)], steps)
+    return _build(scheduler, inner, steps, learned, shadows)
+
+
+def _build(scheduler: Any, inner: InnerOptimizer, steps: int, learned: frozenset[str],
+           shadows: Shadows | None) -> Schedule:
     name = type(scheduler).__name__
     seen = _walk(_light_copy(inner.torch_optimizer, scheduler), steps,
                  lambda group: inner.rule.read_group(group)[1])
@@ -331,12 +491,14 @@ def build_schedule(scheduler: Any, inner: InnerOptimizer, steps: int, learned: f
         derivative = _derivative(name, shadows, inner, [[seen[j][g]["lr"] for g in groups]
                                                         for j in range(steps)])
     bases = base_lrs(inner)
-    value, scale = [], []
+    value: list[dict[str, list[float | None]]] = []
+    scale: list[dict[str, list[float | None]]] = []
     for j in range(steps):
         value.append({n: [float(seen[j][g][n]) for g in group_of] for n in ["lr", *changed]})
         scale.append({n: [derivative[j][g] if n == "lr" else 0.0 for g in group_of]
                       for n in ["lr", *changed]})
-    origin = {n: [bases[g] if n == "lr" else 0.0 for g in group_of] for n in ["lr", *changed]}
+    origin: dict[str, list[float | None]] = {n: [bases[g] if n == "lr" else 0.0 for g in group_of]
+                                             for n in ["lr", *changed]}
     return Schedule(value, scale, origin)
 
 
@@ -374,12 +536,23 @@ def _derivative(name: str, shadows: Shadows, inner: InnerOptimizer,
 
 
 def rebase(scheduler: Any, inner: InnerOptimizer, new_bases: list[float], schedule: Schedule,
-           shadows: Shadows) -> None:
+           shadows: Any) -> None:
     """After a meta-step: make the user's scheduler (each scheduler inside it too) run
     from the meta-learned base learning rates, and set each group's current lr by (2).
 
     The lr-like entries are set from the shadow at k = 1 (the entries at base R) times
     B_new/R, not scaled from the current base, which a projection may have put at 0."""
+    if isinstance(scheduler, Schedulers):
+        for (s, part, g0, t0), shadow in zip(_pieces(scheduler, inner), shadows.parts):
+            if s is not None:
+                _rebase(s, part, new_bases[g0:g0 + len(part.groups)],
+                        schedule.part(t0, t0 + len(part.params)), shadow)
+        return
+    _rebase(scheduler, inner, new_bases, schedule, shadows)
+
+
+def _rebase(scheduler: Any, inner: InnerOptimizer, new_bases: list[float], schedule: Schedule,
+            shadows: Shadows) -> None:
     _, reference_scheduler = shadows.copies[0]
     nodes = list(zip(_tree(scheduler), _tree(reference_scheduler)))
     reference_groups = shadows.copies[0][0].param_groups

@@ -507,9 +507,9 @@ class GimliSolver:
         for name in meta.granularity:                               # per-tensor a_j → φ^opt's shape
             if name in result.A_step:                               # learned per step: step j's a_j
                 pairs = [(v, a) for j, a_j in enumerate(result.A_step[name]) if a_j is not None
-                         for v, a in zip(meta.expand(name, j), a_j)]
-            else:
-                pairs = list(zip(meta.expand(name), result.A_opt[name]))
+                         for v, a in zip(meta.expand(name, j), a_j) if v is not None]
+            else:                           # (v None: a tensor whose optimizer has no such name)
+                pairs = [(v, a) for v, a in zip(meta.expand(name), result.A_opt[name]) if v is not None]
             hyper = meta.hyper(name)
             (g,) = torch.autograd.grad([v for v, _ in pairs], hyper, [a for _, a in pairs],
                                        allow_unused=True) if pairs else (None,)

@@ -15,7 +15,7 @@ unroll stops at j = J − K and reports B_0 = 0 (θ₀'s path is cut).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ class Sweep(NamedTuple):
     val_loss: float
     final: Point                                # (θ'_J, σ_J, buffers), for a commit
     reached: list[bool]                         # per φ^loss leaf: reaches some G_j or L^val
-    A_step: dict[str, list[list[Tensor] | None]] = {}
+    A_step: dict[str, list[list[Tensor | None] | None]] = {}
 
 
 def _zeros_like_state(state: Any) -> Any:
@@ -95,8 +95,10 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     assert isinstance(final, Point)
     # line 8: A^opt ← 0, A^loss ← 0
     stepwise = problem.meta.stepwise() & need
-    A_opt = {name: [torch.zeros_like(v) for v in unroll.hypers[0][name]] for name in need - stepwise}
-    A_step: dict[str, list[list[Tensor] | None]] = {name: [None] * unroll.J for name in stepwise}
+    A_opt = {name: cast(list[Tensor], [None if v is None else torch.zeros_like(v)
+                                       for v in unroll.hypers[0][name]])
+             for name in need - stepwise}     # (None: a tensor whose optimizer has no such name)
+    A_step: dict[str, list[list[Tensor | None] | None]] = {name: [None] * unroll.J for name in stepwise}
     A_loss = [torch.zeros_like(x) for x in leaves]
     # line 9: B_J ← ∇_θ L^val(θ'_J), plus L^val's direct gradient w.r.t. φ^loss; S_J ← 0
     val, B, direct, reached = validation(problem, unroll, final, leaves, val_batch)
@@ -113,7 +115,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         for name in need:                                       # line 12: A^opt += a_j
             a_j = out.hypers[name] if schedule is None else schedule.pull_back(j, name, out.hypers[name])
             if name in stepwise:                                # its own entry per step
-                A_step[name][j] = [torch.zeros_like(v) if a is None else a
+                A_step[name][j] = [a if a is not None or v is None else torch.zeros_like(v)
                                    for a, v in zip(a_j, unroll.hypers[j][name])]
             else:
                 _accumulate(A_opt[name], a_j)

@@ -96,8 +96,9 @@ def _summary(hypers: Hypers) -> str:
     """Each hyperparameter's range over the tensors, for an error message."""
     out = []
     for name, values in hypers.items():
-        lo = min(float(v.min()) for v in values)
-        hi = max(float(v.max()) for v in values)
+        present = [v for v in values if v is not None]      # (several optimizers: theirs)
+        lo = min(float(v.min()) for v in present)
+        hi = max(float(v.max()) for v in present)
         out.append(f"{name}={lo:.4g}" if lo == hi else f"{name}∈[{lo:.4g}, {hi:.4g}]")
     return ", ".join(out)
 

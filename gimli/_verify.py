@@ -274,7 +274,8 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
             objective = _Objective(twin, batches, val_batch, seed)
             rtol = max(rtol, ROUNDING * objective.eps)      # no tighter than the dtype can tell
             spread = _amplification(twin, batches, val_batch, seed)
-            no_fd = twin.problem.inner.rule.straight_through if finite_differences else ""
+            no_fd = next((r.straight_through for r in twin.problem.inner.group_rules if r.straight_through),
+                         "") if finite_differences else ""
             use_fd = finite_differences and elements > 0 and not no_fd
             gen = torch.Generator().manual_seed(seed)
             params = [_judge(name, p, ours[name], reference[name], objective, use_fd, elements,

@@ -14,13 +14,14 @@ import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from . import learned
 from ._core import VJP, Hypers, Interval, hyper_dtype
+from ._joint import Joint, joint, joint_state_type, parts
 from ._rule import Call, Rule, field_kinds
 from ._rule import key as call_key
 from .custom import CustomRule, InitFn, StepFn, VjpFn
@@ -115,41 +116,84 @@ class InnerOptimizer:
 
     ``params`` lists the optimizer's tensors in param-group order; group ``g``
     owns ``params[groups[g]]``, with static ``flags[g]`` and numeric
-    hyperparameters (names as in ``rule.hypers``). ``step`` and ``vjp`` run the rule
-    over the tensors in as few :class:`~gimli.optim._rule.Call` s as the flags and the
-    state allow, each kept between calls in ``_call_cache``.
+    hyperparameters (names as in its rule's ``hypers``). ``step`` and ``vjp`` run the
+    rule over the tensors in as few :class:`~gimli.optim._rule.Call` s as the flags and
+    the state allow, each kept between calls in ``_call_cache``.
+
+    Several optimizers (a :class:`~gimli.optim._joint.Joint`) are one
+    ``InnerOptimizer`` whose groups have different rules (``group_rules``): the state
+    is then one ``State`` whose fields are those of every rule (``None`` for a tensor
+    whose rule has no such field), and a hyperparameter is ``None`` for a tensor whose
+    rule has no such hyperparameter.
     """
 
-    torch_optimizer: torch.optim.Optimizer
-    rule: Rule
+    torch_optimizer: Any            # a torch.optim.Optimizer, or a Joint of several
+    rule: Rule                      # the first group's (every group's, but with several)
     params: list[Tensor]
     groups: list[slice]
     flags: list[Any]
     compile: bool = False       # the rule's step and VJP through torch.compile (GimliSolver)
+    group_rules: list[Rule] = dataclass_field(default_factory=list)    # per group; [] = rule
     _call_cache: dict[Any, Call] = dataclass_field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.group_rules:
+            self.group_rules = [self.rule] * len(self.groups)
+        # several rules: the union of their State fields, and each rule's State type
+        self.mixed = any(r is not self.rule for r in self.group_rules)
+        self._state_types: dict[int, type] = {}
+        self._parts: list[InnerOptimizer] | None = None
+
+    def parts(self) -> list[InnerOptimizer]:
+        """Each optimizer's own InnerOptimizer, over its own tensors (with one optimizer:
+        this one)."""
+        if not isinstance(self.torch_optimizer, Joint):
+            return [self]
+        if self._parts is None:
+            self._parts = [bind(part) for part in self.torch_optimizer.optimizers]
+        return self._parts
 
     @property
     def name(self) -> str:
-        return type(self.torch_optimizer).__name__
+        return " + ".join(type(o).__name__ for o in parts(self.torch_optimizer))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> InnerOptimizer:
-        """A copy over copied tensors and optimizer, sharing the rule (immutable)."""
+        """A copy over copied tensors and optimizer, sharing the rules (immutable)."""
         return InnerOptimizer(copy.deepcopy(self.torch_optimizer, memo), self.rule,
                               copy.deepcopy(self.params, memo), list(self.groups),
-                              copy.deepcopy(self.flags, memo), self.compile)
+                              copy.deepcopy(self.flags, memo), self.compile, list(self.group_rules))
+
+    def groups_with(self, name: str) -> list[int]:
+        """The param groups whose rule has hyperparameter ``name`` (every group, with one
+        optimizer, where it is one of its hyperparameters)."""
+        return [g for g, hypers in enumerate(self.group_hypers()) if name in hypers]
+
+    def tensors_with(self, name: str) -> list[int]:
+        """The tensors whose param group has hyperparameter ``name``."""
+        return [i for g in self.groups_with(name) for i in range(self.groups[g].start, self.groups[g].stop)]
+
+    def rules_for(self, name: str) -> list[Rule]:
+        """The distinct rules of the groups that have hyperparameter ``name``."""
+        out: list[Rule] = []
+        for g in self.groups_with(name):
+            if all(r is not self.group_rules[g] for r in out):
+                out.append(self.group_rules[g])
+        return out
 
     @property
     def hyper_names(self) -> tuple[str, ...]:
         """Every differentiable hyperparameter; a module-valued one (a learned
-        optimizer's network) contributes one name per parameter, ``net.<name>``."""
-        return tuple(self.group_hypers()[0])
+        optimizer's network) contributes one name per parameter, ``net.<name>``.
+        With several optimizers, those of any of them."""
+        return tuple(dict.fromkeys(name for hypers in self.group_hypers() for name in hypers))
 
     def module_hypers(self) -> dict[str, nn.Module]:
         """The module-valued hyperparameters, shared by every param group."""
-        values = [self.rule.read_group(g)[1] for g in self.torch_optimizer.param_groups]
-        modules = {k: v for k, v in values[0].items() if isinstance(v, nn.Module)}
+        values = [rule.read_group(g)[1]
+                  for rule, g in zip(self.group_rules, self.torch_optimizer.param_groups)]
+        modules = {k: v for vs in values for k, v in vs.items() if isinstance(v, nn.Module)}
         for k, module in modules.items():
-            if any(v[k] is not module for v in values):
+            if any(v.get(k, module) is not module for v in values):   # (another optimizer's: none)
                 raise ValueError(f"{self.name}: every param group must share the same {k!r} module")
         return modules
 
@@ -157,9 +201,9 @@ class InnerOptimizer:
         """The current hyperparameters of each param group: numbers, or the parameters
         of a module-valued hyperparameter."""
         out = []
-        for group in self.torch_optimizer.param_groups:
+        for rule, group in zip(self.group_rules, self.torch_optimizer.param_groups):
             flat: dict[str, float | Tensor] = {}
-            for k, v in self.rule.read_group(group)[1].items():
+            for k, v in rule.read_group(group)[1].items():
                 if isinstance(v, nn.Module):
                     flat.update({f"{k}.{n}": p for n, p in v.named_parameters()})
                 else:
@@ -174,14 +218,17 @@ class InnerOptimizer:
     def constant_hypers(self, per_group: Mapping[str, Sequence[float]] | None = None) -> Hypers:
         """Every hyperparameter as one 0-dim tensor per parameter, from param_groups (or,
         for a name in ``per_group``, from its value for each group), one tensor per
-        distinct value: a call passes a value all its tensors share as it is."""
+        distinct value: a call passes a value all its tensors share as it is. (With
+        several optimizers, ``None`` for a tensor whose optimizer has no such name.)"""
         values = self.group_hypers()
         for name, given in (per_group or {}).items():
             for g, value in enumerate(given):
                 values[g][name] = value
         made: dict[Any, Tensor] = {}
 
-        def constant(value: float | Tensor, like: Tensor) -> Tensor:
+        def constant(value: float | Tensor | None, like: Tensor) -> Tensor | None:
+            if value is None:
+                return None
             if isinstance(value, Tensor):
                 return value.detach()
             key = (repr(value), hyper_dtype(like.dtype), like.device)
@@ -189,20 +236,39 @@ class InnerOptimizer:
                 made[key] = _as_tensor(value, like)
             return made[key]
 
-        return {name: [constant(values[g][name], p) for p, g in zip(self.params, self.group_of())]
-                for name in values[0]}
+        return {name: cast(list[Tensor], [constant(values[g].get(name), p)     # (None: Hypers)
+                                          for p, g in zip(self.params, self.group_of())])
+                for name in self.hyper_names}
 
     def read_state(self) -> Any:
         """A copy of the optimizer's current state, as the optimizer file's ``State``."""
         groups = self.torch_optimizer.param_groups
-        per_param = [self.rule.read_state(self.torch_optimizer.state.get(p, {}), p, groups[g])
+        torch_state = self.torch_optimizer.state
+        per_param = [self.group_rules[g].read_state(torch_state.get(p, {}), p, groups[g])
                      for p, g in zip(self.params, self.group_of())]
-        return type(per_param[0])(*(list(field) for field in zip(*per_param)))
+        if not self.mixed:
+            return type(per_param[0])(*(list(field) for field in zip(*per_param)))
+        for g, x in zip(self.group_of(), per_param):
+            self._state_types.setdefault(g, type(x))
+        union = joint_state_type([type(x) for x in per_param])
+        return union(*([getattr(x, f, None) for x in per_param] for f in _fields(union)))
+
+    def _own_state(self, state: Any, group: int) -> Any:
+        """Group ``group``'s rule's State, of the union ``state``'s fields by name."""
+        own = self._state_types.get(group)
+        if own is None:                 # (its State type: that of an empty torch.optim state)
+            group_dict = self.torch_optimizer.param_groups[group]
+            p = self.params[self.groups[group].start]
+            own = self._state_types[group] = type(self.group_rules[group].read_state({}, p, group_dict))
+        return own(*(getattr(state, f) for f in _fields(own)))
 
     def write_state(self, state: Any, i: int) -> dict[str, Any]:
         """Tensor i's entry of ``torch_optimizer.state`` for ``state`` (the inverse of
         :meth:`read_state`)."""
-        return self.rule.state_entry(type(state)(*(values[i] for values in state)))
+        g = self.group_of()[i]
+        if self.mixed:
+            state = self._own_state(state, g)
+        return self.group_rules[g].state_entry(type(state)(*(values[i] for values in state)))
 
     def check_commit(self, granularity: dict[str, str]) -> None:
         """Raise if a commit under these meta-learned granularities would leave an
@@ -210,8 +276,8 @@ class InnerOptimizer:
         ``torch.optim`` keeps as one number per tensor (the rule's ``SCALAR_STATE``:
         NAdam's ``mu_product``, ASGD's ``eta``) but that a hyperparameter learned per
         element makes one per element."""
-        scalar_state = self.rule.scalar_state
         for name, per in granularity.items():
+            scalar_state = {k: v for rule in self.rules_for(name) for k, v in rule.scalar_state.items()}
             if per == "element" and name in scalar_state:
                 key = scalar_state[name]
                 raise ValueError(
@@ -227,18 +293,32 @@ class InnerOptimizer:
         """One update of every tensor; a tensor whose gradient is ``None`` is left
         alone with its state, as ``torch.optim`` does."""
         calls = self._calls(params, grads, state)
-        if len(calls) == 1 and len(calls[0].idx) == len(params):    # one call, every tensor
-            out_params, out_state = calls[0].step(params, state, grads, hp)
+        if len(calls) == 1 and len(calls[0].idx) == len(params) and not self.mixed:
+            out_params, out_state = calls[0].step(params, state, grads, hp)   # one call, every tensor
             return out_params, type(state)(*out_state)
         new_params = list(params)
         new_state = [list(field) for field in state]
         for call in calls:
-            out_params, out_state = call.step(params, state, grads, hp)
+            own, at, hp_own, _ = self._for_call(call, state, hp)
+            out_params, out_state = call.step(params, own, grads, hp_own)
             for k, i in enumerate(call.idx):
                 new_params[i] = out_params[k]
-                for field, values in zip(new_state, out_state):
-                    field[i] = values[k]
+                for f, values in zip(at, out_state):
+                    new_state[f][i] = values[k]
         return new_params, type(state)(*new_state)
+
+    def _for_call(self, call: Call, state: Any, hp: Hypers,
+                  need: frozenset[str] = frozenset()) -> tuple[Any, list[int], Hypers, frozenset[str]]:
+        """What one call reads: the state as its rule's own State and where each of its
+        fields sits in ``state``, the hyperparameters its rule has, and those of ``need``."""
+        if not self.mixed:
+            return state, list(range(len(state))), hp, need
+        g = self.group_of()[call.idx[0]]
+        own = self._own_state(state, g)
+        at = [type(state)._fields.index(f) for f in type(own)._fields]
+        i = call.idx[0]
+        hp_own = {k: v for k, v in hp.items() if v[i] is not None}
+        return own, at, hp_own, need & frozenset(hp_own)
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None], hp: Hypers,
             cot_params: list[Tensor], cot_state: Any, need: frozenset[str]) -> VJP:
@@ -247,20 +327,22 @@ class InnerOptimizer:
         is a new tensor or one of ``cot_params`` (never θ, G or the state), so the
         caller may add to it in place."""
         calls = self._calls(params, grads, state)
-        if len(calls) == 1 and len(calls[0].idx) == len(params):    # one call, every tensor
+        if len(calls) == 1 and len(calls[0].idx) == len(params) and not self.mixed:
             b_k, s_k, o_k, a_k = calls[0].vjp(params, state, grads, hp, cot_params, cot_state, need)
-            return VJP(b_k, type(cot_state)(*s_k), o_k, a_k)
+            return VJP(b_k, type(cot_state)(*s_k), o_k, a_k)    # one call, every tensor
         b = list(cot_params)
         s = [list(field) for field in cot_state]
         o: list[Tensor | None] = [None] * len(params)
         a: dict[str, list[Tensor | None]] = {name: [None] * len(params) for name in need}
         for call in calls:
-            b_k, s_k, o_k, a_k = call.vjp(params, state, grads, hp, cot_params, cot_state, need)
+            own, at, hp_own, need_own = self._for_call(call, state, hp, need)
+            cot_own = type(own)(*(cot_state[f] for f in at))
+            b_k, s_k, o_k, a_k = call.vjp(params, own, grads, hp_own, cot_params, cot_own, need_own)
             for k, i in enumerate(call.idx):
                 b[i], o[i] = b_k[k], o_k[k]
-                for field, values in zip(s, s_k):
-                    field[i] = values[k]
-                for name in need:
+                for f, values in zip(at, s_k):
+                    s[f][i] = values[k]
+                for name in need_own:
                     a[name][i] = a_k[name][k]
         return VJP(b, type(cot_state)(*s), o, a)
 
@@ -271,7 +353,7 @@ class InnerOptimizer:
         no momentum buffer yet; a tensor whose step count differs from the rest's)."""
         calls: dict[Any, list[int]] = {}
         for g, sl in enumerate(self.groups):
-            flags = _hashable(self.flags[g], g)
+            flags = (id(self.group_rules[g]), _hashable(self.flags[g], g))
             for i in range(sl.start, sl.stop):
                 if grads[i] is not None:
                     calls.setdefault((flags, call_key(state, i, params[i])), []).append(i)
@@ -281,11 +363,18 @@ class InnerOptimizer:
             call = self._call_cache.get(k)
             if call is None:
                 group = next(g for g, sl in enumerate(self.groups) if sl.start <= idx[0] < sl.stop)
-                call = self._call_cache[k] = Call(self.rule, self.flags[group], idx, params)
-            call.rule, call.kinds = self.rule, field_kinds(state, idx, params)
+                call = self._call_cache[k] = Call(self.group_rules[group], self.flags[group], idx, params)
+                call.group = group
+            call.rule = self.group_rules[call.group] if self.mixed else self.rule
+            call.kinds = field_kinds(self._own_state(state, call.group) if self.mixed else state,
+                                     idx, params)
             call.compile = self.compile
             out.append(call)
         return out
+
+
+def _fields(state_type: type) -> tuple[str, ...]:
+    return cast(tuple[str, ...], getattr(state_type, "_fields"))
 
 
 def _hashable(flags: Any, group: int) -> Any:
@@ -303,8 +392,7 @@ def _as_tensor(value: float | Tensor, like: Tensor) -> Tensor:
     return torch.tensor(value, dtype=hyper_dtype(like.dtype), device=like.device)   # ≥ float32
 
 
-def bind(optimizer: torch.optim.Optimizer) -> InnerOptimizer:
-    """Read a ``torch.optim`` instance: its class, param groups and flags."""
+def _rule_of(optimizer: torch.optim.Optimizer) -> Rule:
     rule = SUPPORTED.get(type(optimizer))
     name = type(optimizer).__name__
     if rule is None and name in REFUSED and type(optimizer) is getattr(torch.optim, name, None):
@@ -314,20 +402,36 @@ def bind(optimizer: torch.optim.Optimizer) -> InnerOptimizer:
         raise TypeError(f"gimli cannot differentiate through {name}: the supported optimizers "
                         f"are {names} (exact classes, not subclasses); register your own with "
                         f"gimli.register_optimizer")
+    return rule
+
+
+def bind(optimizer: Any) -> InnerOptimizer:
+    """Read a ``torch.optim`` instance (or a list of them, each over its own tensors):
+    its class, param groups and flags."""
+    optimizer = joint(optimizer)
     params: list[Tensor] = []
     groups: list[slice] = []
     flags = []
-    for group in optimizer.param_groups:
-        groups.append(slice(len(params), len(params) + len(group["params"])))
-        params.extend(group["params"])
-        flags.append(rule.read_group(group)[0])
-        for p in group["params"]:
-            if p.is_complex() or p.is_sparse:
-                raise TypeError(f"gimli supports dense real parameters only; {type(optimizer).__name__} "
-                                f"holds a {'complex' if p.is_complex() else 'sparse'} tensor")
-    if len({id(p) for p in params}) != len(params):
-        raise ValueError("a tensor appears twice in the optimizer's param_groups")
-    return InnerOptimizer(optimizer, rule, params, groups, flags)
+    rules = []
+    owner: dict[int, int] = {}
+    for k, part in enumerate(parts(optimizer)):
+        rule = _rule_of(part)
+        for group in part.param_groups:
+            groups.append(slice(len(params), len(params) + len(group["params"])))
+            params.extend(group["params"])
+            flags.append(rule.read_group(group)[0])
+            rules.append(rule)
+            for p in group["params"]:
+                if p.is_complex() or p.is_sparse:
+                    raise TypeError(f"gimli supports dense real parameters only; {type(part).__name__} "
+                                    f"holds a {'complex' if p.is_complex() else 'sparse'} tensor")
+                if id(p) in owner:
+                    where = ("the optimizer's param_groups" if owner[id(p)] == k else
+                             f"the param_groups of optimizers #{owner[id(p)]} and #{k} of the list "
+                             f"(each tensor must be stepped by one optimizer)")
+                    raise ValueError(f"a tensor of shape {tuple(p.shape)} appears twice in {where}")
+                owner[id(p)] = k
+    return InnerOptimizer(optimizer, rules[0], params, groups, flags, group_rules=rules)
 
 
 GRANULARITY_LETTERS = {"scalar": "S", "group": "G", "tensor": "T", "element": "E"}

@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+# per tensor; with several optimizers a tensor whose optimizer has no such name holds None
+# there (InnerOptimizer gives each rule call only its own names)
 Hypers = dict[str, list[Tensor]]
 
 class VJP(NamedTuple):

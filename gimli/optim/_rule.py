@@ -289,6 +289,7 @@ class Call:
         self.kinds: list[_Kind] = []       # the state's, set before each use (field_kinds)
         self.compile = False               # through torch.compile (set before each use)
         self.segments = Segments([params[i] for i in idx]) if rule.elementwise else None
+        self.group = 0                     # the param group of its first tensor
 
     def mine(self, values: list[Any]) -> list[Any]:
         """The call's entries of a per-tensor list."""
