@@ -27,9 +27,13 @@ def build(kind: str) -> tuple[gimli.GimliSolver, list[tuple[Any, Any]]]:
     torch.manual_seed(0)
     model = mlp([2, 5, 1], "tanh")
     params = list(model.parameters())
+    opt: Any
     if kind == "maml":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=0.1)
+        opt = torch.optim.SGD(params, lr=0.1)
         meta = gimli.MetaParams(init=model)
+    elif kind == "several":             # SGD with momentum on layer 1, Adam on layer 2
+        opt = [torch.optim.SGD(params[:2], lr=0.1, momentum=0.9), torch.optim.Adam(params[2:], lr=0.02)]
+        meta = gimli.MetaParams(opt, {"lr": "group", "beta1": "scalar"})
     else:
         opt = torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.02)
         meta = gimli.MetaParams(opt, {"lr": "group", "beta1": "scalar"})
@@ -43,7 +47,7 @@ def build(kind: str) -> tuple[gimli.GimliSolver, list[tuple[Any, Any]]]:
     return solver, tasks
 
 
-@pytest.mark.parametrize("kind", ["maml", "lrs", "lrs_forward"])
+@pytest.mark.parametrize("kind", ["maml", "lrs", "lrs_forward", "several"])
 def test_meta_batch_is_the_mean_of_the_tasks(kind: str) -> None:
     solver, tasks = build(kind)
     got = solver.hypergradient(tasks=tasks)
@@ -93,7 +97,7 @@ def _worker(rank: int, world: int, init: str, kind: str, out: str) -> None:
         _finish()
 
 
-@pytest.mark.parametrize("kind", ["maml", "lrs", "lrs_forward"])
+@pytest.mark.parametrize("kind", ["maml", "lrs", "lrs_forward", "several"])
 def test_two_processes_equal_one(kind: str, tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, f"file://{tmp_path}/store", kind, str(tmp_path)), nprocs=2, join=True)
     solver, tasks = build(kind)

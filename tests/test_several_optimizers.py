@@ -161,6 +161,18 @@ def test_every_mode(how: str) -> None:
     assert_hypergradients_close(s.hypergradient(TRAIN, VAL), want)
 
 
+def test_a_learned_schedule_and_clipping() -> None:
+    """lr per group and step (a schedule over the unroll) and β₁ per step, through
+    clip_grad_norm_ over both optimizers' tensors: the autograd unroll's."""
+    model, opts, _ = build("sgd+adam")
+    meta = gimli.MetaParams(opts, {"lr": "group-step", "beta1": "step"}, steps=len(TRAIN))
+    s = gimli.GimliSolver(model, loss, opts, meta, clip=gimli.ClipGradNorm(0.5))
+    got = s.hypergradient(TRAIN, VAL)
+    assert got["hypers.lr"].shape == (len(TRAIN), 3) and got["hypers.beta1"].shape == (len(TRAIN),)
+    assert_hypergradients_close(got, gimli.full_unroll_hypergradient(s, TRAIN, VAL))
+    assert bool((got["hypers.lr"].abs() > 0).all())
+
+
 def test_granularities_count_the_groups_and_tensors_that_have_the_name() -> None:
     model, opts, _ = build("sgd+adam")
     meta = gimli.MetaParams(opts, {"lr": "element", "beta1": "tensor", "momentum": "group"})
