@@ -1,8 +1,8 @@
-"""Every hyperparameter at every granularity that the README's table claims has a
+"""Every hyperparameter at every granularity that the guide's table claims has a
 hypergradient equal to the full autograd unroll's (float64, rtol 1e-9).
 
 The property tests draw random subsets; this one walks the whole table
-(``gimli.optim.capabilities()``, the README table's source) on one small
+(``gimli.optim.capabilities()``, the guide table's source) on one small
 problem per optimizer at its typical settings (``gimli/optim/_settings.py``), so no
 claimed combination is left to chance. And every optimizer has its rows in the tables
 that drive the tests and ``gimli check``: a missing one fails, it skips nothing.

@@ -1,5 +1,6 @@
-"""The API reference (``docs/api/``) builds from the code without a warning, every
-cross-reference resolved; and a broken reference does fail it.
+"""The documentation (``docs/``: the guide's pages and the API reference) builds from the
+code without a warning, every cross-reference resolved; and a broken reference, in the API
+reference or a guide page, does fail it.
 
 Oracle: Sphinx itself, run with warnings as errors (``-W``) and every reference checked
 (``-n``), as CI runs it through this test.
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-API = ROOT / "docs" / "api"
+DOCS = ROOT / "docs"
 
 
 def build(source: Path, out: Path) -> int:
@@ -23,12 +24,18 @@ def build(source: Path, out: Path) -> int:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")     # Sphinx's own, importing its parts
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
-def test_api_reference_builds_without_a_warning(tmp_path: Path) -> None:
-    assert build(API, tmp_path / "html") == 0
-    page = (tmp_path / "html" / "index.html").read_text()
+def test_docs_build_without_a_warning(tmp_path: Path) -> None:
+    assert build(DOCS, tmp_path / "html") == 0
+    page = (tmp_path / "html" / "api.html").read_text()
     for name in ("GimliSolver", "MetaParams", "ClipGradNorm", "Hypergradients", "register_optimizer"):
         assert f'id="gimli.{name}"' in page, name
     assert "Adafactor" in page                                  # the capability table, from the code
+    index = (tmp_path / "html" / "index.html").read_text()
+    for guide in sorted((DOCS / "guide").glob("*.md")):         # every page of the guide, linked
+        assert f'href="guide/{guide.stem}.html"' in index, guide.name
+    assert "Several optimizers" in (tmp_path / "html" / "guide" / "what-can-be-learned.html").read_text()
+    examples = (tmp_path / "html" / "guide" / "examples.html").read_text()    # a link to a section
+    assert 'href="what-can-be-learned.html#per-example-weights-data-reweighting"' in examples
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -36,6 +43,18 @@ def test_api_reference_builds_without_a_warning(tmp_path: Path) -> None:
 def test_a_broken_reference_fails_the_build(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
-    shutil.copy(API / "conf.py", source / "conf.py")
+    shutil.copy(DOCS / "conf.py", source / "conf.py")
     (source / "index.rst").write_text("Broken\n======\n\nSee :class:`gimli.NoSuchClass`.\n")
+    assert build(source, tmp_path / "html") != 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_a_broken_guide_link_fails_the_build(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(DOCS / "conf.py", source / "conf.py")
+    page, missing = "page", "no-such-page"
+    (source / "index.rst").write_text(f"Index\n=====\n\n.. toctree::\n\n   {page}\n")
+    (source / f"{page}.md").write_text(f"# Page\n\nSee [the other page]({missing}.md).\n")
     assert build(source, tmp_path / "html") != 0

@@ -182,7 +182,7 @@ def test_tied_weights_in_two_modules() -> None:
 
 # --- 8: the optimizer's order is not the module's -----------------------------------------------
 def test_named_parameters_in_the_module_order() -> None:
-    """README example (b)'s pattern: per-layer coefficients zipped with the weights of
+    """The guide's example (b)'s pattern (docs/guide/meta-learning.md): per-layer coefficients zipped with the weights of
     model.named_parameters(). The optimizer lists the layers in reverse: the committed
     weights must still be those of the user's own training loop."""
     torch.manual_seed(0)

@@ -1,8 +1,9 @@
-"""The README and the project's documents stay true: the README's snippets run as written,
-CI runs its set-up commands as written, and every document a file points to is in the
-repository (the design document's sections and every markdown link included).
+"""The README, the guide and the project's documents stay true: their snippets run as
+written, CI runs the README's set-up commands as written, and every document a file points
+to is in the repository (the design document's sections and every markdown link included).
 
-Oracles: the README itself (each ```python block is executed in a fresh namespace);
+Oracles: the README and the guide's pages themselves (each ```python block is executed in a
+fresh namespace);
 ``.ci/run`` run with a python3 that records what it is asked to do; the repository's
 own files.
 """
@@ -22,17 +23,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 DESIGN = ROOT / "docs/design.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+GUIDE = sorted((ROOT / "docs" / "guide").glob("*.md"))
+# (document, index in it, code) for every ```python block of the README and the guide
+SNIPPETS = [(path.relative_to(ROOT).as_posix(), k, code) for path in [ROOT / "README.md", *GUIDE]
+            for k, code in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S))]
 
 
 def test_readme_has_the_snippets() -> None:
-    assert len(SNIPPETS) >= 7          # (a), (b), (c), the checker, schedules, custom, learned
+    # the README's first example; (a), (b), (c), the checker, schedules, custom, learned,
+    # several optimizers in the guide
+    assert sum(doc == "README.md" for doc, _, _ in SNIPPETS) == 1
+    assert len(SNIPPETS) >= 9
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_readme_snippet_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
-    namespace: dict[str, object] = {"__name__": f"readme_snippet_{index}"}
-    exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), namespace)
+def test_readme_fits_one_screen() -> None:
+    """The README is a start and links: the long sections live in the guide."""
+    assert len(README.splitlines()) <= 80
+    for page in GUIDE:
+        assert f"](docs/guide/{page.name})" in README, page.name
+
+
+@pytest.mark.parametrize("doc,index,code", SNIPPETS, ids=[f"{d}:{k}" for d, k, _ in SNIPPETS])
+def test_readme_snippet_runs(doc: str, index: int, code: str, capsys: pytest.CaptureFixture[str]) -> None:
+    namespace: dict[str, object] = {"__name__": f"snippet_{index}"}
+    exec(compile(code, f"{doc} snippet {index}", "exec"), namespace)
     assert "solver" in namespace        # every snippet builds a solver and uses it
 
 
@@ -113,23 +127,26 @@ def test_ci_runs_each_readme_command_exactly_in_a_fresh_venv(tmp_path: Path, fai
 
 def test_capability_table_matches_the_code() -> None:
     from gimli.optim import capability_table
-    begin = README.index("<!-- capability table")
-    begin = README.index("\n", begin) + 1
-    end = README.index("<!-- end of capability table -->")
-    assert README[begin:end].strip() == capability_table()
+    page = (ROOT / "docs/guide/what-can-be-learned.md").read_text()
+    begin = page.index("<!-- capability table")
+    begin = page.index("\n", begin) + 1
+    end = page.index("<!-- end of capability table -->")
+    assert page[begin:end].strip() == capability_table()
 
 
 def test_every_link_leads_to_a_file() -> None:
-    links = re.findall(r"\]\(([^)#:]+)\)", README)
-    assert len(links) >= 10                         # the examples and notebooks, at least
-    missing = [link for link in links if not (ROOT / link).exists()]
+    links = [(path.parent / link) for path in [ROOT / "README.md", *GUIDE]
+             for link in re.findall(r"\]\(([^)#:]+)\)", path.read_text())]
+    assert len(links) >= 20                         # the guide, examples and notebooks, at least
+    missing = [str(link) for link in links if not link.exists()]
     assert not missing, missing
 
 
 def test_every_example_and_notebook_is_linked() -> None:
+    page = (ROOT / "docs/guide/examples.md").read_text()
     scripts = [p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_")]
     notebooks = list((ROOT / "notebooks").glob("*.ipynb"))
-    unlinked = [p.name for p in scripts + notebooks if f"]({p.relative_to(ROOT)})" not in README]
+    unlinked = [p.name for p in scripts + notebooks if f"](../../{p.relative_to(ROOT)})" not in page]
     assert not unlinked, unlinked
 
 

@@ -515,7 +515,7 @@ def test_a_retried_step_equals_an_uninterrupted_one() -> None:
 
 
 def test_learned_optimizer_checkpoint_keeps_its_network() -> None:
-    """The README's resume recipe with a LearnedOptimizer: its own state_dict loads with
+    """The guide's resume recipe (docs/guide/long-runs.md) with a LearnedOptimizer: its own state_dict loads with
     weights_only=True, and loading it keeps the network gimli meta-learns in place."""
     import io
 

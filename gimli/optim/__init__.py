@@ -451,7 +451,7 @@ def capabilities() -> dict[str, dict[str, tuple[str, ...]]]:
 
 
 def capability_table() -> str:
-    """The README's table of what can be meta-learned, generated from the rules."""
+    """The guide's table of what can be meta-learned (docs/guide/what-can-be-learned.md), generated from the rules."""
     lines = ["| optimizer | learnable hyperparameters and granularities |", "|---|---|"]
     for name, hypers in capabilities().items():
         cells = [f"`{h}` {''.join(GRANULARITY_LETTERS[g] for g in per)}" for h, per in hypers.items()]

@@ -1,4 +1,5 @@
-"""Sphinx configuration of gimli's API reference (``docs/api/``).
+"""Sphinx configuration of gimli's documentation: the guide (``docs/guide/``, markdown)
+and the API reference (``docs/api.rst``), one site.
 
 Built by ``tests/test_docs.py`` with warnings as errors and every cross-reference
 checked (nitpicky): a public name without its docstring's targets fails the tests.
@@ -15,10 +16,12 @@ from typing import Any
 from docutils import nodes
 from docutils.parsers.rst import Directive
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 project = "gimli"
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon"]
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "myst_parser"]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+myst_heading_anchors = 3            # links to a page's #a-heading, as GitHub renders them
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 nitpicky = True
@@ -27,8 +30,25 @@ nitpick_ignore_regex = [
     ("py:class", r"(Tensor|nn\.Module|Path|Any)"),
     ("py:class", r"gimli\._\w+\.\w+"),          # a private module's type in an annotation
 ]
+# The guide links to the repository's other documents (the README, proofs/, the design
+# document) as GitHub shows them; the built pages show their names. Only files that
+# exist are let through: a link to a missing one still fails the build.
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _outside_documents() -> list[str]:
+    """The repository's markdown files outside the guide, as myst names a link's target
+    (the path without ``.md``); hidden folders and build outputs are not walked."""
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_build")) and d != "guide"]
+        found += [os.path.join(folder, name)[:-3] for name in files if name.endswith(".md")]
+    return found
+
+
+nitpick_ignore = [("myst", path) for path in _outside_documents()] + [("myst", "design")]
 html_theme = "alabaster"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "api/_build", "design.md", "figures"]
 
 
 class CapabilityTable(Directive):
