@@ -38,23 +38,20 @@ def test_docs_build_without_a_warning(tmp_path: Path) -> None:
     assert 'href="what-can-be-learned.html#per-example-weights-data-reweighting"' in examples
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
-def test_a_broken_reference_fails_the_build(tmp_path: Path) -> None:
-    source = tmp_path / "src"
-    source.mkdir()
-    shutil.copy(DOCS / "conf.py", source / "conf.py")
-    (source / "index.rst").write_text("Broken\n======\n\nSee :class:`gimli.NoSuchClass`.\n")
-    assert build(source, tmp_path / "html") != 0
+BROKEN = {   # a site of this configuration with one broken reference: its files
+    "an API name": {"index.rst": "Broken\n======\n\nSee :class:`gimli.NoSuchClass`.\n"},
+    "a guide link": {"index.rst": "Index\n=====\n\n.. toctree::\n\n   page\n",
+                     "page" + ".md": "# Page\n\nSee [the other page](no-such-page" + ".md).\n"},
+}
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
-def test_a_broken_guide_link_fails_the_build(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_a_broken_reference_fails_the_build(tmp_path: Path, broken: str) -> None:
     source = tmp_path / "src"
     source.mkdir()
     shutil.copy(DOCS / "conf.py", source / "conf.py")
-    page, missing = "page", "no-such-page"
-    (source / "index.rst").write_text(f"Index\n=====\n\n.. toctree::\n\n   {page}\n")
-    (source / f"{page}.md").write_text(f"# Page\n\nSee [the other page]({missing}.md).\n")
+    for name, text in BROKEN[broken].items():
+        (source / name).write_text(text)
     assert build(source, tmp_path / "html") != 0
