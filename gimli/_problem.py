@@ -76,6 +76,7 @@ class Problem:
     _held: list[tuple[str, Tensor]] | None = None
     val_mode: str | None = None         # L^val with the module in "eval" or "train" mode, or as it is
     clip: Any = None                    # gradient clipping applied to G_j (gimli/_clip.py)
+    proximal: float = 0.0               # iMAML's λ: ℓ + λ/2·‖θ − θ₀‖² (mode="implicit", init=)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -210,8 +211,12 @@ class Problem:
                    checked: bool = True) -> Tensor:
         """ℓ(θ, φ^loss) on ``batch``; ``checked``: raise NonFiniteError on an inf or NaN loss
         (a host sync; the unroll checks every step's at once instead: Unroll.check)."""
-        return _scalar(self.loss_fn(self.view(theta, buffers), batch, self.meta), "loss_fn",
+        loss = _scalar(self.loss_fn(self.view(theta, buffers), batch, self.meta), "loss_fn",
                        checked=checked)
+        if self.proximal:               # toward θ₀, the model's own (meta-learned) weights
+            loss = loss + self.proximal / 2 * sum(((t - p) ** 2).sum() for t, p in zip(theta, self.inner.params)
+                                                  if p.requires_grad)
+        return loss
 
     def val_loss(self, theta: list[Tensor], buffers: dict[str, Tensor], batch: Any) -> Tensor:
         model = self.view(theta, buffers)

@@ -21,6 +21,8 @@ from ._clip import Clip, check_clip
 from ._data import Stream
 from ._distributed import Sums
 from ._forward import Horizon, directions, forward_hypergradient
+from ._implicit import Implicit, ImplicitReport, implicit_hypergradient
+from ._implicit import why_not as _why_not_implicit
 from ._meta import MetaParams
 from ._problem import GimliInfo, GimliWarning, LossFn, NonFiniteError, Problem, ValLossFn
 from ._schedule import Schedule, rebase
@@ -109,6 +111,13 @@ class GimliSolver:
             one ``commit=True`` call to the next, so the hypergradient is that of the
             validation loss after all the training committed so far (online, real-time
             hyperparameter learning with no truncation); :meth:`reset_horizon` restarts it.
+        implicit: ``mode="implicit"``: how the linear system is solved, a
+            :class:`Implicit` (default ``Implicit()``: conjugate gradients). The inner loop
+            runs the J steps with the optimizer (no graph kept) and is taken to have
+            converged: the hypergradient is the implicit function theorem's at its end
+            point, with the Hessian of ``loss_fn`` on the last training batch, for φ^loss
+            and (with ``Implicit(proximal=λ)``, iMAML) θ₀; optimizer hyperparameters have
+            none. ``solver.last_implicit`` reports the solve (:class:`ImplicitReport`).
         compile: run each optimizer call (joining its tensors, the update, splitting
             back) and its VJP through ``torch.compile``, fused into a few kernels instead
             of one per operation (elementwise rules with a closed-form VJP). Exact to
@@ -130,7 +139,8 @@ class GimliSolver:
                  first_order: bool = False, truncate: int | None = None,
                  distributed: bool | None = None, process_group: Any = None,
                  compile: bool = False, mode: str = "reverse", horizon: str = "window",
-                 val_mode: str | None = None, clip: Clip | None = None, _shadows: Any = None):
+                 val_mode: str | None = None, clip: Clip | None = None, implicit: Implicit | None = None,
+                 _shadows: Any = None):
         _arguments.check_positional(model, loss_fn, opt, meta_params)
         if meta_opt is not None:
             _arguments.check_meta_opt_type(meta_opt)
@@ -149,8 +159,23 @@ class GimliSolver:
             raise ValueError(f"truncate must be an int ≥ 1, got {truncate!r}")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
-        if mode not in ("reverse", "forward", "auto"):
-            raise ValueError(f"mode must be 'reverse', 'forward' or 'auto', not {mode!r}")
+        if mode not in ("reverse", "forward", "auto", "implicit"):
+            raise ValueError(f"mode must be 'reverse', 'forward', 'auto' or 'implicit', not {mode!r}")
+        if implicit is not None and not isinstance(implicit, Implicit):
+            raise TypeError(f"implicit must be a gimli.Implicit, not {type(implicit).__name__}")
+        if implicit is not None and mode != "implicit":
+            raise ValueError("implicit= says how mode='implicit' solves its linear system: give "
+                             "mode='implicit' too")
+        if mode == "implicit":
+            implicit = implicit or Implicit()
+            if memory != "retain" or first_order or truncate is not None or horizon != "window":
+                raise ValueError("mode='implicit' keeps no trajectory and differentiates no path: "
+                                 "memory=, snapshots=, first_order=, truncate= and horizon= do not apply")
+            why = _why_not_implicit(meta_params, implicit)
+            if why:
+                raise ValueError(why)
+        self.implicit = implicit
+        self.last_implicit: ImplicitReport | None = None    # how the last implicit solve went
         if mode == "forward" and memory != "retain":
             raise ValueError(f"memory={memory!r} chooses how reverse mode keeps the trajectory; "
                              f"mode='forward' keeps none (its memory does not grow with J)")
@@ -181,6 +206,7 @@ class GimliSolver:
         self.problem.inner.compile = compile
         self.problem.val_mode = val_mode
         self.problem.clip = clip
+        self.problem.proximal = implicit.proximal if implicit is not None else 0.0
         self.meta_opt = meta_opt
         if meta_opt is not None:
             self._check_meta_opt()
@@ -442,6 +468,8 @@ class GimliSolver:
         self.last_mode = self._chosen_mode(len(train_batches))
         if self.last_mode == "forward":
             return self._compute_forward(train_batches, val_batch)
+        if self.last_mode == "implicit":
+            return self._compute_implicit(train_batches, val_batch)
         problem = self.problem
         with torch.enable_grad(), problem.held():                   # also under torch.no_grad()
             split = problem.split(len(train_batches))                             # line 2
@@ -484,6 +512,23 @@ class GimliSolver:
             grads = {name: result.grads[id(p)] for name, p in self._learned()}
         self.last_forward_steps = run.forward_steps
         return grads, _Result(result.val_loss, run.train_losses, schedule, result.final, result.tangents)
+
+    def _compute_implicit(self, train_batches: Sequence[Any], val_batch: Any) -> tuple[dict[str, Tensor], _Result]:
+        problem = self.problem
+        J = len(train_batches)
+        assert self.implicit is not None
+        with torch.enable_grad(), problem.held():
+            split = problem.split(J)
+            run = Unroll(problem, split.per_step(J), train_batches, graph=False)
+            result = implicit_hypergradient(problem, run, split.phi_loss, val_batch, self.implicit)
+            self._warn_unreached(split.phi_loss, result.reached)
+            by_tensor = dict(result.grads)
+            for p, g in zip(problem.inner.params, result.B0 or []):
+                by_tensor[id(p)] = g
+            grads = {name: by_tensor[id(p)] for name, p in self._learned()}
+        self.last_forward_steps = run.forward_steps
+        self.last_implicit = result.report
+        return grads, _Result(result.val_loss, run.train_losses, split.schedule, result.final)
 
     def _warn_unreached(self, leaves: list[Tensor], reached: list[bool]) -> None:
         """A φ^loss entry that reaches no G_j and not L^val gets a hypergradient of 0:

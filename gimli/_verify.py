@@ -256,6 +256,12 @@ def check(solver: GimliSolver, train_batches: Sequence[Any], val_batch: Any, *,
             moved by its own size counts as not mattering (the floor of every error's scale).
         seed: the random-number state every evaluation starts from (dropout masks).
     """
+    if solver.mode == "implicit":
+        raise ValueError("gimli.check compares a hypergradient with the derivative of the unrolled "
+                         "training (the autograd unroll, finite differences), which an implicit "
+                         "hypergradient equals only once the inner loop has converged: check the "
+                         "same setup with mode='reverse', and compare the implicit hypergradient "
+                         "with it as J grows (solver.last_implicit reports how stationary the end is)")
     rng = torch.get_rng_state()
     default = torch.get_default_dtype()
     try:

@@ -28,7 +28,7 @@ def build(kind: str) -> tuple[gimli.GimliSolver, list[tuple[Any, Any]]]:
     model = mlp([2, 5, 1], "tanh")
     params = list(model.parameters())
     opt: Any
-    if kind == "maml":
+    if kind in ("maml", "imaml"):
         opt = torch.optim.SGD(params, lr=0.1)
         meta = gimli.MetaParams(init=model)
     elif kind == "several":             # SGD with momentum on layer 1, Adam on layer 2
@@ -37,9 +37,10 @@ def build(kind: str) -> tuple[gimli.GimliSolver, list[tuple[Any, Any]]]:
     else:
         opt = torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.02)
         meta = gimli.MetaParams(opt, {"lr": "group", "beta1": "scalar"})
+    mode = {"lrs_forward": "forward", "imaml": "implicit"}.get(kind, "reverse")
     solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, meta,
-                               meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-2),
-                               mode="forward" if kind == "lrs_forward" else "reverse")
+                               meta_opt=torch.optim.Adam(meta.parameters(), lr=1e-2), mode=mode,
+                               implicit=gimli.Implicit(method="dense", proximal=1.0) if kind == "imaml" else None)
     tasks = []
     for t in range(TASKS):
         batches = regression_batches(10 + t, 2, 1, STEPS + 1)
@@ -97,7 +98,7 @@ def _worker(rank: int, world: int, init: str, kind: str, out: str) -> None:
         _finish()
 
 
-@pytest.mark.parametrize("kind", ["maml", "lrs", "lrs_forward", "several"])
+@pytest.mark.parametrize("kind", ["maml", "lrs", "lrs_forward", "several", "imaml"])
 def test_two_processes_equal_one(kind: str, tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, f"file://{tmp_path}/store", kind, str(tmp_path)), nprocs=2, join=True)
     solver, tasks = build(kind)
