@@ -24,7 +24,6 @@ leanest mode that keeps every point) and ``"retain"`` (up to J = 1,000).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ import gimli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from methods import plain_step  # noqa: E402
-from run import MIB, _forked, _mmap_large_blocks, machine, peak_mb  # noqa: E402
+from run import MIB, _forked, _mmap_large_blocks, peak_mb, side_benchmark  # noqa: E402
 from tasks import TASKS, Instance  # noqa: E402
 
 SPECS: dict[int, tuple[dict[str, str], bool]] = {       # K -> (hyperparameters, class weights)
@@ -192,11 +191,7 @@ def memory_table(steps: list[int]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="J up to 1,000; 3 repetitions")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    print(machine())
+    args = side_benchmark(__doc__, "J up to 1,000; 3 repetitions")
     time_table(50, 3 if args.quick else 5)
     hvp_table(3 if args.quick else 5)
     memory_table([10, 100, 1000] if args.quick else [10, 100, 1000, 10000])

@@ -185,6 +185,17 @@ def _agreement(outs: dict[str, torch.Tensor | None]) -> dict[str, float]:
 
 
 # --- the run -------------------------------------------------------------------------------
+def side_benchmark(doc: str, quick: str) -> argparse.Namespace:
+    """A side benchmark's command line (``--quick``, with ``quick`` its help) and preamble:
+    one intra-op thread, and the machine's line."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(machine())
+    return args
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:

@@ -9,9 +9,12 @@ and one line says how to get it.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -54,9 +57,44 @@ def pyplot() -> ModuleType | None:
     return plt
 
 
+def peak_mb_in_child(build: Callable[[], Callable[[], Any]]) -> float | None:
+    """The peak memory of one call, in MB above the RSS just before it: ``build()`` makes
+    the call (and warms it up) in a forked child, whose peak RSS (Linux's VmHWM, reset
+    first, and freed heap pages returned to the system) is read around it, so no earlier
+    run's freed memory hides it. None where there is no fork or no /proc (not Linux)."""
+    if not hasattr(os, "fork") or not os.path.exists("/proc/self/clear_refs"):
+        return None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                        # the child: measure, write, leave
+        os.close(read)
+        try:
+            call = build()
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)    # freed heap pages back: reuse shows
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                            # VmHWM ← the current RSS
+            before = _status_kb("VmRSS")
+            call()
+            os.write(write, str((_status_kb("VmHWM") - before) / 1024).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return float(text) if text else None
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def save(fig: Any, out: Path, name: str) -> Path:
     """Lay ``fig`` out, write it to ``out/name`` as a PNG, and close it."""
     fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
     path = out / name
     fig.savefig(path, dpi=120)
     import matplotlib.pyplot as plt     # (save is called where pyplot() found it)

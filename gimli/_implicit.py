@@ -15,6 +15,9 @@ with Hessian-vector products of ℓ at θ*, and gets the mixed term (∂_φ g)�
 * ``"cg"``: conjugate gradients on (H + δI) v = b, stopped at a relative residual
   ``tol`` or after ``iterations`` products; it needs H + δI positive definite (a
   non-convex ℓ: raise ``damping`` δ);
+* ``"minres"``: the minimum-residual method (Paige and Saunders 1975) on the same
+  system, for a symmetric H + δI that need not be definite: the Hessian of a non-convex
+  ℓ at a saddle, or iMAML's H + λI where the curvature of ℓ goes below −λ;
 * ``"neumann"``: v = α Σ_{k<K} (I − α(H + δI))^k b, converging for
   0 < α < 2/λ_max (α defaults to 1/λ_max, estimated by power iteration);
 * ``"dense"``: H formed from its columns (batched backward passes, 256 columns each)
@@ -33,18 +36,17 @@ is (‖∇_θ ℓ(θ*)‖) with the solve's residual (:class:`ImplicitReport`).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._problem import GimliWarning, Problem, grad_of
+from ._problem import Problem, grad_of
 from ._sweep import validation
 from ._unroll import Point, Unroll
 
-METHODS = ("cg", "neumann", "dense")
+METHODS = ("cg", "minres", "neumann", "dense")
 DENSE_LIMIT = 20_000            # elements of θ above which a dense Hessian is refused
 
 
@@ -54,11 +56,15 @@ class Implicit:
     loop's end.
 
     Args:
-        method: ``"cg"`` (conjugate gradients, default), ``"neumann"`` (a truncated
-            Neumann series) or ``"dense"`` (the Hessian formed and solved exactly: small
-            problems, tests).
-        iterations: the most Hessian-vector products the solve may use (CG, Neumann).
-        tol: CG stops once the relative residual ‖(H + δI)v − b‖/‖b‖ is below it.
+        method: ``"cg"`` (conjugate gradients, default; H + δI positive definite),
+            ``"minres"`` (minimum residual; H + δI symmetric, possibly indefinite),
+            ``"neumann"`` (a truncated Neumann series) or ``"dense"`` (the Hessian formed
+            and solved exactly: small problems, tests).
+        iterations: the most Hessian-vector products the solve may use (CG, MINRES,
+            Neumann).
+        tol: CG and MINRES stop once the relative residual ‖(H + δI)v − b‖/‖b‖ is below it
+            (a tol below the dtype's resolution, about 1e-7 in float32, runs every iteration;
+            a residual above both it and 1000·eps is reported by a warning).
         damping: δ ≥ 0 added to the Hessian's diagonal (for a non-convex ℓ, whose
             Hessian may be indefinite at θ*; 0 for the exact system).
         proximal: iMAML's λ > 0: the inner loss is ℓ + λ/2·‖θ − θ₀‖², so that θ₀
@@ -182,11 +188,6 @@ def implicit_hypergradient(problem: Problem, unroll: Unroll, leaves: list[Tensor
         for i, m in zip(trained, mixed[len(leaves):]):
             if m is not None:
                 B0[i] = -m
-    if residual > max(implicit.tol, 1e-12) and implicit.method != "dense":
-        warnings.warn(f"mode='implicit': the {implicit.method} solve stopped at relative residual "
-                      f"{residual:.2e} after {products} Hessian-vector products (tol={implicit.tol:g}): "
-                      f"raise iterations=, or damping= where ℓ is not convex at θ*",
-                      GimliWarning, stacklevel=5)
     report = ImplicitReport(implicit.method, products, residual, gradient_norm)
     return Result(grads, B0, val.item(), final, reached, report)
 
@@ -201,6 +202,8 @@ def _solve(hvp: Callable[[Tensor], Tensor], b: Tensor, implicit: Implicit,
         v, products = _dense(hvp, b, implicit, theta), b.numel()
     elif implicit.method == "cg":
         v, products = _cg(hvp, b, implicit, norm_b)
+    elif implicit.method == "minres":
+        v, products = _minres(hvp, b, implicit, norm_b)
     else:
         v, products = _neumann(hvp, b, implicit)
     residual = float((hvp(v) - b).norm()) / norm_b
@@ -221,14 +224,49 @@ def _cg(hvp: Callable[[Tensor], Tensor], b: Tensor, implicit: Implicit, norm_b: 
             raise ValueError(f"mode='implicit', method='cg': the Hessian of the training loss at the "
                              f"inner loop's end (plus damping={implicit.damping:g}) is not positive "
                              f"definite (pᵀHp = {curvature:.3g} along a CG direction): ℓ is not convex "
-                             f"there, or the inner loop has not reached a minimum. Raise damping=, "
-                             f"train the inner loop longer, or use method='dense'")
+                             f"there, or the inner loop has not reached a minimum. Use "
+                             f"method='minres' (any symmetric system), raise damping=, or train the "
+                             f"inner loop longer")
         alpha = rs / curvature
         x.add_(p, alpha=alpha)
         r.add_(Ap, alpha=-alpha)
         new = float(r @ r)
         p.mul_(new / rs).add_(r)
         rs = new
+    return x, products
+
+
+def _minres(hvp: Callable[[Tensor], Tensor], b: Tensor, implicit: Implicit,
+            norm_b: float) -> tuple[Tensor, int]:
+    """MINRES without a preconditioner: the Lanczos vectors of H + δI from b, and the
+    iterate minimizing the residual over their span, updated by Givens rotations."""
+    x = torch.zeros_like(b)
+    r1, r2, y = b.clone(), b.clone(), b.clone()
+    beta, old_beta = norm_b, 0.0
+    dbar = epsilon = 0.0
+    phibar, cs, sn = norm_b, -1.0, 0.0
+    w, w2 = torch.zeros_like(b), torch.zeros_like(b)
+    products = 0
+    while products < implicit.iterations and phibar > implicit.tol * norm_b and beta > 0:
+        v = y / beta                                    # the next Lanczos vector
+        y = hvp(v)
+        products += 1
+        if products > 1:
+            y = y - (beta / old_beta) * r1
+        alpha = float(v @ y)
+        y = y - (alpha / beta) * r2
+        r1, r2 = r2, y
+        old_beta, beta = beta, float(y.norm())
+        old_epsilon = epsilon
+        delta = cs * dbar + sn * alpha                  # the previous rotation, applied
+        gbar = sn * dbar - cs * alpha
+        epsilon, dbar = sn * beta, -cs * beta
+        gamma = max(math.hypot(gbar, beta), torch.finfo(b.dtype).tiny)
+        cs, sn = gbar / gamma, beta / gamma             # the new rotation
+        phi, phibar = cs * phibar, sn * phibar
+        w1, w2 = w2, w
+        w = (v - old_epsilon * w1 - delta * w2) / gamma
+        x = x + phi * w
     return x, products
 
 

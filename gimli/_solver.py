@@ -527,7 +527,15 @@ class GimliSolver:
                 by_tensor[id(p)] = g
             grads = {name: by_tensor[id(p)] for name, p in self._learned()}
         self.last_forward_steps = run.forward_steps
-        self.last_implicit = result.report
+        self.last_implicit = report = result.report
+        resolution = 1e3 * torch.finfo(problem.inner.params[0].dtype).eps    # rounding's floor
+        if report.residual > max(self.implicit.tol, resolution) and report.method != "dense" \
+                and "residual" not in self._warned:     # said once per solver
+            self._warned.add("residual")
+            warnings.warn(f"mode='implicit': the {report.method} solve stopped at relative residual "
+                          f"{report.residual:.2e} after {report.products} Hessian-vector products "
+                          f"(tol={self.implicit.tol:g}): raise iterations= (solver.last_implicit "
+                          f"reports each solve)", GimliWarning, stacklevel=5)
         return grads, _Result(result.val_loss, run.train_losses, split.schedule, result.final)
 
     def _warn_unreached(self, leaves: list[Tensor], reached: list[bool]) -> None:

@@ -224,7 +224,7 @@ def test_forward_refuses_what_it_cannot_carry() -> None:
     with pytest.raises(ValueError, match="mode='forward' keeps none"):
         gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "scalar"}), mode="forward",
                           memory="recompute")
-    with pytest.raises(ValueError, match="mode must be 'reverse', 'forward' or 'auto'"):
+    with pytest.raises(ValueError, match="mode must be 'reverse', 'forward', 'auto' or 'implicit'"):
         gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "scalar"}), mode="backward")
     # 4 per-tensor lrs + 1 momentum = 5 tangents, over 4 steps: reverse mode holds less
     solver = gimli.GimliSolver(model, loss_fn, opt, gimli.MetaParams(opt, {"lr": "tensor", "momentum": "scalar"}),

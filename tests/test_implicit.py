@@ -68,7 +68,7 @@ def ridge_closed_form(log_c: torch.Tensor = LOG_C) -> torch.Tensor:
 TRAIN = [(X, Y)] * 600                      # the full batch at every step: 0.9^600 ≈ 1e-27
 
 
-@pytest.mark.parametrize("method", ["dense", "cg", "neumann"])
+@pytest.mark.parametrize("method", ["dense", "cg", "minres", "neumann"])
 def test_ridge_equals_the_closed_form(method: str) -> None:
     solver, _ = ridge_solver(gimli.Implicit(method=method, iterations=600))
     got = solver.hypergradient(TRAIN, (XV, YV))["loss.log_c"]
@@ -91,10 +91,13 @@ def test_cg_stops_at_its_tolerance() -> None:
     assert 0 < error < 1e-2 * float(ridge_closed_form().abs().max())
 
 
-def test_an_unconverged_solve_warns() -> None:
+def test_an_unconverged_solve_warns_once() -> None:
     solver, _ = ridge_solver(gimli.Implicit(method="cg", iterations=2))
-    with pytest.warns(gimli.GimliWarning, match="residual"):
+    with pytest.warns(gimli.GimliWarning, match="residual") as said:
         solver.hypergradient(TRAIN, (XV, YV))
+        solver.hypergradient(TRAIN, (XV, YV))
+    assert len(said) == 1
+    assert solver.last_implicit is not None and solver.last_implicit.residual > 1e-3
 
 
 def test_an_unconverged_inner_loop_is_reported_and_converges() -> None:
@@ -245,3 +248,37 @@ def test_cg_on_an_indefinite_hessian_says_what_to_do() -> None:
     solver = gimli.GimliSolver(model, concave, opt, meta, val_loss_fn=squared_error, mode="implicit")
     with pytest.raises(ValueError, match="not positive definite.*damping"):
         solver.hypergradient(TRAIN[:3], (XV, YV))
+
+
+def test_minres_solves_an_indefinite_symmetric_system() -> None:
+    """MINRES against torch.linalg.solve on a random symmetric matrix with eigenvalues of
+    both signs (CG's assumption fails there)."""
+    from gimli._implicit import _minres
+    gen = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64))
+    eigen = torch.cat([torch.linspace(-3.0, -0.5, 10), torch.linspace(0.5, 4.0, 20)]).double()
+    A = Q @ torch.diag(eigen) @ Q.T
+    b = torch.randn(30, generator=gen, dtype=torch.float64)
+    x, products = _minres(lambda v: A @ v, b, gimli.Implicit(method="minres", iterations=200, tol=1e-13),
+                          float(b.norm()))
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-11)
+    assert products <= 60
+
+
+def test_commit_writes_the_inner_loops_end() -> None:
+    """commit=True after an implicit hypergradient leaves the model where the real
+    training loop leaves it (the unroll ran the optimizer's J steps)."""
+    solver, lr = ridge_solver(gimli.Implicit(method="dense"))
+    model = solver.problem.module
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=lr)
+    for _ in range(50):
+        opt.zero_grad()
+        ridge_loss(reference, (X, Y), {"log_c": LOG_C}).backward()
+        opt.step()
+    solver.hypergradient(TRAIN[:50], (XV, YV), commit=True)
+    torch.testing.assert_close(model.weight, reference.weight, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(model.weight, copy.deepcopy(START_WEIGHT))
+
+
+START_WEIGHT = ridge_solver(gimli.Implicit())[0].problem.module.weight.detach().clone()
