@@ -146,9 +146,8 @@ def implicit_hypergradient(problem: Problem, unroll: Unroll, leaves: list[Tensor
     val, b, direct, reached = validation(problem, unroll, final, leaves, val_batch)
     unroll.rng.mark_end()
     trained = [i for i, t in enumerate(unroll.trained) if t]
-    theta = [final.theta[i].detach().requires_grad_(True) for i in trained]
-    every = [final.theta[i].detach() if i not in trained else theta[trained.index(i)]
-             for i in range(len(final.theta))]
+    every = [t.detach().requires_grad_(stepped) for t, stepped in zip(final.theta, unroll.trained)]
+    theta = [every[i] for i in trained]         # θ_J: what the Hessian is taken in
     anchors = [problem.inner.params[i] for i in trained] if problem.proximal else []
     loss = problem.train_loss(every, {k: v.clone() for k, v in final.buffers.items()},
                               unroll.batches[-1])
@@ -179,9 +178,9 @@ def implicit_hypergradient(problem: Problem, unroll: Unroll, leaves: list[Tensor
         if pairs and targets else [None] * len(targets)
     unroll.rng.restore_end()
     grads: dict[int, Tensor] = {}
-    for leaf, d, m in zip(leaves, direct, mixed[:len(leaves)]):
+    for k, (leaf, d, m) in enumerate(zip(leaves, direct, mixed[:len(leaves)])):
         grads[id(leaf)] = d if m is None else d - m
-        reached[leaves.index(leaf)] = reached[leaves.index(leaf)] or m is not None
+        reached[k] = reached[k] or m is not None
     B0 = None
     if anchors:
         B0 = [torch.zeros_like(p) for p in problem.inner.params]

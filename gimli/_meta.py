@@ -47,8 +47,9 @@ class MetaParams(nn.Module):
             and ``beta2``. With several optimizers, a name covers the groups of
             every optimizer that has it (``"lr"`` per group: each optimizer's
             groups' lrs; ``"beta1"``: AdamW's groups only), and its granularity
-            counts those groups, tensors or elements. Initial values are read from ``optimizer.param_groups``
-            (``lr`` from ``initial_lr`` where an LR scheduler is attached: its base lr).
+            counts those groups, tensors or elements. Initial values are read from
+            ``optimizer.param_groups`` (``lr`` from ``initial_lr`` where an LR
+            scheduler is attached: its base lr).
             A module-valued hyperparameter (``LearnedOptimizer``'s ``"net"``) takes
             ``"scalar"`` and contributes its own weights. ``"step"`` (one value per inner
             step j of a ``steps``-step unroll) and ``"group-step"`` (per step and group)

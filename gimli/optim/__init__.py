@@ -166,11 +166,9 @@ class InnerOptimizer:
     def groups_with(self, name: str) -> list[int]:
         """The param groups whose rule has hyperparameter ``name`` (every group, with one
         optimizer, where it is one of its hyperparameters)."""
+        if not self.mixed:                          # (one rule: every group has its names)
+            return list(range(len(self.groups)))
         return [g for g, hypers in enumerate(self.group_hypers()) if name in hypers]
-
-    def tensors_with(self, name: str) -> list[int]:
-        """The tensors whose param group has hyperparameter ``name``."""
-        return [i for g in self.groups_with(name) for i in range(self.groups[g].start, self.groups[g].stop)]
 
     def rules_for(self, name: str) -> list[Rule]:
         """The distinct rules of the groups that have hyperparameter ``name``."""
@@ -313,11 +311,9 @@ class InnerOptimizer:
         fields sits in ``state``, the hyperparameters its rule has, and those of ``need``."""
         if not self.mixed:
             return state, list(range(len(state))), hp, need
-        g = self.group_of()[call.idx[0]]
-        own = self._own_state(state, g)
-        at = [type(state)._fields.index(f) for f in type(own)._fields]
-        i = call.idx[0]
-        hp_own = {k: v for k, v in hp.items() if v[i] is not None}
+        own = self._own_state(state, call.group)
+        at = [_fields(type(state)).index(f) for f in _fields(type(own))]
+        hp_own = {k: v for k, v in hp.items() if v[call.idx[0]] is not None}
         return own, at, hp_own, need & frozenset(hp_own)
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None], hp: Hypers,
