@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 def test_notebooks_exist() -> None:
     names = [p.stem for p in NOTEBOOKS]
     assert names == ["01_algorithm1_by_hand", "02_optimizer_jacobians", "03_maml",
-                     "04_learning_rates", "05_your_own_optimizer"]
+                     "04_learning_rates", "05_your_own_optimizer", "06_payoff_and_pitfalls"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
