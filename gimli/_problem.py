@@ -89,7 +89,7 @@ class Problem:
             self._held = None
 
     @classmethod
-    def build(cls, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+    def build(cls, model: nn.Module, loss_fn: LossFn, optimizer: Any,
               meta: MetaParams, val_loss_fn: ValLossFn | None, scheduler: Any = None,
               shadows: Any = None) -> Problem:
         """``shadows``: the schedule's shadows to follow, where they are known already (a

@@ -60,6 +60,9 @@ class GimliSolver:
         opt: the inner ``torch.optim`` optimizer over the model's parameters (any of
             ``gimli.optim.capabilities()``, or one registered with
             :func:`register_optimizer`); its param groups and current state are the start.
+            Or a list of optimizers, each over its own tensors (Muon for the matrices and
+            AdamW for the rest): each unroll step steps every tensor with the optimizer
+            that holds it; ``meta_params`` must be built on the same list.
         meta_params: the :class:`MetaParams` declaring what is meta-learned.
         val_loss_fn: ``val_loss_fn(model, batch, meta)`` -> scalar, L^val, called as
             ``loss_fn`` is; default ``loss_fn``. (The older ``val_loss_fn(model, batch)``
@@ -82,7 +85,9 @@ class GimliSolver:
             :meth:`hypergradient` get none (re-iterated when exhausted).
         scheduler: the optimizer's ``torch.optim.lr_scheduler``, if any: step j of an
             unroll uses the hyperparameters it would set, and a meta-learned lr is its
-            base lr. An unroll never advances it; :meth:`step` re-bases it.
+            base lr. An unroll never advances it; :meth:`step` re-bases it. With several
+            optimizers: a list with one scheduler per optimizer (``None`` for one without),
+            or a single scheduler, matched to the optimizer it drives.
         memory: ``"retain"`` keeps every G_j's graph from the forward pass (fastest for
             short unrolls); ``"recompute"`` keeps only θ'_j and the optimizer state per
             step and rebuilds one step's graph at a time; ``"budget"`` keeps at most
@@ -131,7 +136,8 @@ class GimliSolver:
     it gets no hypergradient.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer,
+    def __init__(self, model: nn.Module, loss_fn: LossFn,
+                 opt: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
                  meta_params: MetaParams, *, val_loss_fn: ValLossFn | None = None,
                  meta_opt: torch.optim.Optimizer | None = None, steps: int | None = None,
                  train_data: Iterable[Any] | None = None, val_data: Iterable[Any] | None = None,
