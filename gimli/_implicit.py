@@ -170,7 +170,7 @@ def implicit_hypergradient(problem: Problem, unroll: Unroll, leaves: list[Tensor
         return h + implicit.damping * v if implicit.damping else h
 
     rhs = _flat([b[i] for i in trained]).detach()
-    v, products, residual = _solve(hvp, rhs, implicit, theta)
+    v, products, residual = _solve(hvp, rhs, implicit)
     # the mixed term ∇_φ⟨g, v⟩, for the φ^loss leaves and θ₀ (the proximal anchors)
     targets = leaves + anchors
     pairs = [(g, x) for g, x in zip(G, _split(v, theta)) if g.requires_grad]
@@ -191,14 +191,13 @@ def implicit_hypergradient(problem: Problem, unroll: Unroll, leaves: list[Tensor
     return Result(grads, B0, val.item(), final, reached, report)
 
 
-def _solve(hvp: Callable[[Tensor], Tensor], b: Tensor, implicit: Implicit,
-           theta: list[Tensor]) -> tuple[Tensor, int, float]:
+def _solve(hvp: Callable[[Tensor], Tensor], b: Tensor, implicit: Implicit) -> tuple[Tensor, int, float]:
     """(v, Hessian-vector products used, relative residual) for (H + δI) v = b."""
     norm_b = float(b.norm())
     if norm_b == 0:
         return torch.zeros_like(b), 0, 0.0
     if implicit.method == "dense":
-        v, products = _dense(hvp, b, implicit, theta), b.numel()
+        v, products = _dense(hvp, b), b.numel()
     elif implicit.method == "cg":
         v, products = _cg(hvp, b, implicit, norm_b)
     elif implicit.method == "minres":
@@ -240,7 +239,7 @@ def _minres(hvp: Callable[[Tensor], Tensor], b: Tensor, implicit: Implicit,
     """MINRES without a preconditioner: the Lanczos vectors of H + δI from b, and the
     iterate minimizing the residual over their span, updated by Givens rotations."""
     x = torch.zeros_like(b)
-    r1, r2, y = b.clone(), b.clone(), b.clone()
+    r1 = r2 = y = b                                     # (never changed in place)
     beta, old_beta = norm_b, 0.0
     dbar = epsilon = 0.0
     phibar, cs, sn = norm_b, -1.0, 0.0
@@ -295,8 +294,7 @@ def _neumann(hvp: Callable[[Tensor], Tensor], b: Tensor, implicit: Implicit) -> 
     return alpha * total, products
 
 
-def _dense(hvp: Callable[[Tensor], Tensor], b: Tensor, implicit: Implicit,
-           theta: list[Tensor]) -> Tensor:
+def _dense(hvp: Callable[[Tensor], Tensor], b: Tensor) -> Tensor:
     n = b.numel()
     if n > DENSE_LIMIT:
         raise ValueError(f"mode='implicit', method='dense' forms the {n}×{n} Hessian; above "

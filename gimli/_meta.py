@@ -218,7 +218,8 @@ class MetaParams(nn.Module):
         return [None if k is None else next(pieces) for k in owner]
 
     def hyper_values(self, name: str) -> list[Tensor | None]:
-        """Hyperparameter ``name`` per parameter tensor, detached (to inspect or plot)."""
+        """Hyperparameter ``name`` per parameter tensor, detached (to inspect or plot);
+        ``None`` for a tensor whose optimizer has no such hyperparameter."""
         return [None if v is None else v.detach() for v in self.expand(name)]
 
     def constrain_(self) -> None:
@@ -252,9 +253,8 @@ class MetaParams(nn.Module):
                     raise ValueError(f"refusing to write {name} = {x} into param group {g} of "
                                      f"{self.inner.name}: torch.optim accepts {self.ranges[name]}")
                 writes.append((g, name, x))
-        groups = self.inner.torch_optimizer.param_groups
         for g, name, x in writes:
-            _set_group_value(self.inner, groups[g], name, x)
+            _set_group_value(self.inner, g, name, x)
 
 
 def valid_range(inner: InnerOptimizer, name: str) -> Interval:
@@ -341,9 +341,10 @@ def _initial_value(inner: InnerOptimizer, name: str, per: str) -> Tensor:
     return torch.cat([torch.full((p.numel(),), v, **kw) for p, v in tensors])
 
 
-def _set_group_value(inner: InnerOptimizer, group: dict[str, Any], name: str, value: float) -> None:
-    rule = next(r for r, g in zip(inner.group_rules, inner.torch_optimizer.param_groups) if g is group)
-    key, index = rule.group_key(name)
+def _set_group_value(inner: InnerOptimizer, g: int, name: str, value: float) -> None:
+    """Hyperparameter ``name`` of param group ``g`` set to ``value``, where its rule keeps it."""
+    group = inner.torch_optimizer.param_groups[g]
+    key, index = inner.group_rules[g].group_key(name)
     if index is None:
         group[key] = value
     else:

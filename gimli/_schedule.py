@@ -85,10 +85,8 @@ class Schedule(NamedTuple):
         """The hyperparameters of step j."""
         out = dict(hp)
         for name, scale in self.scale[j].items():
-            values = []
-            for c, s, v, o in zip(self.value[j][name], scale, hp[name], self.origin[name]):
-                values.append(v if c is None or s is None or o is None or v is None else c + s * (v - o))
-            out[name] = values
+            out[name] = [v if c is None or v is None else c + s * (v - o)     # type: ignore[operator]
+                         for c, s, v, o in zip(self.value[j][name], scale, hp[name], self.origin[name])]
         return out
 
     def pull_back(self, j: int, name: str,

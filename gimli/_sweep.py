@@ -28,11 +28,11 @@ from ._unroll import Point, Step, Unroll, add_note, describe_batch
 class Sweep(NamedTuple):
     B0: list[Tensor]                            # ∂L^val/∂θ'_0 (θ₀'s hypergradient in MAML)
     A_opt: dict[str, list[Tensor]]              # per tensor, each hyperparameter's shape there
-    # a hyperparameter learned per step: each step's a_j (None for a step not swept)
     A_loss: list[Tensor]                        # aligned with problem.loss_leaves()
     val_loss: float
     final: Point                                # (θ'_J, σ_J, buffers), for a commit
     reached: list[bool]                         # per φ^loss leaf: reaches some G_j or L^val
+    # a hyperparameter learned per step: each step's a_j (None for a step not swept)
     A_step: dict[str, list[list[Tensor | None] | None]] = {}
 
 

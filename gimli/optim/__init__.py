@@ -139,9 +139,9 @@ class InnerOptimizer:
     def __post_init__(self) -> None:
         if not self.group_rules:
             self.group_rules = [self.rule] * len(self.groups)
-        # several rules: the union of their State fields, and each rule's State type
+        # several rules: the state is the union of their State fields (read_state)
         self.mixed = any(r is not self.rule for r in self.group_rules)
-        self._state_types: dict[int, type] = {}
+        self._state_types: dict[int, type] = {}     # each group's rule's own State (_own_state)
         self._parts: list[InnerOptimizer] | None = None
 
     def parts(self) -> list[InnerOptimizer]:
@@ -239,15 +239,14 @@ class InnerOptimizer:
                 for name in self.hyper_names}
 
     def read_state(self) -> Any:
-        """A copy of the optimizer's current state, as the optimizer file's ``State``."""
+        """A copy of the optimizer's current state, as the optimizer file's ``State`` (with
+        several rules, one State with every rule's fields: ``joint_state_type``)."""
         groups = self.torch_optimizer.param_groups
         torch_state = self.torch_optimizer.state
         per_param = [self.group_rules[g].read_state(torch_state.get(p, {}), p, groups[g])
                      for p, g in zip(self.params, self.group_of())]
         if not self.mixed:
             return type(per_param[0])(*(list(field) for field in zip(*per_param)))
-        for g, x in zip(self.group_of(), per_param):
-            self._state_types.setdefault(g, type(x))
         union = joint_state_type([type(x) for x in per_param])
         return union(*([getattr(x, f, None) for x in per_param] for f in _fields(union)))
 

@@ -80,17 +80,6 @@ class Joint:
     def state(self) -> JointState:
         return JointState(self.optimizers)
 
-    def part_of_group(self) -> list[int]:
-        """The index (in :attr:`optimizers`) of the optimizer owning each param group."""
-        return [k for k, opt in enumerate(self.optimizers) for _ in opt.param_groups]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for opt, saved in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(saved)
-
     def __repr__(self) -> str:
         return f"Joint({', '.join(type(o).__name__ for o in self.optimizers)})"
 
