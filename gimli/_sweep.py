@@ -128,7 +128,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
             hm = grad_of([g for g, _ in pairs], inputs, [o for _, o in pairs])
         A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
         reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
-        B = list(out.params)                                                    # line 14
+        B = out.params                                                          # line 14
         _accumulate(B, hm[:targets])        # (b_j is the sweep's own: InnerOptimizer.vjp)
         S = out.state
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K

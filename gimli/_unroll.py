@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ._problem import NonFiniteError, Problem
 from ._revolve import split
+from .optim._rule import laid_like
 
 Hypers = dict[str, list[Tensor]]
 
@@ -185,7 +186,8 @@ class Unroll:
         """G_j at ``point`` (line 5), with its graph if asked, and the buffers as step j
         leaves them (updated in step j's own copy)."""
         self.rng.enter(j)
-        theta = [t.detach().requires_grad_(trained) for t, trained in zip(point.theta, self.trained)]
+        theta = laid_like([t.detach().requires_grad_(trained) for t, trained in zip(point.theta, self.trained)],
+                          point.theta)      # (θ'_j's flat tensor goes along: the step joins nothing)
         buffers = {n: b.clone() for n, b in point.buffers.items()}
         versions = [t._version for t in theta]
         try:

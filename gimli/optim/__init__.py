@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import learned
 from ._core import VJP, Hypers, Interval, hyper_dtype
 from ._joint import Joint, joint, joint_state_type, parts
-from ._rule import Call, Rule, field_kinds
+from ._rule import Call, Laid, Rule, _Kind, field_kinds
 from ._rule import key as call_key
 from .custom import CustomRule, InitFn, StepFn, VjpFn
 from .learned import LearnedOptimizer
@@ -135,6 +135,8 @@ class InnerOptimizer:
     compile: bool = False       # the rule's step and VJP through torch.compile (GimliSolver)
     group_rules: list[Rule] = dataclass_field(default_factory=list)    # per group; [] = rule
     _call_cache: dict[Any, Call] = dataclass_field(default_factory=dict, repr=False, compare=False)
+    # the calls of a state laid out step after step, by which gradients are None (_calls)
+    _uniform_calls: dict[Any, list[tuple[Call, list[_Kind]]]] = dataclass_field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.group_rules:
@@ -345,7 +347,21 @@ class InnerOptimizer:
         """The tensors that step (gradient not ``None``) in as few rule calls as the
         flags allow: param groups with equal flags step together (their hyperparameters
         are per tensor anyway), split where the state's kinds differ (SGD: a tensor with
-        no momentum buffer yet; a tensor whose step count differs from the rest's)."""
+        no momentum buffer yet; a tensor whose step count differs from the rest's).
+
+        From the unroll's second step on, every state field is laid out (one flat tensor,
+        ``Laid``) or one value for all tensors (the step count): the calls then depend only
+        on which gradients are ``None``, and are kept for that (:func:`_uniform`)."""
+        uniform = None if self.mixed else _uniform(state)
+        if uniform is not None:
+            key = (tuple(g is None for g in grads), uniform)
+            kept = self._uniform_calls.get(key)
+            if kept is not None:
+                for same, kinds in kept:
+                    same.kinds = [_Kind("int", values[same.idx[0]]) if kind.kind == "int" else kind
+                                  for kind, values in zip(kinds, state)]
+                    same.compile = self.compile
+                return [same for same, _ in kept]
         calls: dict[Any, list[int]] = {}
         for g, sl in enumerate(self.groups):
             flags = (id(self.group_rules[g]), _hashable(self.flags[g], g))
@@ -365,7 +381,26 @@ class InnerOptimizer:
                                      idx, params)
             call.compile = self.compile
             out.append(call)
+        if uniform is not None:
+            self._uniform_calls[key] = [(call, list(call.kinds)) for call in out]
         return out
+
+
+def _uniform(state: Any) -> tuple[Any, ...] | None:
+    """Each state field as one description for every tensor, or None where the fields
+    differ from tensor to tensor: a laid-out field (``Laid``: every entry its tensor's
+    shape, one dtype), or one Python value (the step count, or None) in every entry."""
+    out: list[Any] = []
+    for values in state:
+        if isinstance(values, Laid) and values.flat is not None:
+            out.append(values.flat.dtype)
+            continue
+        first = values[0] if values else None
+        if isinstance(first, Tensor) or any(v is not first and not (type(v) is int and v == first)
+                                            for v in values):
+            return None
+        out.append("int" if isinstance(first, int) else None)
+    return tuple(out)
 
 
 def _fields(state_type: type) -> tuple[str, ...]:

@@ -30,7 +30,6 @@ functions.
 from __future__ import annotations
 
 import types
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -114,6 +113,43 @@ class Rule:
 
 
 # --- one call's tensors as one flat tensor ------------------------------------------------
+class Laid(list[Tensor]):
+    """Per-tensor views of one flat tensor, with that flat tensor: what
+    :meth:`Segments.split` returns, so that joining them again costs nothing. The unroll
+    and the sweep pass these lists from one call to the next (θ'_j, σ_j, B_j, S_j), so a
+    step joins none of them. Replacing an entry drops the flat tensor (it no longer holds
+    the list's values); changing an entry in place changes the flat tensor with it."""
+
+    __slots__ = ("flat", "seg")
+
+    def __init__(self, views: Any, flat: Tensor | None, seg: Any):
+        super().__init__(views)
+        self.flat: Tensor | None = flat
+        self.seg = seg
+
+
+def _drops_flat(name: str) -> Any:
+    def method(self: Laid, *args: Any) -> Any:
+        self.flat = None
+        return getattr(list, name)(self, *args)
+    method.__name__ = name
+    return method
+
+
+for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert",
+              "pop", "remove", "reverse", "sort", "clear"):
+    setattr(Laid, _name, _drops_flat(_name))
+
+
+def laid_like(values: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    """``values`` (tensors in the same memory as ``like``'s, e.g. leaves made from its
+    entries by ``detach``) as a :class:`Laid` list over ``like``'s flat tensor, detached;
+    as a plain list if ``like`` is not laid."""
+    if isinstance(like, Laid) and like.flat is not None:
+        return Laid(values, like.flat.detach(), like.seg)
+    return values
+
+
 class Segments:
     """The tensors of one rule call laid end to end: ``join`` concatenates per-tensor
     values into one flat tensor, ``split`` cuts a flat result back, ``spread`` turns
@@ -137,8 +173,6 @@ class Segments:
         self._starts = torch.tensor(offsets, device=self.device)
         # the shapes, as tensors without storage (what torch's unflatten reads)
         self._templates = [torch.empty(shape, device="meta") for shape in self.shapes]
-        # the latest split's views and their flat tensor, weakly (holding nothing alive)
-        self._last: tuple[list[weakref.ref[Tensor]], weakref.ref[Tensor]] | None = None
 
     def join(self, values: list[Tensor]) -> Tensor:
         """One flat tensor of ``values`` (one per tensor, each its tensor's shape)."""
@@ -146,12 +180,13 @@ class Segments:
             return values[0].reshape(-1)
         if torch.compiler.is_compiling():
             return torch.cat([v.reshape(-1) for v in values])
-        if self._last is not None and all(v is w() for v, w in zip(values, self._last[0])):
-            flat = self._last[1]()                   # the views split() just made
-            if flat is not None:
-                return flat
-        laid = _laid_end_to_end(values, self.total)
-        return laid if laid is not None else torch._C._nn.flatten_dense_tensors(values)
+        flat, seg = (values.flat, values.seg) if isinstance(values, Laid) else (None, None)
+        if flat is not None and seg is not None and (seg is self or seg.shapes == self.shapes) and \
+                (flat.requires_grad or not torch.is_grad_enabled()
+                 or not any(v.requires_grad for v in values)):
+            return flat             # (a detached flat under leaves that need a graph: joined)
+        found = _laid_end_to_end(values, self.total)
+        return found if found is not None else torch._C._nn.flatten_dense_tensors(values)
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """The inverse of ``join``: views of ``flat``, one per tensor, in its shape."""
@@ -161,10 +196,7 @@ class Segments:
             return [flat.view(self.shapes[0])]
         if torch.compiler.is_compiling():
             return [x.view(s) for x, s in zip(flat.split(self.sizes), self.shapes)]
-        views = list(torch._C._nn.unflatten_dense_tensors(flat, self._templates))
-        if not flat.requires_grad:
-            self._last = ([weakref.ref(v) for v in views], weakref.ref(flat))
-        return views
+        return Laid(torch._C._nn.unflatten_dense_tensors(flat, self._templates), flat, self)
 
     def spread(self, values: list[Tensor]) -> Tensor:
         """One number per tensor (0-dim each) as one per element."""
@@ -290,6 +322,9 @@ class Call:
         self.compile = False               # through torch.compile (set before each use)
         self.segments = Segments([params[i] for i in idx]) if rule.elementwise else None
         self.group = 0                     # the param group of its first tensor
+        # per hyperparameter: the per-tensor values last spread and their spread (hypers_in)
+        self._spread: dict[str, tuple[list[Tensor], list[int], Tensor]] = {}
+        self._kept_plan: tuple[Mapping[str, list[Tensor]], Any, _Plan] | None = None
 
     def mine(self, values: list[Any]) -> list[Any]:
         """The call's entries of a per-tensor list."""
@@ -326,6 +361,19 @@ class Call:
         return self.compile and not torch.is_grad_enabled()
 
     def _plan(self, state: Any, hp: Mapping[str, list[Tensor]]) -> _Plan:
+        """The call's plan, kept while the hyperparameters are the same dict (every step of
+        an unroll without a schedule) and the state's kinds and dtypes are the same."""
+        i = self.idx[0]
+        key = (tuple(k.kind for k in self.kinds),
+               tuple(values[i].dtype if isinstance(values[i], Tensor) else None for values in state))
+        kept = self._kept_plan
+        if kept is not None and kept[0] is hp and kept[1] == key:
+            return kept[2]
+        plan = self._make_plan(state, hp)
+        self._kept_plan = (hp, key, plan)       # (hp held: its id is not reused while kept)
+        return plan
+
+    def _make_plan(self, state: Any, hp: Mapping[str, list[Tensor]]) -> _Plan:
         hypers = []
         for name, values in hp.items():
             mine = self.mine(values)
@@ -365,9 +413,25 @@ class Call:
         out = {}
         for name, how in plan.hypers:
             mine = self.mine(hp[name])
-            out[name] = (mine[0] if how in ("one", "module") else seg.spread(mine) if how == "spread"
-                         else seg.join([v.expand(s) for v, s in zip(mine, seg.shapes)]))
+            out[name] = (mine[0] if how in ("one", "module") else self._spread_of(name, mine)
+                         if how == "spread" else seg.join([v.expand(s) for v, s in zip(mine, seg.shapes)]))
         return out
+
+    def _spread_of(self, name: str, values: list[Tensor]) -> Tensor:
+        """``segments.spread(values)``, kept from the last call while the same tensors hold the
+        same values (their version counters unchanged): the unroll passes one step's
+        hyperparameters to every step, and the sweep again."""
+        seg = self.segments
+        assert seg is not None
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(v.requires_grad for v in values)):
+            return seg.spread(values)
+        kept = self._spread.get(name)
+        if kept is not None and len(kept[0]) == len(values) and \
+                all(a is b and a._version == n for a, b, n in zip(kept[0], values, kept[1])):
+            return kept[2]
+        flat = seg.spread(values)
+        self._spread[name] = (list(values), [v._version for v in values], flat)
+        return flat
 
     def state_out(self, plan: _Plan, new_state: Any) -> list[list[Any]]:
         seg = self.segments
@@ -394,6 +458,8 @@ class Call:
                 out.append(None)
             elif per_tensor:
                 out.append(seg.place(mine))
+            elif isinstance(mine, Laid) and mine.flat is not None:
+                out.append(seg.join(mine))
             else:
                 out.append(seg.join([torch.zeros(s, dtype=seg.dtype, device=seg.device)
                                      if v is None else v for v, s in zip(mine, seg.shapes)]))

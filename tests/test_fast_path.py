@@ -1,0 +1,96 @@
+"""What the engine keeps from one optimizer call to the next, and that keeping it changes
+no number.
+
+The unroll and the sweep pass each call's results on as :class:`~gimli.optim._rule.Laid`
+lists (per-tensor views with their flat tensor, so the next call joins nothing), and an
+optimizer keeps its calls, each call its plan and its hyperparameters spread over the
+elements. Oracle: a solver built afresh from copies of the same model, optimizer and
+meta-parameters, which has kept nothing; its hypergradient must be bit-identical,
+meta-step after meta-step, while the meta-optimizer changes the learned values in place
+and the optimizer's state is committed."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gimli
+from gimli.optim import bind
+from gimli.optim._rule import Laid, Segments
+from strategies import regression_batches
+
+
+def test_laid_list_joins_free_until_an_entry_is_replaced() -> None:
+    shapes = [(2, 3), (3,), (1,)]
+    seg = Segments([torch.zeros(s, dtype=torch.float64) for s in shapes])
+    flat = torch.arange(10, dtype=torch.float64)
+    views = seg.split(flat)
+    assert isinstance(views, Laid) and seg.join(views) is flat
+    views[1].mul_(2)                                    # in place: the flat tensor changes with it
+    assert seg.join(views) is flat and flat[6:9].tolist() == [12.0, 14.0, 16.0]
+    views[0] = torch.full((2, 3), -1.0, dtype=torch.float64)    # replaced: joined anew
+    joined = seg.join(views)
+    assert joined is not flat
+    assert joined.tolist() == [-1.0] * 6 + [12.0, 14.0, 16.0, 9.0]
+    more = seg.split(flat)
+    more.append(torch.zeros(1))
+    assert more.flat is None
+
+
+def test_a_hyperparameter_changed_in_place_is_spread_anew() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    inner = bind(opt)
+    params = [p.detach().clone() for p in inner.params]
+    grads = [torch.randn_like(p) for p in params]
+    state = inner.read_state()
+    hp = inner.constant_hypers()
+    hp["lr"] = [torch.tensor(0.1 * (i + 1), dtype=torch.float64) for i in range(len(params))]
+    first, _ = inner.step(params, state, grads, hp)
+    hp["lr"][2].mul_(3)                                 # as a meta-optimizer updates its leaf
+    second, _ = inner.step(params, state, grads, hp)
+    fresh, _ = bind(opt).step(params, state, grads, hp)
+    for a, b, c in zip(first, second, fresh):
+        assert torch.equal(b, c)
+    assert not torch.equal(first[2], second[2]) and torch.equal(first[0], second[0])
+
+
+def _loss(m: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
+    x, y = batch
+    return F.mse_loss(m(x), y)
+
+
+@pytest.mark.parametrize("which", ["sgd_momentum", "adam", "nadam"])
+def test_hypergradients_of_a_long_run_equal_a_fresh_solvers(which: str) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    if which == "sgd_momentum":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        learned = {"lr": "tensor", "momentum": "scalar"}
+    elif which == "adam":
+        opt = torch.optim.Adam([{"params": model[0].parameters()},
+                                {"params": model[2].parameters(), "lr": 0.02}], lr=0.01)
+        learned = {"lr": "tensor", "beta1": "group"}
+    else:
+        opt = torch.optim.NAdam(model.parameters(), lr=0.01)
+        learned = {"lr": "tensor"}
+    meta = gimli.MetaParams(opt, learned)
+    meta_opt = torch.optim.SGD(meta.parameters(), lr=1e-3)
+    solver = gimli.GimliSolver(model, _loss, opt, meta, meta_opt=meta_opt)
+    batches = regression_batches(2, 3, 1, 16)
+    for k in range(3):
+        train, val = batches[5 * k:5 * k + 4], batches[5 * k + 4]
+        got = solver.hypergradient(train, val)
+        model2, opt2, meta2 = copy.deepcopy((model, opt, meta))
+        want = gimli.GimliSolver(model2, _loss, opt2, meta2).hypergradient(train, val)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert want[name].abs().max() > 0, name
+            assert torch.equal(got[name], want[name]), (k, name)
+        solver.step(train, val, commit=True)            # the learned values change in place
