@@ -50,11 +50,13 @@ default mode next to ``mode="max-autotune-no-cudagraphs"`` (each compiled with a
 cache).
 
 The tables above time the rule function alone, on arguments already joined. What
-``GimliSolver(compile=True)`` compiles is the whole call: joining the call's tensors,
-the rule, and splitting the results back, as one graph over the per-tensor lists. The
-last table times ``InnerOptimizer.step`` + ``.vjp`` that way, eager and compiled, on two
-six-tensor models with one learned lr per tensor, and the unroll steps after which the
-(cold) compile has paid for itself.
+``GimliSolver(compile=True)`` compiles is that rule function, called on the call's
+tensors laid end to end; the joining and splitting around it stay eager (θ'_j, σ_j and
+the cotangents arrive laid out from the previous call, so only G_j is copied). The last
+table times the whole call, ``InnerOptimizer.step`` + ``.vjp``, that way, eager and
+compiled, on two six-tensor models with one learned lr per tensor, its inputs laid out
+as the unroll and the sweep pass them on, and the unroll steps after which the (cold)
+compile has paid for itself.
 """
 
 from __future__ import annotations
@@ -250,7 +252,8 @@ def table(name: str, sizes: tuple[int, ...], args: argparse.Namespace) -> None:
 # --- last: the whole call, as GimliSolver(compile=True) runs it ------------------------------
 def whole_call(args: argparse.Namespace) -> None:
     """InnerOptimizer.step and .vjp over a model's six tensors (join, the rule, split), eager
-    and with compile=True, where the compiled graph takes the per-tensor lists."""
+    and with compile=True (the rule compiled), θ, σ and the cotangents laid out as the
+    unroll and the sweep pass them on."""
     from torch import nn
 
     from gimli.optim import bind
@@ -276,6 +279,9 @@ def whole_call(args: argparse.Namespace) -> None:
         P = [torch.randn_like(p) for p in params]
         S = type(state)(*([torch.randn_like(x) if isinstance(x, Tensor) else x for x in field]
                           for field in state))
+        theta, state = inner.step(theta, state, grads, hp)         # laid out, as passed on
+        out = inner.vjp(theta, state, grads, hp, P, S, NEED)
+        P, S = out.params, out.state
 
         def pair() -> None:
             inner.step(theta, state, grads, hp)

@@ -123,11 +123,11 @@ class GimliSolver:
             point, with the Hessian of ``loss_fn`` on the last training batch, for φ^loss
             and (with ``Implicit(proximal=λ)``, iMAML) θ₀; optimizer hyperparameters have
             none. ``solver.last_implicit`` reports the solve (:class:`ImplicitReport`).
-        compile: run each optimizer call (joining its tensors, the update, splitting
-            back) and its VJP through ``torch.compile``, fused into a few kernels instead
+        compile: run each optimizer call's update and its VJP, over the call's tensors
+            laid end to end, through ``torch.compile``, fused into a few kernels instead
             of one per operation (elementwise rules with a closed-form VJP). Exact to
             rounding; it costs a compile (seconds) per optimizer call shape, paid back
-            after about 1.3·10⁴ unroll steps for a 2·10⁴-element Adam on a CPU, sooner
+            after about 1.1·10⁴ unroll steps for a 2·10⁴-element Adam on a CPU, sooner
             on larger models, not on small SGD models (benchmarks/compiled.py). Off by
             default.
 

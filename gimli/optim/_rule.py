@@ -155,9 +155,8 @@ class Segments:
     values into one flat tensor, ``split`` cuts a flat result back, ``spread`` turns
     one number per tensor into one per element and ``sums`` is its adjoint.
 
-    Eagerly, ``join`` reads values that already lie end to end (the views ``split``
-    made) without a copy; under ``torch.compile`` every piece is a plain ``cat`` or
-    ``split``, which the compiler fuses with the rule's arithmetic."""
+    ``join`` reads values that already lie end to end (a :class:`Laid` list, or views
+    that happen to be consecutive in one storage) without a copy."""
 
     def __init__(self, params: list[Tensor]):
         self.shapes = tuple(p.shape for p in params)
@@ -178,8 +177,6 @@ class Segments:
         """One flat tensor of ``values`` (one per tensor, each its tensor's shape)."""
         if self.k == 1:
             return values[0].reshape(-1)
-        if torch.compiler.is_compiling():
-            return torch.cat([v.reshape(-1) for v in values])
         flat, seg = (values.flat, values.seg) if isinstance(values, Laid) else (None, None)
         if flat is not None and seg is not None and (seg is self or seg.shapes == self.shapes) and \
                 (flat.requires_grad or not torch.is_grad_enabled()
@@ -194,8 +191,6 @@ class Segments:
             flat = flat.expand(self.total)
         if self.k == 1:
             return [flat.view(self.shapes[0])]
-        if torch.compiler.is_compiling():
-            return [x.view(s) for x, s in zip(flat.split(self.sizes), self.shapes)]
         return Laid(torch._C._nn.unflatten_dense_tensors(flat, self._templates), flat, self)
 
     def spread(self, values: list[Tensor]) -> Tensor:
@@ -337,9 +332,6 @@ class Call:
         creates, as SGD's first buffer, in its parameter's)."""
         if self.segments is None:
             return self._step_each(params, state, grads, hp)
-        if self._compiling():
-            return compiled(_flat_step, self.rule)(self, self._plan(state, hp), params, state,
-                                                   _values(grads), hp)
         return _flat_step(self, self._plan(state, hp), params, state, grads, hp)
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
@@ -349,15 +341,12 @@ class Call:
         """b_j, S_j (per field), o_j and a_j (per hyperparameter) for the call's tensors."""
         if self.segments is None:
             return self._vjp_each(params, state, grads, hp, cot_params, cot_state, need)
-        if self._compiling() and self.rule.vjp is not None:     # (autograd_vjp stays eager)
-            return compiled(_flat_vjp, self.rule)(self, self._plan(state, hp), params, state,
-                                                  _values(grads), hp, cot_params, cot_state, need)
         return _flat_vjp(self, self._plan(state, hp), params, state, grads, hp, cot_params,
                          cot_state, need)
 
     def _compiling(self) -> bool:
-        """Whether this call runs compiled: asked for, and nothing is recorded for autograd
-        (the full autograd unroll steps eagerly, through the graph)."""
+        """Whether this call's rule runs compiled: asked for, and nothing is recorded for
+        autograd (the full autograd unroll steps eagerly, through the graph)."""
         return self.compile and not torch.is_grad_enabled()
 
     def _plan(self, state: Any, hp: Mapping[str, list[Tensor]]) -> _Plan:
@@ -423,7 +412,7 @@ class Call:
         hyperparameters to every step, and the sweep again."""
         seg = self.segments
         assert seg is not None
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(v.requires_grad for v in values)):
+        if torch.is_grad_enabled() and any(v.requires_grad for v in values):
             return seg.spread(values)
         kept = self._spread.get(name)
         if kept is not None and len(kept[0]) == len(values) and \
@@ -530,21 +519,16 @@ class Call:
         return b, fields, o, hypers
 
 
-def _values(grads: list[Tensor | None]) -> list[Tensor | None]:
-    """G_j without its graph: what a compiled call reads (the compiler would otherwise
-    inspect the ``.grad`` of a non-leaf tensor, and warn)."""
-    return [None if g is None else g.detach() for g in grads]
-
-
 def _flat_step(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: list[Tensor | None],
                hp: Mapping[str, list[Tensor]]) -> tuple[list[Tensor], list[list[Any]]]:
-    """One flat call's step: join, the rule once, split (compiled as a whole by
-    ``compile=True``, so the joins and splits fuse with the rule's arithmetic)."""
+    """One flat call's step: join, the rule once (through ``torch.compile`` with
+    ``compile=True``: one graph over the flat tensors), split."""
     seg = call.segments
     assert seg is not None
     p = seg.join(call.mine(params))
     g = seg.join(call.mine(grads))
-    new_p, new_state = call.rule.step(call.flags, p, call.state_in(state), g, call.hypers_in(plan, hp))
+    run = compiled(call.rule.step, call.rule) if call._compiling() else call.rule.step
+    new_p, new_state = run(call.flags, p, call.state_in(state), g, call.hypers_in(plan, hp))
     return seg.split(_stored(new_p, call.param_dtype)), call.state_out(plan, new_state)
 
 
@@ -565,6 +549,8 @@ def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: 
         st = type(state)(*(_wide(x) for x in st))
         S = type(state)(*(_wide(x) for x in S))
     run = call.rule.vjp or autograd_vjp(call.rule)
+    if call._compiling() and call.rule.vjp is not None:     # (autograd_vjp stays eager)
+        run = compiled(call.rule.vjp, call.rule)
     out = run(call.flags, p, st, g, call.hypers_in(plan, hp), P, S, need)
     fields: list[list[Any]] = []
     for x, kind in zip(out.state, call.kinds):
@@ -587,8 +573,9 @@ def compiled(body: Any, rule: Rule) -> Any:
     compiles one or two graphs, not one per step."""
     key = (body, id(rule))
     if key not in _COMPILED:
-        copy = types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__,
-                                  body.__defaults__, body.__closure__)
+        copy = body if not isinstance(body, types.FunctionType) else \
+            types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__,
+                               body.__defaults__, body.__closure__)
         _COMPILED[key] = (rule, torch.compile(copy, dynamic=None))     # (the rule kept alive)
     return _COMPILED[key][1]
 
