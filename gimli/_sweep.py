@@ -23,6 +23,7 @@ from torch import Tensor
 from ._problem import Problem, grad_of
 from ._schedule import Schedule
 from ._unroll import Point, Step, Unroll, add_note, describe_batch
+from .optim._rule import Laid
 
 
 class Sweep(NamedTuple):
@@ -45,6 +46,11 @@ def _accumulate(totals: list[Tensor], terms: Sequence[Tensor | None]) -> None:
     """totals[i] += terms[i] where a term exists, in place (one foreach call): the totals
     are the sweep's own tensors. A total that cannot take an in-place add (a broadcast
     view, or a term of a wider dtype) is replaced by the sum."""
+    flat = totals.flat if isinstance(totals, Laid) else None
+    if flat is not None and len(terms) == len(totals) and flat.is_contiguous() and not flat.requires_grad and \
+            all(t is not None and t.dtype == flat.dtype for t in terms):
+        torch._foreach_add_(totals, cast(list[Tensor], terms))      # (views of one flat tensor)
+        return
     pairs = [(i, t) for i, t in enumerate(terms) if t is not None]
     fit = [(i, t) for i, t in pairs if totals[i].is_contiguous()
            and t.dtype == totals[i].dtype and t.shape == totals[i].shape

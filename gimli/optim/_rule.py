@@ -182,7 +182,7 @@ class Segments:
                 (flat.requires_grad or not torch.is_grad_enabled()
                  or not any(v.requires_grad for v in values)):
             return flat             # (a detached flat under leaves that need a graph: joined)
-        found = _laid_end_to_end(values, self.total)
+        found = None if values[0].grad_fn is not None else _laid_end_to_end(values, self.total)
         return found if found is not None else torch._C._nn.flatten_dense_tensors(values)
 
     def split(self, flat: Tensor) -> list[Tensor]:
