@@ -253,15 +253,35 @@ def _same(a: list[Any], b: list[Any]) -> bool:
 def grad_of(outputs: Tensor | list[Tensor], inputs: list[Tensor], cotangents: list[Tensor] | None = None,
             *, create_graph: bool = False) -> list[Tensor | None]:
     """``torch.autograd.grad`` over the inputs that require grad; None for the others
-    (a constant, requires_grad=False) and for inputs the outputs do not reach."""
+    (a constant, requires_grad=False) and for inputs the outputs do not reach.
+
+    The unroll and the sweep call this twice a step (G_j, and the Hessian-vector
+    product), with tensors whose shapes match by construction: on plain tensors it goes
+    to the autograd engine as ``torch.autograd.grad`` does, without the argument checks
+    it repeats on every call (about 20 µs of Python a call)."""
     index = [i for i, x in enumerate(inputs) if x.requires_grad]
     out: list[Tensor | None] = [None] * len(inputs)
     if index:
-        found = torch.autograd.grad(outputs, [inputs[i] for i in index], grad_outputs=cotangents,
-                                    create_graph=create_graph, allow_unused=True)
+        chosen = [inputs[i] for i in index]
+        outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+        if cotangents is None and all(o.dim() == 0 for o in outs):
+            cotangents = [torch.ones_like(o) for o in outs]        # (as autograd does for a loss)
+        if _engine is not None and cotangents is not None and len(cotangents) == len(outs) and \
+                all(type(t) in _PLAIN for group in (outs, chosen, cotangents) for t in group):
+            found = _engine(tuple(outs), tuple(cotangents), create_graph, create_graph, tuple(chosen),
+                            True, accumulate_grad=False)
+        else:
+            found = torch.autograd.grad(outputs, chosen, grad_outputs=cotangents,
+                                        create_graph=create_graph, allow_unused=True)
         for i, g in zip(index, found):
             out[i] = g
     return out
+
+
+# torch.autograd.grad's call into the engine (absent from older torch: then grad itself), and
+# the tensor types that need no __torch_function__ dispatch on the way
+_engine = getattr(torch.autograd.graph, "_engine_run_backward", None)
+_PLAIN = (Tensor, nn.Parameter)
 
 
 def _check_dtypes(inner: InnerOptimizer, meta: MetaParams) -> None:

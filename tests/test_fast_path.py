@@ -94,3 +94,38 @@ def test_hypergradients_of_a_long_run_equal_a_fresh_solvers(which: str) -> None:
             assert want[name].abs().max() > 0, name
             assert torch.equal(got[name], want[name]), (k, name)
         solver.step(train, val, commit=True)            # the learned values change in place
+
+
+class _Logged(torch.Tensor):
+    """A tensor subclass with its own __torch_function__ (as a user's wrapper tensor)."""
+
+    seen = 0
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        cls.seen += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_grad_of_equals_autograd_grad() -> None:
+    from gimli._problem import grad_of
+    torch.manual_seed(3)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    const = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    loss = torch.tanh(x @ w.T + b).pow(2).sum()
+    G = grad_of(loss, [w, const, b, unused], create_graph=True)
+    want = torch.autograd.grad(loss, [w, b, unused], create_graph=True, allow_unused=True)
+    assert G[1] is None and G[3] is None and want[2] is None
+    assert torch.equal(G[0], want[0]) and torch.equal(G[2], want[1])
+    o = [torch.randn_like(w), torch.randn_like(b)]
+    ref = torch.autograd.grad([want[0], want[1]], [w, b], o, retain_graph=True)
+    hvp = grad_of([G[0], G[2]], [w, b], o)
+    assert all(torch.equal(h, r) for h, r in zip(hvp, ref))
+    # a tensor with its own __torch_function__ goes through torch.autograd.grad, which dispatches it
+    v = torch.randn(3, dtype=torch.float64).as_subclass(_Logged).requires_grad_()
+    before = _Logged.seen
+    (gv,) = grad_of((v * v).sum(), [v])
+    assert _Logged.seen > before and torch.allclose(gv.as_subclass(torch.Tensor), 2 * v.detach().as_subclass(torch.Tensor))
