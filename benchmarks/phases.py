@@ -44,7 +44,7 @@ GIMLI_PHASES = [
     ("forward: other", ["Unroll."]),
     ("sweep: optimizer VJP (b, S, o, a)", ["sweep (gimli/_sweep.py", "vjp (gimli/optim"]),
     ("sweep: L^val and B_J", ["sweep (gimli/_sweep.py", "val_loss"]),
-    ("sweep: HVP (h_j, m_j)", ["sweep (gimli/_sweep.py", "grad (torch/autograd/__init__.py"]),
+    ("sweep: HVP (h_j, m_j)", ["sweep (gimli/_sweep.py", "grad_of (gimli/_problem.py"]),
     ("sweep: other (accumulators, lists)", ["sweep (gimli/_sweep.py"]),
     ("join (line 16)", ["_join (gimli/_solver.py"]),
 ]
