@@ -129,3 +129,53 @@ def test_grad_of_equals_autograd_grad() -> None:
     before = _Logged.seen
     (gv,) = grad_of((v * v).sum(), [v])
     assert _Logged.seen > before and torch.allclose(gv.as_subclass(torch.Tensor), 2 * v.detach().as_subclass(torch.Tensor))
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 5)
+        self.a = nn.Linear(5, 1)
+        self.b = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor, head: str) -> torch.Tensor:
+        return getattr(self, head)(torch.tanh(self.body(x)))
+
+
+def _head_loss(m: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
+    x, y, head = batch
+    return F.mse_loss(m(x, head), y)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_tensors_without_a_gradient_on_some_steps_step_as_torch_optim(name: str) -> None:
+    """Head b is read on every third step only: its gradient is None on the others, where
+    torch.optim leaves it and its state alone (no weight decay, no step count). The calls
+    kept for one pattern of None gradients must not be reused for another (SGD without
+    momentum: a state with nothing per tensor, so its calls are kept from step to step)."""
+    torch.manual_seed(4)
+    model = _TwoHeads().double()
+    make = getattr(torch.optim, name)
+    opt = make(model.parameters(), lr=0.05, weight_decay=0.01)
+    meta = gimli.MetaParams(opt, {"lr": "tensor"})
+    solver = gimli.GimliSolver(model, _head_loss, opt, meta)
+    raw = regression_batches(5, 3, 1, 13)
+    batches = [(x, y, "b" if j % 3 == 2 else "a") for j, (x, y) in enumerate(raw)]
+    train, val = batches[:12], batches[12]
+    ref_model = copy.deepcopy(model)
+    ref_opt = make(ref_model.parameters(), lr=0.05, weight_decay=0.01)
+    got = solver.hypergradient(train[:6], val)             # fills the kept calls once
+    want = gimli.full_unroll_hypergradient(solver, train[:6], val)
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=1e-10, atol=1e-14), key
+    solver.hypergradient(train, val, commit=True)
+    for x, y, head in train:
+        ref_opt.zero_grad(set_to_none=True)
+        F.mse_loss(ref_model(x, head), y).backward()
+        ref_opt.step()
+    for (key, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14), key
+        if name == "Adam":
+            s, r = opt.state[p], ref_opt.state[q]
+            assert float(s["step"]) == float(r["step"]), key      # b's head: 4 steps, not 12
+            assert torch.allclose(s["exp_avg_sq"], r["exp_avg_sq"], rtol=1e-12, atol=1e-16), key
