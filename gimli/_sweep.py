@@ -111,13 +111,14 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     unroll.rng.mark_end()
     A_loss = [a + d for a, d in zip(A_loss, direct)]
     S = _zeros_like_state(final.state)
+    after = final.state                         # σ_{j+1}: what step j produced (its VJP reads it)
     targets = n if not first_order else 0       # first-order: no ∇²_θ ℓ term
     for step in steps:                                          # line 10: j = J−1 … 0
         assert isinstance(step, Step)
         j, theta, G = step.j, step.theta, step.grads
         # line 11–12: o_j = B_{j+1}·O_j and a_j, with b_j and S_j, from the optimizer's VJP
         with torch.no_grad():                                   # (θ'_j and G_j read as values)
-            out = inner.vjp(theta, step.state, G, unroll.hypers[j], B, S, need)
+            out = inner.vjp(theta, step.state, G, unroll.hypers[j], B, S, need, after=after)
         for name in need:                                       # line 12: A^opt += a_j
             a_j = out.hypers[name] if schedule is None else schedule.pull_back(j, name, out.hypers[name])
             if name in stepwise:                                # its own entry per step
@@ -137,6 +138,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         B = out.params                                                          # line 14
         _accumulate(B, hm[:targets])        # (b_j is the sweep's own: InnerOptimizer.vjp)
         S = out.state
+        after = step.state
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]
     return Sweep(B, A_opt, A_loss, val.item(), final, reached, A_step)

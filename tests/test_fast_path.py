@@ -179,3 +179,33 @@ def test_tensors_without_a_gradient_on_some_steps_step_as_torch_optim(name: str)
             s, r = opt.state[p], ref_opt.state[q]
             assert float(s["step"]) == float(r["step"]), key      # b's head: 4 steps, not 12
             assert torch.allclose(s["exp_avg_sq"], r["exp_avg_sq"], rtol=1e-12, atol=1e-16), key
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adam_vjp_reading_the_state_it_produced_is_bit_identical(amsgrad: bool, decoupled: bool,
+                                                                  maximize: bool) -> None:
+    """The sweep hands Adam's VJP σ_{j+1} (``after=``), whose moments it then reads instead
+    of recomputing: the same bits, for every flag."""
+    from gimli.optim import adam
+    torch.manual_seed(5)
+    n = 7
+    p, g, m, P, Sm, Sv = (torch.randn(n, dtype=torch.float64) for _ in range(6))
+    v, vmax = torch.rand(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
+    v[0] = vmax[0] = 0.0                                    # the guarded √0
+    flags = adam.Flags(amsgrad, maximize, decoupled)
+    state = adam.State(3, m, v, vmax if amsgrad else None)
+    hp = {"lr": torch.full((n,), 0.01, dtype=torch.float64), "beta1": torch.tensor(0.9, dtype=torch.float64),
+          "beta2": torch.tensor(0.99, dtype=torch.float64), "eps": torch.tensor(1e-8, dtype=torch.float64),
+          "weight_decay": torch.tensor(0.1, dtype=torch.float64)}
+    S = adam.State(0, Sm, Sv, torch.randn(n, dtype=torch.float64) if amsgrad else None)
+    need = frozenset(adam.HYPERS)
+    _, after = adam.step(flags, p, state, g, hp)
+    plain = adam.vjp(flags, p, state, g, hp, P, S, need)
+    read = adam.vjp(flags, p, state, g, hp, P, S, need, after=after)
+    pairs = [(plain.params, read.params), (plain.grads, read.grads)] + \
+        [(a, b) for a, b in zip(plain.state[1:], read.state[1:]) if a is not None] + \
+        [(plain.hypers[k], read.hypers[k]) for k in need]
+    for a, b in pairs:
+        assert torch.equal(a, b)

@@ -318,14 +318,17 @@ class InnerOptimizer:
         return own, at, hp_own, need & frozenset(hp_own)
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None], hp: Hypers,
-            cot_params: list[Tensor], cot_state: Any, need: frozenset[str]) -> VJP:
+            cot_params: list[Tensor], cot_state: Any, need: frozenset[str], after: Any = None) -> VJP:
         """The four cotangents of :meth:`step`. A tensor that did not step passes
         its cotangents through unchanged and gets no o_j (``None``) and no a_j. Each b_j
         is a new tensor or one of ``cot_params`` (never θ, G or the state), so the
-        caller may add to it in place."""
+        caller may add to it in place. ``after``: the state :meth:`step` produced from these
+        arguments, if the caller holds it (the sweep does: σ_{j+1}); a rule that
+        ``reads_after`` then reads its new moments instead of recomputing them."""
         calls = self._calls(params, grads, state)
         if len(calls) == 1 and len(calls[0].idx) == len(params) and not self.mixed:
-            b_k, s_k, o_k, a_k = calls[0].vjp(params, state, grads, hp, cot_params, cot_state, need)
+            b_k, s_k, o_k, a_k = calls[0].vjp(params, state, grads, hp, cot_params, cot_state, need,
+                                              after)
             return VJP(b_k, type(cot_state)(*s_k), o_k, a_k)    # one call, every tensor
         b = list(cot_params)
         s = [list(field) for field in cot_state]
@@ -334,7 +337,9 @@ class InnerOptimizer:
         for call in calls:
             own, at, hp_own, need_own = self._for_call(call, state, hp, need)
             cot_own = type(own)(*(cot_state[f] for f in at))
-            b_k, s_k, o_k, a_k = call.vjp(params, own, grads, hp_own, cot_params, cot_own, need_own)
+            after_own = None if after is None else type(own)(*(after[f] for f in at))
+            b_k, s_k, o_k, a_k = call.vjp(params, own, grads, hp_own, cot_params, cot_own, need_own,
+                                          after_own)
             for k, i in enumerate(call.idx):
                 b[i], o[i] = b_k[k], o_k[k]
                 for f, values in zip(at, s_k):

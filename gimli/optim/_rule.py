@@ -32,7 +32,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -83,6 +83,9 @@ class Rule:
     no_hypergradient: Mapping[str, str] = field(default_factory=dict)
     # the update does not depend differentiably on G (why): φ^loss reaches θ through no step
     insensitive_to_g: str = ""
+    # its vjp takes ``after=``, the State the step produced (σ_{j+1}, which the sweep holds
+    # anyway), and reads the new moments there instead of recomputing them
+    reads_after: bool = False
 
     def ranges_for(self, flags: Any) -> Mapping[str, Interval]:
         """Each hyperparameter's valid values for a group built with these flags."""
@@ -336,13 +339,14 @@ class Call:
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
             hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
-            need: frozenset[str]) -> tuple[list[Tensor], list[list[Any]], list[Tensor],
-                                           dict[str, list[Tensor]]]:
-        """b_j, S_j (per field), o_j and a_j (per hyperparameter) for the call's tensors."""
+            need: frozenset[str], after: Any = None) -> tuple[list[Tensor], list[list[Any]],
+                                                               list[Tensor], dict[str, list[Tensor]]]:
+        """b_j, S_j (per field), o_j and a_j (per hyperparameter) for the call's tensors.
+        ``after``: the state this step produced, if known (for a rule that ``reads_after``)."""
         if self.segments is None:
             return self._vjp_each(params, state, grads, hp, cot_params, cot_state, need)
         return _flat_vjp(self, self._plan(state, hp), params, state, grads, hp, cot_params,
-                         cot_state, need)
+                         cot_state, need, after)
 
     def _compiling(self) -> bool:
         """Whether this call's rule runs compiled: asked for, and nothing is recorded for
@@ -534,8 +538,8 @@ def _flat_step(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads:
 
 def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: list[Tensor | None],
               hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
-              need: frozenset[str]) -> tuple[list[Tensor], list[list[Any]], list[Tensor],
-                                             dict[str, list[Tensor]]]:
+              need: frozenset[str], after: Any = None) -> tuple[list[Tensor], list[list[Any]],
+                                                                 list[Tensor], dict[str, list[Tensor]]]:
     """One flat call's VJP, as :func:`_flat_step`."""
     seg = call.segments
     assert seg is not None
@@ -551,7 +555,15 @@ def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: 
     run = call.rule.vjp or autograd_vjp(call.rule)
     if call._compiling() and call.rule.vjp is not None:     # (autograd_vjp stays eager)
         run = compiled(call.rule.vjp, call.rule)
-    out = run(call.flags, p, st, g, call.hypers_in(plan, hp), P, S, need)
+    hps = call.hypers_in(plan, hp)
+    if call.rule.reads_after and after is not None and not call.reduced and \
+            all(d == call.param_dtype for d, k in zip(plan.dtypes, call.kinds) if k.kind == "full"):
+        # (the moments as step stored them are the values it computed: same dtype, no rounding)
+        new = type(state)(*(seg.join(call.mine(values)) if kind.kind == "full" else None
+                            for values, kind in zip(after, call.kinds)))
+        out = cast(Any, run)(call.flags, p, st, g, hps, P, S, need, after=new)
+    else:
+        out = run(call.flags, p, st, g, hps, P, S, need)
     fields: list[list[Any]] = []
     for x, kind in zip(out.state, call.kinds):
         if x is None or kind.kind in ("none", "int"):

@@ -89,12 +89,19 @@ class _Forward(NamedTuple):
     delta: Tensor
 
 
-def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor],
+             after: State | None = None) -> _Forward:
+    """(A1)–(A6); with ``after`` (the State :func:`step` produced), m', v' and u are read
+    from it: the same values, not computed again."""
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
     g2, p1 = pc.weight_decay(g, p, lr, wd, flags.maximize, flags.decoupled)   # (A1), (A2)
-    m1 = pc.ema(s.exp_avg, g2, b1)                                  # (A3)
-    v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
-    u = torch.maximum(s.max_exp_avg_sq, v1) if s.max_exp_avg_sq is not None else v1    # (A4)
+    if after is not None:
+        m1, v1 = after.exp_avg, after.exp_avg_sq                    # (A3), as step stored them
+        u = after.max_exp_avg_sq if after.max_exp_avg_sq is not None else v1    # (A4)
+    else:
+        m1 = pc.ema(s.exp_avg, g2, b1)                              # (A3)
+        v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
+        u = torch.maximum(s.max_exp_avg_sq, v1) if s.max_exp_avg_sq is not None else v1    # (A4)
     t = s.step + 1
     c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)   # (A5)
     r = u.sqrt() / c2.sqrt()                                        # (A6)
@@ -108,9 +115,11 @@ def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) ->
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
-        S: State, need: frozenset[str]) -> VJP:
-    """Closed-form cotangents of :func:`step` (proofs/adam.md, eq. A8–A15)."""
-    f = _forward(flags, p, s, g, hp)
+        S: State, need: frozenset[str], after: State | None = None) -> VJP:
+    """Closed-form cotangents of :func:`step` (proofs/adam.md, eq. A8–A15). ``after``: the
+    State that :func:`step` returned for these arguments, whose moments are then read
+    instead of recomputed."""
+    f = _forward(flags, p, s, g, hp, after)
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
     step_size = lr / f.c1
     update = f.m1 / f.delta                                         # θ' = θ₁ − (γ/c₁)·update
@@ -150,5 +159,5 @@ RULE = Rule(
     hypers=HYPERS,
     ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
-    group_keys=BETAS_KEYS,
+    group_keys=BETAS_KEYS, reads_after=True,
 )
