@@ -10,7 +10,10 @@ Each optimizer file writes its mathematics once, for **one** tensor:
   docs/design.md §2 at the same point, given P = B_{j+1} and S = S_{j+1} (a
   ``State`` whose fields are cotangents or ``None``). A hyperparameter's
   cotangent may be returned per element (``p``'s shape): gimli sums it to the
-  hyperparameter's own shape.
+  hyperparameter's own shape. A rule marked ``reads_after`` also takes
+  ``after=``, the ``State`` its step produced at that point (σ_{j+1}, which the
+  sweep holds anyway), and may read its new moments there instead of
+  recomputing them (Adam).
 
 and describes itself in a :class:`Rule`: its hyperparameters, their valid
 ranges and granularities, how to read a param group and a tensor's state.
