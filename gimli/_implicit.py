@@ -129,14 +129,6 @@ def why_not(meta: Any, implicit: Implicit) -> str:
     return ""
 
 
-def _flat(values: list[Tensor]) -> Tensor:
-    return torch.cat([v.reshape(-1) for v in values])
-
-
-def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    return [x.view_as(t) for x, t in zip(flat.split([t.numel() for t in like]), like)]
-
-
 def implicit_hypergradient(problem: Problem, unroll: Unroll, leaves: list[Tensor], val_batch: Any,
                            implicit: Implicit) -> Result:
     """Run the inner loop to its end θ_J, then the implicit hypergradient there of every
@@ -153,7 +145,7 @@ def implicit_hypergradient(problem: Problem, unroll: Unroll, leaves: list[Tensor
                               unroll.batches[-1])
     G = [torch.zeros_like(t) if g is None else g
          for g, t in zip(grad_of(loss, theta, create_graph=True), theta)]
-    gradient_norm = float(_flat([g.detach() for g in G]).norm())
+    gradient_norm = float(torch._C._nn.flatten_dense_tensors([g.detach() for g in G]).norm())
 
     live = [k for k, g in enumerate(G) if g.requires_grad]      # (else ℓ is linear in θ there)
 
@@ -169,11 +161,11 @@ def implicit_hypergradient(problem: Problem, unroll: Unroll, leaves: list[Tensor
                        for f, p in zip(found, parts)], dim=-1)
         return h + implicit.damping * v if implicit.damping else h
 
-    rhs = _flat([b[i] for i in trained]).detach()
+    rhs = torch._C._nn.flatten_dense_tensors([b[i] for i in trained]).detach()
     v, products, residual = _solve(hvp, rhs, implicit)
     # the mixed term ∇_φ⟨g, v⟩, for the φ^loss leaves and θ₀ (the proximal anchors)
     targets = leaves + anchors
-    pairs = [(g, x) for g, x in zip(G, _split(v, theta)) if g.requires_grad]
+    pairs = [(g, x) for g, x in zip(G, torch._C._nn.unflatten_dense_tensors(v, theta)) if g.requires_grad]
     mixed: list[Tensor | None] = grad_of([g for g, _ in pairs], targets, [x for _, x in pairs]) \
         if pairs and targets else [None] * len(targets)
     unroll.rng.restore_end()

@@ -136,7 +136,8 @@ class InnerOptimizer:
     group_rules: list[Rule] = dataclass_field(default_factory=list)    # per group; [] = rule
     _call_cache: dict[Any, Call] = dataclass_field(default_factory=dict, repr=False, compare=False)
     # the calls of a state laid out step after step, by which gradients are None (_calls)
-    _uniform_calls: dict[Any, list[tuple[Call, list[_Kind]]]] = dataclass_field(default_factory=dict, repr=False, compare=False)
+    _uniform_calls: dict[Any, list[tuple[Call, list[_Kind]]]] = dataclass_field(
+        default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.group_rules:

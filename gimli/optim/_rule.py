@@ -308,6 +308,9 @@ class _Plan(NamedTuple):
     hypers: tuple[tuple[str, str], ...]     # (name, "one" | "spread" | "elements" | "module")
     per_tensor: tuple[bool, ...]            # per State field: one number per tensor (pick/place)
     dtypes: tuple[torch.dtype | None, ...]  # per State field: the dtype its new value is stored in
+    # the VJP may read the state the step produced (Rule.reads_after): stored as computed,
+    # in the parameters' dtype, and no reduced-precision widening in between
+    after: bool = False
 
 
 class Call:
@@ -390,7 +393,9 @@ class Call:
             x = values[i]
             dtypes.append(x.dtype if isinstance(x, Tensor) and kind.kind == "full" else
                           None if kind.kind == "scalar" else self.param_dtype)
-        return _Plan(tuple(hypers), tuple(per_tensor), tuple(dtypes))
+        after = self.rule.reads_after and not self.reduced and \
+            all(d == self.param_dtype for d, k in zip(dtypes, self.kinds) if k.kind == "full")
+        return _Plan(tuple(hypers), tuple(per_tensor), tuple(dtypes), after)
 
     # -- the flat path's pieces (read by _flat_step and _flat_vjp) --------------------------
     def state_in(self, state: Any) -> Any:
@@ -454,7 +459,7 @@ class Call:
                 out.append(None)
             elif per_tensor:
                 out.append(seg.place(mine))
-            elif isinstance(mine, Laid) and mine.flat is not None:
+            elif all(v is not None for v in mine):
                 out.append(seg.join(mine))
             else:
                 out.append(seg.join([torch.zeros(s, dtype=seg.dtype, device=seg.device)
@@ -559,9 +564,7 @@ def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: 
     if call._compiling() and call.rule.vjp is not None:     # (autograd_vjp stays eager)
         run = compiled(call.rule.vjp, call.rule)
     hps = call.hypers_in(plan, hp)
-    if call.rule.reads_after and after is not None and not call.reduced and \
-            all(d == call.param_dtype for d, k in zip(plan.dtypes, call.kinds) if k.kind == "full"):
-        # (the moments as step stored them are the values it computed: same dtype, no rounding)
+    if plan.after and after is not None:
         new = type(state)(*(seg.join(call.mine(values)) if kind.kind == "full" else None
                             for values, kind in zip(after, call.kinds)))
         out = cast(Any, run)(call.flags, p, st, g, hps, P, S, need, after=new)
