@@ -9,15 +9,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
-from torch.func import functional_call
 
 
 class Slots:
     """Where a module keeps its tensors: every (submodule, attribute) once.
 
     A module registered under two names (``nn.Sequential(lin, act, lin)``) holds its
-    tensors in one place, so it is swapped once (swapping it under both names makes
-    ``functional_call`` restore the wrong tensor); two modules sharing one tensor
+    tensors in one place, so it is swapped once (swapping it under both names would
+    put the view's tensor back as the module's own); two modules sharing one tensor
     (tied weights) are two places, both given that tensor's value.
     """
 
@@ -27,22 +26,17 @@ class Slots:
             self.canonical[id(p)] = name
         for name, b in root.named_buffers():
             self.canonical.setdefault(id(b), name)
-        self._cache: dict[int, list[tuple[str, str]]] = {}
+        self._places: dict[int, list[tuple[dict[str, Any], str, str]]] = {}
 
-    def of(self, module: nn.Module) -> list[tuple[str, str]]:
-        """(name in ``module``, name in the root) of each place in ``module``."""
+    def places(self, module: nn.Module) -> list[tuple[dict[str, Any], str, str]]:
+        """Each place in ``module``: the table that holds it (a submodule's
+        ``_parameters`` or ``_buffers``), its key there, and the tensor's name in the root."""
         key = id(module)
-        if key not in self._cache:
-            seen: set[tuple[int, str]] = set()
-            out = []
-            for prefix, sub in module.named_modules(remove_duplicate=False):
-                for attr, t in list(sub._parameters.items()) + list(sub._buffers.items()):
-                    if t is None or (id(sub), attr) in seen or id(t) not in self.canonical:
-                        continue
-                    seen.add((id(sub), attr))
-                    out.append((f"{prefix}.{attr}" if prefix else attr, self.canonical[id(t)]))
-            self._cache[key] = out
-        return self._cache[key]
+        if key not in self._places:             # (modules(): a module under two names once)
+            self._places[key] = [(table, attr, self.canonical[id(t)]) for sub in module.modules()
+                                 for table in (sub._parameters, sub._buffers)
+                                 for attr, t in table.items() if t is not None and id(t) in self.canonical]
+        return self._places[key]
 
 
 class FunctionalModel:
@@ -51,8 +45,9 @@ class FunctionalModel:
     It behaves like the user's module at the unroll's parameters θ'_j and buffers (it
     passes ``isinstance`` for the module's class, so ``for m in model.modules(): if
     isinstance(m, nn.Linear): ...`` selects the same layers):
-    calling it runs the module's own ``forward`` through ``torch.func.functional_call``,
-    so the module object itself is never changed. ``named_parameters()`` and
+    calling it runs the module's own ``forward`` with θ'_j in the module's places for
+    the length of the call, as ``torch.func.functional_call`` does, and the module's own
+    tensors back in them after it, also when the call raises. ``named_parameters()`` and
     ``parameters()`` give θ'_j in the module's own order (the optimizer's order does
     not matter), ``named_buffers()`` the buffers, and so does an attribute
     (``model.head.weight``); a submodule (``model.encoder``, ``model[0]``) is a view
@@ -75,26 +70,37 @@ class FunctionalModel:
         self._mode = mode
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with self._in_mode():
-            return functional_call(self.module, self._tensors(), args, kwargs, tie_weights=False)
-
-    def _tensors(self, prefix: str = "") -> dict[str, Tensor]:
-        """The view's tensors by the places of ``self.module`` they go into."""
-        values = {**self._params, **self._buffers}
-        return {prefix + own: values[root] for own, root in self._slots.of(self.module) if root in values}
+        return self._run(self.module, *args, **kwargs)
 
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` with the module holding the view's tensors, as a call
-        does (``functional_call`` of a wrapper whose forward is ``fn``)."""
-        with self._in_mode():
-            return functional_call(_Run(self.module, fn), self._tensors("module."), args, kwargs,
-                                   tie_weights=False)
+        """``fn(*args, **kwargs)`` with the module holding the view's tensors, each put in
+        its place for the call and the module's own put back after it, as
+        ``torch.func.functional_call`` does (whose generality, a name lookup and checks
+        per tensor, costs about 20 µs a call: a forward of a small MLP)."""
+        if self._mode is not None:
+            with self._in_mode():
+                return self._held(fn, args, kwargs)
+        return self._held(fn, args, kwargs)
+
+    def _held(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+        params, buffers = self._params, self._buffers
+        try:
+            for table, attr, root in self._slots.places(self.module):
+                value = params.get(root)
+                if value is None:
+                    value = buffers.get(root)
+                    if value is None:
+                        continue
+                saved.append((table, attr, table[attr]))
+                table[attr] = value
+            return fn(*args, **kwargs)
+        finally:
+            for table, attr, own in reversed(saved):
+                table[attr] = own
 
     @contextlib.contextmanager
     def _in_mode(self) -> Iterator[None]:
-        if self._mode is None:
-            yield
-            return
         flags = [(m, m.training) for m in self.module.modules()]
         self.module.train(self._mode)
         try:
@@ -209,16 +215,3 @@ class FunctionalModel:
 
     def __repr__(self) -> str:
         return f"FunctionalModel({self.module!r})"
-
-
-class _Run(nn.Module):
-    """A wrapper whose forward is a function of the wrapped module (one of its methods or
-    properties), so that ``functional_call`` runs it with the view's tensors."""
-
-    def __init__(self, module: nn.Module, fn: Callable[..., Any]):
-        super().__init__()
-        self.module = module
-        self.fn = fn
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)

@@ -1,7 +1,8 @@
 """The model that loss_fn sees behaves like the user's module, and the unroll trains what
 torch.optim trains: frozen tensors (requires_grad=False) inside and outside the
 optimizer, a module registered under two names, tied weights, parameters listed by the
-optimizer in another order than the module's, submodules and eval mode.
+optimizer in another order than the module's, submodules, eval mode, a parametrized layer
+and a forward that raises.
 
 Oracles: the real torch.optim training loop on a copy of the model (the user's own
 loop), finite differences of that real training, the full autograd unroll, and the
@@ -344,5 +345,67 @@ def test_layers_selected_by_type_and_state_dict_as_in_the_users_loop() -> None:
           - val_after(model, make(0.1 - h), loss, data[:3], data[3])) / (2 * h)
     assert abs(hg - fd) <= 1e-7 * abs(fd)
     expected = real_training(model, make(0.1), loss, data[:3])
+    solver.hypergradient(data[:3], data[3], commit=True)
+    assert_models_equal(model, expected)
+
+
+class Fails(nn.Module):
+    """A module whose forward raises after reading its weights (a shape error in user code)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return self.lin(x) @ torch.ones(3)      # (2,) @ (3,): raises
+
+
+def test_a_call_that_raises_leaves_the_module_its_own_tensors() -> None:
+    """The view puts θ'_j into the module for the call; when the forward raises, the
+    module gets its own tensors back (the same objects, still nn.Parameter)."""
+    net = Fails().double()
+    own = {n: t for n, t in [*net.named_parameters(), *net.named_buffers()]}
+    params = {n: p.detach() * 2 for n, p in net.named_parameters()}
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    view = gimli.FunctionalModel(net, params, buffers)
+    with pytest.raises(RuntimeError):
+        view(torch.randn(4, 3, dtype=torch.float64))
+    assert all(t is own[n] for n, t in [*net.named_parameters(), *net.named_buffers()])
+    assert isinstance(net.lin.weight, nn.Parameter) and float(net.count) == 0
+    assert float(buffers["count"]) == 1                 # the view's buffer took the update
+
+
+class Symmetric(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.triu() + x.triu(1).transpose(0, 1)
+
+
+def test_a_parametrized_module_trains_as_in_the_users_loop() -> None:
+    """A layer under ``torch.nn.utils.parametrize`` keeps its tensor in a
+    ParametrizationList (``parametrizations.weight.original``), not under ``weight``: the
+    view swaps that one, and the forward computes the weight from it at θ'_j. Oracles:
+    the user's own loop (commit) and finite differences of it. (Not weight_norm:
+    torch's ``_weight_norm`` has a wrong double backward on the CPU in torch 2.13, so no
+    exact second-order method agrees with finite differences through it.)"""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    nn.utils.parametrize.register_parametrization(layer, "weight", Symmetric())
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 1)).double()
+    assert "0.parametrizations.weight.original" in dict(model.named_parameters())
+
+    def make(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+        return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.5)
+
+    data = batches(10, 4, 1, 4)
+    opt = make(0.1)(model)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, gimli.MetaParams(opt, ["lr"]))
+    hg = float(solver.hypergradient(data[:3], data[3])["hypers.lr"])
+    h = 1e-6
+    fd = (val_after(model, make(0.1 + h), mse, data[:3], data[3])
+          - val_after(model, make(0.1 - h), mse, data[:3], data[3])) / (2 * h)
+    assert abs(hg - fd) <= 1e-7 * abs(fd)
+    expected = real_training(model, make(0.1), mse, data[:3])
     solver.hypergradient(data[:3], data[3], commit=True)
     assert_models_equal(model, expected)
