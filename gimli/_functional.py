@@ -101,6 +101,8 @@ class FunctionalModel:
 
     @contextlib.contextmanager
     def _in_mode(self) -> Iterator[None]:
+        """The module in the view's mode (train or eval) for the call, its own flags after it."""
+        assert self._mode is not None
         flags = [(m, m.training) for m in self.module.modules()]
         self.module.train(self._mode)
         try:
