@@ -42,6 +42,20 @@ def test_laid_list_joins_free_until_an_entry_is_replaced() -> None:
     assert more.flat is None
 
 
+def test_split_views_of_a_flat_inside_a_larger_tensor() -> None:
+    """A flat result can start inside a larger storage (a slice); its split views are
+    the slices of it, in the tensors' shapes, with and without a graph."""
+    shapes = [(2, 3), (3,), (1,)]
+    seg = Segments([torch.zeros(s, dtype=torch.float64) for s in shapes])
+    big = torch.arange(20, dtype=torch.float64)
+    for flat in (big[7:17], big[7:17].clone().requires_grad_()):
+        views = seg.split(flat)
+        expected = [flat[0:6].reshape(2, 3), flat[6:9], flat[9:10]]
+        assert [tuple(v.shape) for v in views] == shapes
+        assert all(torch.equal(v, e) for v, e in zip(views, expected))
+        assert all(v.data_ptr() == e.data_ptr() for v, e in zip(views, expected))
+
+
 def test_a_hyperparameter_changed_in_place_is_spread_anew() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
