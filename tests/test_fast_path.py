@@ -223,3 +223,71 @@ def test_adam_vjp_reading_the_state_it_produced_is_bit_identical(amsgrad: bool, 
         [(plain.hypers[k], read.hypers[k]) for k in need]
     for a, b in pairs:
         assert torch.equal(a, b)
+
+
+_DECAYING = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adagrad", "Adadelta", "Adamax", "RMSprop", "ASGD"]
+
+
+def _ops_and_hypergradient(name: str, weight_decay: float) -> tuple[int, dict[str, torch.Tensor],
+                                                                    dict[str, torch.Tensor]]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, weight_decay=weight_decay)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt,
+                               gimli.MetaParams(opt, ["lr"]))
+    data = regression_batches(7, 3, 1, 5)
+    solver.hypergradient(data[:4], data[4])
+    with Count():
+        got = solver.hypergradient(data[:4], data[4])
+    return Count.ops, got, gimli.full_unroll_hypergradient(solver, data[:4], data[4])
+
+
+@pytest.mark.parametrize("name", _DECAYING)
+def test_a_weight_decay_of_zero_costs_no_op(name: str) -> None:
+    """A param group's weight decay of 0 (not learned) is skipped in the step and in its
+    VJP, as torch.optim skips it: at least four operations a step fewer than a weight
+    decay of 1e-3 (λθ and its add in the step, their cotangent and its add in the VJP),
+    and the hypergradient still that of the autograd unroll."""
+    skipped, got, want = _ops_and_hypergradient(name, 0.0)
+    computed, _, _ = _ops_and_hypergradient(name, 1e-3)
+    assert computed - skipped >= 4 * 4                  # (4 steps)
+    assert torch.allclose(got["hypers.lr"], want["hypers.lr"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_a_weight_decay_learned_from_zero_is_not_skipped(name: str) -> None:
+    """A weight decay of 0 that is a meta-parameter is a learned value, not the constant
+    0: its terms stay, and its hypergradient is the real loop's (finite differences)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    data = regression_batches(9, 3, 1, 5)
+    train, val = data[:4], data[4]
+
+    def val_after(wd: float) -> float:
+        twin = copy.deepcopy(model)
+        opt = getattr(torch.optim, name)(twin.parameters(), lr=0.05, weight_decay=wd)
+        for x, y in train:
+            opt.zero_grad()
+            F.mse_loss(twin(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            return float(F.mse_loss(twin(val[0]), val[1]))
+
+    opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, weight_decay=0.0)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt,
+                               gimli.MetaParams(opt, ["weight_decay"]))
+    hg = float(solver.hypergradient(train, val)["hypers.weight_decay"])
+    h = 1e-5                                            # one-sided (torch.optim refuses λ < 0), O(h²)
+    fd = (-3 * val_after(0.0) + 4 * val_after(h) - val_after(2 * h)) / (2 * h)
+    assert hg != 0 and abs(hg - fd) <= 1e-6 * abs(fd)
+    full = float(gimli.full_unroll_hypergradient(solver, train, val)["hypers.weight_decay"])
+    assert abs(hg - full) <= 1e-10 * abs(full)

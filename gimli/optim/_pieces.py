@@ -4,7 +4,10 @@ end: all are elementwise) with hyperparameters that broadcast against it.
 
 * ``signed``: s·g, s = −1 under ``maximize``;
 * coupled weight decay (L2 in the gradient): g₂ = s·g + λθ;
-* decoupled weight decay (AdamW): θ₁ = (1 − γλ)θ; ``weight_decay`` picks one by flag;
+* decoupled weight decay (AdamW): θ₁ = (1 − γλ)θ; ``weight_decay`` picks one by flag.
+  A weight decay that is the constant 0 (not learned: the call passes the float 0.0,
+  :data:`NO_DECAY`) is skipped, as torch.optim skips it, and so is its VJP; the VJPs
+  form the cotangents of λ and γ only where ``need`` asks for them;
 * the exponential moving average m' = βm + (1 − β)x;
 * the bias correction c = 1 − β^t;
 * the square root at 0, whose cotangent is set to its true value 0 where the radicand
@@ -22,27 +25,48 @@ def signed(g: Tensor, maximize: bool) -> Tensor:
     return -g if maximize else g
 
 
-def coupled_decay(g: Tensor, p: Tensor, wd: Tensor, maximize: bool) -> Tensor:
+def plus(a: Tensor, b: Tensor | None) -> Tensor:
+    """a + b, or a where b is a cotangent not formed (None)."""
+    return a if b is None else a + b
+
+
+# the weight decay of a call whose λ is the constant 0 (not learned): its terms are skipped
+NO_DECAY = 0.0
+
+
+def _none(wd: Tensor | float) -> bool:
+    return isinstance(wd, float) and wd == NO_DECAY
+
+
+def coupled_decay(g: Tensor, p: Tensor, wd: Tensor | float, maximize: bool) -> Tensor:
     """g₂ = s·g + λθ (P1)."""
-    return signed(g, maximize) + wd * p
+    return signed(g, maximize) if _none(wd) else signed(g, maximize) + wd * p
 
 
-def coupled_decay_vjp(g2_bar: Tensor, p: Tensor, wd: Tensor, maximize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(θ̄ contribution, ḡ, λ̄) of g₂ = s·g + λθ, given ḡ₂ (P2)."""
-    return wd * g2_bar, signed(g2_bar, maximize), g2_bar * p
+def coupled_decay_vjp(P: Tensor, g2_bar: Tensor, p: Tensor, wd: Tensor | float, maximize: bool,
+                      need: frozenset[str]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(b = P + λḡ₂, ḡ, λ̄ if needed) of g₂ = s·g + λθ, given ḡ₂ and the cotangent P that
+    reaches θ by the other paths (P2)."""
+    b = P if _none(wd) else P + wd * g2_bar
+    return b, signed(g2_bar, maximize), g2_bar * p if "weight_decay" in need else None
 
 
-def decoupled_decay(p: Tensor, lr: Tensor, wd: Tensor) -> Tensor:
+def decoupled_decay(p: Tensor, lr: Tensor, wd: Tensor | float) -> Tensor:
     """θ₁ = (1 − γλ)θ (P3)."""
-    return p * (1 - lr * wd)
+    return p if _none(wd) else p * (1 - lr * wd)
 
 
-def decoupled_decay_vjp(p1_bar: Tensor, p: Tensor, lr: Tensor, wd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(θ̄, γ̄ contribution, λ̄) of θ₁ = (1 − γλ)θ, given θ̄₁ (P4)."""
-    return (1 - lr * wd) * p1_bar, -p1_bar * wd * p, -p1_bar * lr * p
+def decoupled_decay_vjp(p1_bar: Tensor, p: Tensor, lr: Tensor, wd: Tensor | float,
+                        need: frozenset[str]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(θ̄, γ̄ contribution, λ̄), each cotangent of a hyperparameter only if needed (None
+    otherwise, and for γ where λ is the constant 0), of θ₁ = (1 − γλ)θ, given θ̄₁ (P4)."""
+    if _none(wd):
+        return p1_bar, None, None
+    return ((1 - lr * wd) * p1_bar, -p1_bar * wd * p if "lr" in need else None,
+            -p1_bar * lr * p if "weight_decay" in need else None)
 
 
-def weight_decay(g: Tensor, p: Tensor, lr: Tensor, wd: Tensor, maximize: bool,
+def weight_decay(g: Tensor, p: Tensor, lr: Tensor, wd: Tensor | float, maximize: bool,
                  decoupled: bool) -> tuple[Tensor, Tensor]:
     """(g₂, θ₁): coupled, g₂ = s·g + λθ and θ₁ = θ (P1); decoupled (AdamW's), g₂ = s·g
     and θ₁ = (1 − γλ)θ (P3)."""
@@ -51,15 +75,15 @@ def weight_decay(g: Tensor, p: Tensor, lr: Tensor, wd: Tensor, maximize: bool,
     return coupled_decay(g, p, wd, maximize), p
 
 
-def weight_decay_vjp(P: Tensor, g2_bar: Tensor, p: Tensor, lr: Tensor, wd: Tensor, maximize: bool,
-                     decoupled: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """(b, ḡ, γ̄ contribution or None, λ̄) of :func:`weight_decay`, given θ̄₁ = P (the
-    update adds θ₁ to θ') and ḡ₂ (P2, P4)."""
+def weight_decay_vjp(P: Tensor, g2_bar: Tensor, p: Tensor, lr: Tensor, wd: Tensor | float, maximize: bool,
+                     decoupled: bool, need: frozenset[str]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(b, ḡ, γ̄ contribution, λ̄) of :func:`weight_decay`, given θ̄₁ = P (the update adds
+    θ₁ to θ') and ḡ₂ (P2, P4); the cotangents of γ and λ only if needed (else None)."""
     if decoupled:
-        b, lr_bar, wd_bar = decoupled_decay_vjp(P, p, lr, wd)
+        b, lr_bar, wd_bar = decoupled_decay_vjp(P, p, lr, wd, need)
         return b, signed(g2_bar, maximize), lr_bar, wd_bar
-    decay_bar, g_bar, wd_bar = coupled_decay_vjp(g2_bar, p, wd, maximize)
-    return P + decay_bar, g_bar, None, wd_bar
+    b, g_bar, wd_bar = coupled_decay_vjp(P, g2_bar, p, wd, maximize, need)
+    return b, g_bar, None, wd_bar
 
 
 def ema(old: Tensor, x: Tensor, beta: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ functions.
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ._core import VJP, Interval, hyper_dtype, step_tensor
+from ._pieces import NO_DECAY
 
 StepFn = Callable[[Any, Tensor, Any, Tensor, dict[str, Tensor]], tuple[Tensor, Any]]
 VjpFn = Callable[[Any, Tensor, Any, Tensor, dict[str, Tensor], Tensor, Any, frozenset[str]], VJP]
@@ -89,6 +91,9 @@ class Rule:
     # its vjp takes ``after=``, the State the step produced (σ_{j+1}, which the sweep holds
     # anyway), and reads the new moments there instead of recomputing them
     reads_after: bool = False
+    # hyperparameters it takes as the float 0.0 (``_pieces.NO_DECAY``) where they are the
+    # constant 0, not learned, and then skips, as torch.optim does (its weight decay)
+    skips_zero: tuple[str, ...] = ()
 
     def ranges_for(self, flags: Any) -> Mapping[str, Interval]:
         """Each hyperparameter's valid values for a group built with these flags."""
@@ -306,11 +311,32 @@ def _stored(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     return x if dtype is None or x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
 
 
+# the hyperparameter values made from a param group's 0 (``constant_zero``), by id while
+# they live: a rule that ``skips_zero`` that hyperparameter gets the float 0.0 for them.
+# (Not a WeakSet: it compares tensors with ==, elementwise, and reads the result.)
+_CONSTANT_ZEROS: dict[int, weakref.ref[Tensor]] = {}
+
+
+def constant_zero(value: Tensor) -> Tensor:
+    """``value``, a 0-dim tensor made from a param group's 0, recorded as such."""
+    key = id(value)
+    _CONSTANT_ZEROS[key] = weakref.ref(value, lambda _: _CONSTANT_ZEROS.pop(key, None))
+    return value
+
+
+def is_constant_zero(value: Tensor | None) -> bool:
+    """Made by :func:`constant_zero` and not changed in place since."""
+    if value is None:
+        return False
+    ref = _CONSTANT_ZEROS.get(id(value))
+    return ref is not None and ref() is value and value._version == 0
+
+
 class _Plan(NamedTuple):
     """How one flat call carries each argument, decided before it runs (hashable: what a
     compiled call specializes on)."""
 
-    hypers: tuple[tuple[str, str], ...]     # (name, "one" | "spread" | "elements" | "module")
+    hypers: tuple[tuple[str, str], ...]     # (name, "one" | "spread" | "elements" | "module" | "zero")
     per_tensor: tuple[bool, ...]            # per State field: one number per tensor (pick/place)
     dtypes: tuple[torch.dtype | None, ...]  # per State field: the dtype its new value is stored in
     # the VJP may read the state the step produced (Rule.reads_after): stored as computed,
@@ -383,6 +409,7 @@ class Call:
             mine = self.mine(values)
             first = mine[0]
             hypers.append((name, "module" if name not in self.rule.hypers else
+                           "zero" if name in self.rule.skips_zero and all(is_constant_zero(v) for v in mine) else
                            "one" if first.dim() == 0 and all(v is first for v in mine) else
                            "spread" if all(v.dim() == 0 for v in mine) else "elements"))
         i = self.idx[0]
@@ -413,13 +440,15 @@ class Call:
                           else seg.spread(mine) if kind.kind == "scalar" else seg.join(mine))
         return type(state)(*fields)
 
-    def hypers_in(self, plan: _Plan, hp: Mapping[str, list[Tensor]]) -> dict[str, Tensor]:
+    def hypers_in(self, plan: _Plan, hp: Mapping[str, list[Tensor]]) -> dict[str, Any]:
+        """Each hyperparameter as the rule takes it: a tensor, or NO_DECAY (its skips_zero)."""
         seg = self.segments
         assert seg is not None
         out = {}
         for name, how in plan.hypers:
             mine = self.mine(hp[name])
-            out[name] = (mine[0] if how in ("one", "module") else self._spread_of(name, mine)
+            out[name] = (NO_DECAY if how == "zero" else mine[0] if how in ("one", "module")
+                         else self._spread_of(name, mine)
                          if how == "spread" else seg.join([v.expand(s) for v, s in zip(mine, seg.shapes)]))
         return out
 

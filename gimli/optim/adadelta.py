@@ -101,14 +101,14 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     v1_bar = v_rad_bar if S.square_avg is None else S.square_avg + v_rad_bar   # (D8)
     S_v, sq_bar, v_rho_bar = pc.ema_vjp(v1_bar, s.square_avg, f.g2 * f.g2, rho)  # S^v_j = ρ v̄' (D9)
     g2_bar = d_bar * f.nu / f.sigma + 2 * f.g2 * sq_bar             # (D10)
-    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)   # (D10)
+    b_out, o_out, wd_bar = pc.coupled_decay_vjp(P, g2_bar, p, wd, flags.maximize, need)   # (D10)
     contrib = {                                                     # (D11)
         "lr": lambda: -P * f.d,
         "rho": lambda: v_rho_bar + rho_bar,
         "eps": lambda: u_rad_bar + v_rad_bar,
         "weight_decay": lambda: wd_bar,
     }
-    return VJP(P + decay_bar, State(0, S_v, S_u + u_rad_bar),       # S^u_j = ρU + ν̄/(2ν)    (D9)
+    return VJP(b_out, State(0, S_v, S_u + u_rad_bar),       # S^u_j = ρU + ν̄/(2ν)    (D9)
                o_out, {name: contrib[name]() for name in need})
 
 
@@ -118,4 +118,5 @@ RULE = Rule(
     ranges={"lr": NONNEGATIVE, "rho": Interval(0.0, 1.0), "eps": NONNEGATIVE,
             "weight_decay": NONNEGATIVE},
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
 )

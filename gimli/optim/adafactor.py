@@ -219,12 +219,12 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     to_rms = pc.max_share(f.rms_theta, eps2)
     rms_bar = a_bar * to_rms
     rms_pos = f.rms_theta > 0
-    decay_bar, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)
+    decay_bar, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd, need)
     b_out = decay_bar + torch.where(
         rms_pos, rms_bar / (n * torch.where(rms_pos, f.rms_theta, 1.0)), 0.0) * p
     rho_bar = alpha_bar * f.a
     contrib = {                                                     # (F18)
-        "lr": lambda: rho_bar * pc.max_share(-lr, -f.rho.new_full((), 1 / t**0.5)) + lr_decay_bar,
+        "lr": lambda: pc.plus(rho_bar * pc.max_share(-lr, -f.rho.new_full((), 1 / t**0.5)), lr_decay_bar),
         "beta2_decay": lambda: w_bar * f.w * math.log(t),
         "eps1": lambda: eps1_bar,
         "eps2": lambda: a_bar * (1 - to_rms),

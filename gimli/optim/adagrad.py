@@ -88,7 +88,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     root_bar = pc.sqrt_vjp(delta_bar, f.root)                       # guard: √ at Σ' = 0
     acc1_bar = root_bar if S.sum is None else S.sum + root_bar
     g2_bar = -f.eta * P / f.delta + 2 * f.g2 * acc1_bar             # (G6)
-    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)   # (G8)
+    b_out, o_out, wd_bar = pc.coupled_decay_vjp(P, g2_bar, p, wd, flags.maximize, need)   # (G8)
     eta_bar = -P * update
     t = s.step
     contrib = {                                                     # (G9)
@@ -97,7 +97,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         "weight_decay": lambda: wd_bar,
         "eps": lambda: delta_bar,
     }
-    return VJP(P + decay_bar, State(0, acc1_bar),                   # S_j = Σ̄'  (G7)
+    return VJP(b_out, State(0, acc1_bar),                   # S_j = Σ̄'  (G7)
                o_out, {name: contrib[name]() for name in need})
 
 
@@ -105,4 +105,5 @@ RULE = Rule(
     hypers=HYPERS,
     ranges=dict.fromkeys(HYPERS, NONNEGATIVE),   # as torch.optim.Adagrad's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
 )

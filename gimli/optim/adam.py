@@ -138,10 +138,10 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         v1_bar = u_bar if V is None else V + u_bar
     g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar       # (A13)
     b_out, o_out, lr_decay_bar, wd_bar = pc.weight_decay_vjp(P, g2_bar, p, lr, wd, flags.maximize,
-                                                             flags.decoupled)   # (A14)
+                                                             flags.decoupled, need)   # (A14)
     t = f.t
     contrib = {                                                     # (A15)
-        "lr": lambda: -(P * update / f.c1) + (0 if lr_decay_bar is None else lr_decay_bar),
+        "lr": lambda: pc.plus(-(P * update / f.c1), lr_decay_bar),
         # ∂θ'/∂c₁ = (γ/c₁²) m'/δ and ∂c₁/∂β₁ = −t β₁^(t−1)
         "beta1": lambda: m1_bar * (s.exp_avg - f.g2)
         + step_size * P * update / f.c1 * pc.bias_correction_grad(b1, t),
@@ -159,5 +159,6 @@ RULE = Rule(
     hypers=HYPERS,
     ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
     group_keys=BETAS_KEYS, reads_after=True,
 )

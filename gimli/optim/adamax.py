@@ -115,7 +115,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     S_m, m_g2_bar, b1_bar = pc.ema_vjp(m1_bar, s.exp_avg, f.g2, b1)   # S^m_j = β₁ m̄'   (X9)
     S_u = b2 * decayed_bar                                          # S^u_j = β₂ ā           (X9)
     g2_bar = m_g2_bar + f.g2.sign() * fresh_bar                     # d|g₂|/dg₂ = sign, 0 at 0 (X10)
-    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)   # (X10)
+    b_out, o_out, wd_bar = pc.coupled_decay_vjp(P, g2_bar, p, wd, flags.maximize, need)   # (X10)
     contrib = {                                                     # (X11)
         "lr": lambda: -P * update / f.c1,
         # ∂c₁/∂β₁ = −t β₁^(t−1)
@@ -124,7 +124,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         "eps": lambda: fresh_bar,
         "weight_decay": lambda: wd_bar,
     }
-    return VJP(P + decay_bar, State(0, S_m, S_u),                   # b_j = P + λ ḡ₂, o_j = s ḡ₂
+    return VJP(b_out, State(0, S_m, S_u),                   # b_j = P + λ ḡ₂, o_j = s ḡ₂
                o_out, {name: contrib[name]() for name in need})
 
 
@@ -132,5 +132,6 @@ RULE = Rule(
     hypers=HYPERS,
     ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
     group_keys=BETAS_KEYS,
 )

@@ -151,8 +151,8 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     S_ax = None if A is None else (1 - s.mu) * A                # (AS8) ∂ā'/∂ā = 1 − μ
     S_mu = None if A is None else A * (f.theta - s.ax)          #       ∂ā'/∂μ = θ' − ā
     g2_bar = -f.eta * theta1_bar                                # (AS9)
-    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)
-    b_out = (1 - lambd * f.eta) * theta1_bar + decay_bar
+    b_out, o_out, wd_bar = pc.coupled_decay_vjp((1 - lambd * f.eta) * theta1_bar, g2_bar, p, wd,
+                                                flags.maximize, need)
     eta_bar = -(lambd * p + f.g2) * theta1_bar                  # (AS10) ∂θ'/∂η = −(λθ + g₂)
     S_eta = None if s.eta is None else eta_bar
     # (AS11) η' = γ D^{−α}: ∂/∂γ = D^{−α} − αλt·η'/D, ∂/∂λ = −αγt·η'/D, ∂/∂α = −η' ln D
@@ -178,6 +178,7 @@ RULE = Rule(
     ranges={"lr": NONNEGATIVE, "lambd": NONNEGATIVE, "alpha": REAL, "t0": REAL,
             "weight_decay": NONNEGATIVE},
     read_group=read_group, read_state=read_state, step=step, vjp=vjp, write_state=write_state,
+    skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
     # η' = R(γ D^{−α}) is per element where γ, λ or α is, μ' = R(1/max(t − t₀, 1)) where t₀
     # is, but torch.optim keeps η and μ as one number per tensor
     scalar_state={"lr": "eta", "lambd": "eta", "alpha": "eta", "t0": "mu"},

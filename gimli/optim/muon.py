@@ -212,11 +212,11 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     s_out = mu * buf1_bar                                       # S_j = μ B̄'              (M11)
     o_out = g_bar + (1 - mu) * buf1_bar                         # o_j                      (M11)
     mu_bar = mu_bar + buf1_bar * (buf - g)                      # (M1): ∂B'/∂μ = B − g
-    b_out, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd)   # b_j          (M12)
+    b_out, lr_decay_bar, wd_bar = pc.decoupled_decay_vjp(P, p, lr, wd, need)   # b_j    (M12)
 
     def lr_bar() -> Tensor:                                     # O is torch's rounded value
         o = _orthogonalize_rounded(f.u, a, b, c, eps, flags.ns_steps)
-        return lr_decay_bar - P * rho * o
+        return -(P * rho * o) if lr_decay_bar is None else lr_decay_bar - P * rho * o
 
     contrib = {                                                 # (M13)
         "lr": lr_bar,

@@ -178,10 +178,10 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     mu_next_bar = kappa_bar * lr / one_p2 + prod2_bar * f.prod      # μ̄_{t+1}
     g2_bar = -f.alpha * P / f.delta + (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar  # (N15)
     b_out, o_out, lr_decay_bar, wd_bar = pc.weight_decay_vjp(P, g2_bar, p, lr, wd, flags.maximize,
-                                                             flags.decoupled)   # (N15) b_j, o_j
+                                                             flags.decoupled, need)   # (N15) b_j, o_j
     contrib = {                                                     # (N16)
-        "lr": lambda: alpha_bar * (1 - f.mu) / one_p1 + kappa_bar * f.mu_next / one_p2
-        + (0 if lr_decay_bar is None else lr_decay_bar),
+        "lr": lambda: pc.plus(alpha_bar * (1 - f.mu) / one_p1 + kappa_bar * f.mu_next / one_p2,
+                              lr_decay_bar),
         "beta1": lambda: m1_bar * (s.exp_avg - f.g2)
         + mu_bar * (1 - 0.5 * f.e) + mu_next_bar * (1 - 0.5 * f.e_next),
         "beta2": lambda: v1_bar * (s.exp_avg_sq - f.g2 * f.g2)
@@ -199,6 +199,7 @@ RULE = Rule(
     hypers=HYPERS,
     ranges={**ADAM_RANGES, "momentum_decay": NONNEGATIVE},
     read_group=read_group, read_state=read_state, step=step, vjp=vjp, write_state=write_state,
+    skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
     group_keys=BETAS_KEYS,
     # μ_t (so Π) is per element where β₁ or ψ is, but torch.optim keeps Π as one number per tensor
     scalar_state={"beta1": "mu_product", "momentum_decay": "mu_product"},

@@ -148,9 +148,9 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         + rho_t_bar
     g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar       # (RA13)
     b_out, o_out, lr_decay_bar, wd_bar = pc.weight_decay_vjp(P, g2_bar, p, lr, wd, flags.maximize,
-                                                             flags.decoupled)   # (RA14)
+                                                             flags.decoupled, need)   # (RA14)
     contrib = {                                                     # (RA15)
-        "lr": lambda: -(P * f.m1 * f.k / f.c1) + (0 if lr_decay_bar is None else lr_decay_bar),
+        "lr": lambda: pc.plus(-(P * f.m1 * f.k / f.c1), lr_decay_bar),
         "beta1": lambda: m1_bar * (s.exp_avg - f.g2) + c1_bar * pc.bias_correction_grad(b1, t),
         "beta2": lambda: v1_bar * (s.exp_avg_sq - f.g2 * f.g2) + c2_bar * pc.bias_correction_grad(b2, t)
         + rho_inf_bar * 2 / (1 - b2) ** 2 - rho_t_bar * 2 * t * t * b2 ** (t - 1) / f.c2 ** 2,
@@ -165,5 +165,6 @@ RULE = Rule(
     hypers=HYPERS,
     ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
+    skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
     group_keys=BETAS_KEYS,
 )

@@ -143,7 +143,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         S_ga, ga_g2_bar, ga_alpha_bar = pc.ema_vjp(ga1_bar, s.grad_avg, f.g2, alpha)   # (R12)
         g2_bar = g2_bar + ga_g2_bar                                 # (R11)
         alpha_bar = alpha_bar + ga_alpha_bar                        # ∂ḡ'/∂α = ḡ − g₂       (R14)
-    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(g2_bar, p, wd, flags.maximize)   # (R13)
+    b_out, o_out, wd_bar = pc.coupled_decay_vjp(P, g2_bar, p, wd, flags.maximize, need)   # (R13)
     contrib = {                                                     # (R14)
         "lr": lambda: -P * (f.buf1 if f.buf1 is not None else f.q),
         "alpha": lambda: alpha_bar,
@@ -151,9 +151,10 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         "weight_decay": lambda: wd_bar,
         "momentum": lambda: mu_bar if mu_bar is not None else torch.zeros_like(p),
     }
-    return VJP(P + decay_bar, State(0, S_v, S_buf, S_ga),           # b_j = P + λ ḡ₂, o_j = s ḡ₂
+    return VJP(b_out, State(0, S_v, S_buf, S_ga),           # b_j = P + λ ḡ₂, o_j = s ḡ₂
                o_out, {name: contrib[name]() for name in need})
 
 
 RULE = Rule(hypers=HYPERS, ranges=RANGES, read_group=read_group, read_state=read_state,
-            step=step, vjp=vjp, inactive=inactive_hypers, narrowed=ranges)
+            step=step, vjp=vjp, inactive=inactive_hypers, narrowed=ranges,
+            skips_zero=("weight_decay",))

@@ -112,11 +112,12 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     else:
         d = d0
         d0_bar = d_bar
-    decay_bar, o_out, wd_bar = pc.coupled_decay_vjp(d0_bar, p, wd, flags.maximize)   # (S8)
+    b_out, o_out, wd_bar = pc.coupled_decay_vjp(P, d0_bar, p, wd, flags.maximize, need)   # (S8)
     contrib = {"lr": lambda: -P * d, "momentum": lambda: a_mu, "dampening": lambda: a_tau,
                "weight_decay": lambda: wd_bar}                      # (S9)
-    return VJP(P + decay_bar, State(s_in), o_out, {name: contrib[name]() for name in need})
+    return VJP(b_out, State(s_in), o_out, {name: contrib[name]() for name in need})
 
 
 RULE = Rule(hypers=HYPERS, ranges=RANGES, read_group=read_group, read_state=read_state,
-            step=step, vjp=vjp, inactive=inactive_hypers, narrowed=ranges)
+            step=step, vjp=vjp, inactive=inactive_hypers, narrowed=ranges,
+            skips_zero=("weight_decay",))
