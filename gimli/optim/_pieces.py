@@ -106,11 +106,13 @@ def bias_correction_grad(beta: Tensor, t: int) -> Tensor:
     return -t * beta ** (t - 1)
 
 
-def sqrt_vjp(bar: Tensor, root: Tensor) -> Tensor:
+def sqrt_vjp(bar: Tensor, root: Tensor, scale: Tensor | None = None) -> Tensor:
     """The cotangent of x in r = √x given r̄: r̄ / (2r), and 0 where r = 0 (P9: the guard,
-    exact wherever nothing downstream depends on x when x = 0)."""
+    exact wherever nothing downstream depends on x when x = 0). With ``scale`` c > 0, of
+    x in r = √(x/c) (Adam's √v'/√c₂): r̄ / (2cr), in one division."""
     positive = root > 0
-    return torch.where(positive, bar / (2 * torch.where(positive, root, 1.0)), 0.0)
+    twice = 2 if scale is None else 2 * scale
+    return torch.where(positive, bar / (twice * torch.where(positive, root, 1.0)), 0.0)
 
 
 def max_share(x: Tensor, y: Tensor) -> Tensor:

@@ -123,10 +123,10 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
     step_size = lr / f.c1
     update = f.m1 / f.delta                                         # θ' = θ₁ − (γ/c₁)·update
-    P_delta = P / f.delta
-    m1_bar = -step_size * P_delta if S.exp_avg is None else S.exp_avg - step_size * P_delta  # (A8)
-    delta_bar = step_size * P_delta * update                        # ∂θ'/∂δ = (γ/c₁) m'/δ²  (A9)
-    u_bar = pc.sqrt_vjp(delta_bar, f.r) / f.c2                     # (A10) r = √u/√c₂, guarded
+    kappa_P = step_size * (P / f.delta)                             # κP/δ, κ = γ/c₁
+    m1_bar = -kappa_P if S.exp_avg is None else S.exp_avg - kappa_P  # (A8)
+    delta_bar = kappa_P * update                                    # ∂θ'/∂δ = (γ/c₁) m'/δ²  (A9)
+    u_bar = pc.sqrt_vjp(delta_bar, f.r, f.c2)                       # (A10) r = √u/√c₂, guarded
     V = S.exp_avg_sq
     vmax_bar = None
     if s.max_exp_avg_sq is not None:                                # (A11) u = max(v̂, v')
@@ -136,12 +136,12 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         vmax_bar = (1 - to_v) * X_total
     else:
         v1_bar = u_bar if V is None else V + u_bar
-    g2_bar = (1 - b1) * m1_bar + 2 * (1 - b2) * f.g2 * v1_bar       # (A13)
+    g2_bar = torch.addcmul((1 - b1) * m1_bar, 2 * (1 - b2) * f.g2, v1_bar)   # (A13)
     b_out, o_out, lr_decay_bar, wd_bar = pc.weight_decay_vjp(P, g2_bar, p, lr, wd, flags.maximize,
                                                              flags.decoupled, need)   # (A14)
     t = f.t
     contrib = {                                                     # (A15)
-        "lr": lambda: pc.plus(-(P * update / f.c1), lr_decay_bar),
+        "lr": lambda: pc.plus(P * update * (-1 / f.c1), lr_decay_bar),
         # ∂θ'/∂c₁ = (γ/c₁²) m'/δ and ∂c₁/∂β₁ = −t β₁^(t−1)
         "beta1": lambda: m1_bar * (s.exp_avg - f.g2)
         + step_size * P * update / f.c1 * pc.bias_correction_grad(b1, t),

@@ -165,7 +165,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     m1_bar = -kappa_P if S.exp_avg is None else S.exp_avg - kappa_P                    # (N8)
     delta_bar = P * (f.alpha * qg + f.kappa * qm) / f.delta     # ∂θ'/∂δ = (αg₂ + κm')/δ²  (N9)
     # (N10) r = √(v'/c₂): v̄' = r̄/(2 c₂ r), set to 0 where v' = 0 (guard, module doc)
-    v1_from_r = pc.sqrt_vjp(delta_bar, f.r) / f.c2
+    v1_from_r = pc.sqrt_vjp(delta_bar, f.r, f.c2)
     v1_bar = v1_from_r if S.exp_avg_sq is None else S.exp_avg_sq + v1_from_r
     c2_bar = -delta_bar * f.r / (2 * f.c2)                          # ∂r/∂c₂ = −r/(2c₂)
     alpha_bar, kappa_bar = -P * qg, -P * qm                         # (N11)
