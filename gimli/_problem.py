@@ -317,4 +317,4 @@ def _scalar(loss: Any, who: str, *, checked: bool = True) -> Tensor:
         raise ValueError(f"{who} must return a scalar tensor, got {shape}")
     if checked and not torch.isfinite(loss.detach()).all():
         raise NonFiniteError(f"{who} returned a non-finite loss ({loss.item()})")
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())

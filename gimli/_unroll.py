@@ -170,10 +170,9 @@ class Unroll:
         self.first = 0 if truncate is None else max(0, self.J - truncate)   # oldest step swept
         self.forward_steps = 0          # optimizer steps evaluated, recomputations included
         self.train_losses: list[float] = [float("nan")] * self.J
-        # each step's ℓ_j, written into one buffer on the device until check() reads them
-        # all (and whether θ'_J is finite) with one host sync: 8 bytes a step
-        self._losses: Tensor | None = None
-        self._logged = 0                # steps whose ℓ_j is in the buffer
+        # each step's ℓ_j, held on the device until check() reads them all (and whether θ'_J
+        # is finite) with one host sync: a 0-dim tensor a step, copied nowhere in between
+        self._losses: list[Tensor] = []
         self._checking = check_each     # a host check per step (or replaying: check())
         self.rng = RngTape({p.device for p in problem.inner.params}, every=memory != "retain")
         self.trained = problem.trained()    # tensors that step (requires_grad, as torch.optim)
@@ -215,11 +214,8 @@ class Unroll:
         found = self.problem.inner_grads(loss, theta, graph=graph, leaves=self.leaves)
         G, leaf_grads = found[:len(theta)], found[len(theta):]
         if not self._checking:
-            if self._logged == j:                   # first run of step j: checked at check()
-                if self._losses is None:
-                    self._losses = torch.empty(self.J, dtype=torch.float64, device=loss.device)
-                self._losses[j] = loss.detach()
-                self._logged += 1
+            if len(self._losses) == j:              # first run of step j: checked at check()
+                self._losses.append(loss.detach())
             return Step(j, theta, point.state, G, leaf_grads), buffers
         value = loss.item()
         bad = _nonfinite(G)
@@ -255,13 +251,14 @@ class Unroll:
         at lr 0), so the losses and the final point θ'_J tell; the steps are then
         replayed in order from the start with a check each, so that the error names the
         first bad step as a per-step check would have, and says why."""
-        if self._losses is None or not self._logged:
+        if not self._losses:
             return
-        device = self._losses.device
+        device = self._losses[0].device
         stepped = [t.detach() for t, s in zip(final.theta, final.stepped) if s]
         norms = torch._foreach_norm(stepped, float("inf")) if stepped else []
-        n = self._logged
-        values = torch.cat([self._losses[:n]] + [x.to(device, torch.float64).reshape(1) for x in norms]).tolist()
+        n = len(self._losses)
+        values = torch.cat([torch.stack(self._losses).to(torch.float64)]
+                           + [x.to(device, torch.float64).reshape(1) for x in norms]).tolist()
         for j in range(n):
             self.train_losses[j] = values[j]
         if all(math.isfinite(v) for v in values):
