@@ -225,6 +225,36 @@ def test_adam_vjp_reading_the_state_it_produced_is_bit_identical(amsgrad: bool, 
         assert torch.equal(a, b)
 
 
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("first", [False, True])
+def test_sgd_vjp_reading_the_buffer_it_produced_is_bit_identical(nesterov: bool, maximize: bool,
+                                                                  first: bool) -> None:
+    """SGD's VJP reads the new momentum buffer from ``after=`` where the cotangents of γ
+    and μ need it: the same bits as recomputing it, on the first step (no buffer yet) and
+    after it."""
+    from gimli.optim import sgd
+    torch.manual_seed(10)
+    n = 7
+    p, g, buf, P, Sb = (torch.randn(n, dtype=torch.float64) for _ in range(5))
+    flags = sgd.Flags(True, nesterov, maximize)
+    state = sgd.State(None if first else buf)
+    hp = {"lr": torch.full((n,), 0.05, dtype=torch.float64), "momentum": torch.tensor(0.9, dtype=torch.float64),
+          "dampening": torch.tensor(0.0 if nesterov else 0.1, dtype=torch.float64),
+          "weight_decay": torch.tensor(0.01, dtype=torch.float64)}
+    S = sgd.State(Sb)
+    need = frozenset(sgd.HYPERS)
+    _, after = sgd.step(flags, p, state, g, hp)
+    plain = sgd.vjp(flags, p, state, g, hp, P, S, need)
+    read = sgd.vjp(flags, p, state, g, hp, P, S, need, after=after)
+    assert torch.equal(plain.params, read.params) and torch.equal(plain.grads, read.grads)
+    for name in need:
+        a, b = plain.hypers[name], read.hypers[name]
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert plain.hypers["lr"] is not None                   # (μ̄ is None only where b' = d₀)
+    assert (plain.hypers["momentum"] is None) == (first and not nesterov)
+
 _DECAYING = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adagrad", "Adadelta", "Adamax", "RMSprop", "ASGD"]
 
 

@@ -86,19 +86,18 @@ def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) ->
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
-        S: State, need: frozenset[str]) -> VJP:
-    """Closed-form cotangents of :func:`step` (proofs/sgd.md, eq. S5–S9)."""
+        S: State, need: frozenset[str], after: State | None = None) -> VJP:
+    """Closed-form cotangents of :func:`step` (proofs/sgd.md, eq. S5–S9). The buffer b'
+    enters only the cotangents of γ and μ; where they are needed it is read from
+    ``after`` (the State :func:`step` returned for these arguments) if given."""
     lr, mu, tau, wd = (hp[k] for k in HYPERS)
     d0 = pc.coupled_decay(g, p, wd, flags.maximize)                # (S1), recomputed
     d_bar = -lr * P                                                 # ∂θ'/∂d = −γ           (S5)
-    s_in = a_mu = a_tau = None
+    s_in = buf_bar = None
     if flags.momentum:
-        new_buf = _momentum(s, d0, mu, tau)
-        d = d0 + mu * new_buf if flags.nesterov else new_buf
         if flags.nesterov:
             buf_bar = mu * d_bar if S.momentum_buffer is None else S.momentum_buffer + mu * d_bar  # (S6)
             d0_bar = d_bar
-            a_mu = d_bar * new_buf
         else:
             buf_bar = d_bar if S.momentum_buffer is None else S.momentum_buffer + d_bar
             d0_bar = None
@@ -107,17 +106,32 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         else:
             s_in = mu * buf_bar                                     # S_j = μ·b̄'            (S7)
             d0_bar = (1 - tau) * buf_bar if d0_bar is None else d0_bar + (1 - tau) * buf_bar
-            a_mu = buf_bar * s.momentum_buffer if a_mu is None else a_mu + buf_bar * s.momentum_buffer
-            a_tau = -buf_bar * d0
     else:
-        d = d0
         d0_bar = d_bar
     b_out, o_out, wd_bar = pc.coupled_decay_vjp(P, d0_bar, p, wd, flags.maximize, need)   # (S8)
-    contrib = {"lr": lambda: -P * d, "momentum": lambda: a_mu, "dampening": lambda: a_tau,
+
+    def new_buf() -> Tensor:                                        # b' (S2)
+        return after.momentum_buffer if after is not None and after.momentum_buffer is not None \
+            else _momentum(s, d0, mu, tau)
+
+    def lr_bar() -> Tensor:                                         # a_γ = −P·d  (S9)
+        d = d0 if not flags.momentum else d0 + mu * new_buf() if flags.nesterov else new_buf()
+        return -P * d
+
+    def mu_bar() -> Tensor | None:                                  # a_μ  (S9)
+        if buf_bar is None:                                         # (no momentum)
+            return None
+        old = None if s.momentum_buffer is None else buf_bar * s.momentum_buffer
+        return pc.plus(d_bar * new_buf(), old) if flags.nesterov else old
+
+    def tau_bar() -> Tensor | None:                                 # a_τ  (S9)
+        return None if buf_bar is None or s.momentum_buffer is None else -buf_bar * d0
+
+    contrib = {"lr": lr_bar, "momentum": mu_bar, "dampening": tau_bar,
                "weight_decay": lambda: wd_bar}                      # (S9)
     return VJP(b_out, State(s_in), o_out, {name: contrib[name]() for name in need})
 
 
 RULE = Rule(hypers=HYPERS, ranges=RANGES, read_group=read_group, read_state=read_state,
             step=step, vjp=vjp, inactive=inactive_hypers, narrowed=ranges,
-            skips_zero=("weight_decay",))
+            skips_zero=("weight_decay",), reads_after=True)
