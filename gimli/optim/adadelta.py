@@ -64,7 +64,6 @@ class _Forward(NamedTuple):
     nu: Tensor
     d: Tensor
     u1: Tensor
-    theta: Tensor
 
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
@@ -74,12 +73,12 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     sigma, nu = (v1 + eps).sqrt(), (s.acc_delta + eps).sqrt()       # (D3)
     d = nu / sigma * g2                                             # (D4)
     u1 = pc.ema(s.acc_delta, d * d, rho)
-    return _Forward(g2, v1, sigma, nu, d, u1, p - lr * d)           # (D5)
+    return _Forward(g2, v1, sigma, nu, d, u1)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
     f = _forward(flags, p, s, g, hp)
-    return f.theta, State(s.step + 1, f.v1, f.u1)
+    return p - hp["lr"] * f.d, State(s.step + 1, f.v1, f.u1)    # (D5)
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,

@@ -124,7 +124,7 @@ class _Forward(NamedTuple):
     nu: Tensor
     D: Tensor
     k: Tensor           # α / D
-    theta: Tensor
+    p1: Tensor
 
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
@@ -154,12 +154,12 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     D = torch.maximum(nu, nu.new_ones(()))
     k = a * rho / D
     return _Forward(t, G, w, rho, rms_theta, a, mu_r, mu_c, R1, C1, rbar, z, V, iota, U, nu, D, k,
-                    p1 - k * U)                                     # (F8)
+                    p1)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
     f = _forward(flags, p, s, g, hp)
-    return f.theta, State(f.t, f.R1, f.C1, None if f.R1 is not None else f.V)
+    return f.p1 - f.k * f.U, State(f.t, f.R1, f.C1, None if f.R1 is not None else f.V)   # (F8)
 
 
 def _plus(x: Tensor | None, y: Tensor) -> Tensor:

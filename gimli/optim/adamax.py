@@ -75,7 +75,6 @@ class _Forward(NamedTuple):
     fresh: Tensor       # |g₂| + ε, the second
     u1: Tensor
     c1: Tensor          # the hyperparameters' shape
-    theta: Tensor
 
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
@@ -86,12 +85,12 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     u1 = torch.maximum(decayed, fresh)                              # (X3)
     t = s.step + 1
     c1 = pc.bias_correction(b1, t)                                  # (X4)
-    return _Forward(t, g2, m1, decayed, fresh, u1, c1, p - (lr / c1) * m1 / u1)   # (X5)
+    return _Forward(t, g2, m1, decayed, fresh, u1, c1)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
     f = _forward(flags, p, s, g, hp)
-    return f.theta, State(f.t, f.m1, f.u1)
+    return p - (hp["lr"] / f.c1) * f.m1 / f.u1, State(f.t, f.m1, f.u1)   # (X5)
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,

@@ -117,7 +117,7 @@ class _Forward(NamedTuple):
     delta: Tensor
     alpha: Tensor
     kappa: Tensor
-    theta: Tensor
+    p1: Tensor
 
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
@@ -139,14 +139,14 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     delta = r + eps
     alpha = lr * (1 - mu) / (1 - prod1)                             # (N7)
     kappa = lr * mu_next / (1 - prod2)
-    theta = p1 - alpha * g2 / delta - kappa * m1 / delta
     return _Forward(t, g2, e, e_next, mu, mu_next, prod1, prod2, m1, v1, c2, r, delta, alpha,
-                    kappa, theta)
+                    kappa, p1)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
     f = _forward(flags, p, s, g, hp)
-    return f.theta, State(f.t, f.prod, f.m1, f.v1)
+    theta = f.p1 - f.alpha * f.g2 / f.delta - f.kappa * f.m1 / f.delta
+    return theta, State(f.t, f.prod, f.m1, f.v1)
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,

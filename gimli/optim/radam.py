@@ -94,7 +94,7 @@ class _Forward(NamedTuple):
     root: Tensor        # √v' where on, 1 elsewhere
     delta: Tensor
     k: Tensor
-    theta: Tensor
+    p1: Tensor
 
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
@@ -113,13 +113,12 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     root = torch.where(on, v1, 1.0).sqrt()
     delta = root + eps
     k = torch.where(on, R * c2.sqrt() / delta, 1.0)
-    return _Forward(t, g2, m1, v1, c1, c2, on, rt, ri, R, root, delta, k,
-                    p1 - lr * (m1 / c1) * k)                        # (RA7)
+    return _Forward(t, g2, m1, v1, c1, c2, on, rt, ri, R, root, delta, k, p1)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
     f = _forward(flags, p, s, g, hp)
-    return f.theta, State(f.t, f.m1, f.v1)
+    return f.p1 - hp["lr"] * (f.m1 / f.c1) * f.k, State(f.t, f.m1, f.v1)   # (RA7)
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,

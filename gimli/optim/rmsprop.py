@@ -90,7 +90,6 @@ class _Forward(NamedTuple):
     delta: Tensor
     q: Tensor
     buf1: Tensor | None
-    theta: Tensor
 
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
@@ -106,13 +105,13 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     delta = root + eps                                              # (R4)
     q = g2 / delta
     buf1 = mu * s.momentum_buffer + q if s.momentum_buffer is not None else None   # (R5)
-    return _Forward(g2, v1, ga1, root, delta, q, buf1,
-                    p - lr * (buf1 if buf1 is not None else q))     # (R6)
+    return _Forward(g2, v1, ga1, root, delta, q, buf1)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
     f = _forward(flags, p, s, g, hp)
-    return f.theta, State(s.step + 1, f.v1, f.buf1, f.ga1)
+    theta = p - hp["lr"] * (f.buf1 if f.buf1 is not None else f.q)   # (R6)
+    return theta, State(s.step + 1, f.v1, f.buf1, f.ga1)
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,

@@ -87,7 +87,6 @@ class _Forward(NamedTuple):
     eta1: Tensor
     g_hat: Tensor
     d: Tensor           # sign(ĝ)
-    theta: Tensor
 
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
@@ -100,12 +99,12 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     eta1 = torch.clamp(x, min=lo, max=hi)
     g_hat = torch.where(sigma < 0, 0.0, g)                                      # (P5)
     d = g_hat.sign()
-    return _Forward(sigma, f, eta, x, eta1, g_hat, d, p - d * eta1)             # (P6)
+    return _Forward(sigma, f, eta, x, eta1, g_hat, d)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
     f = _forward(flags, p, s, g, hp)
-    return f.theta, State(s.step + 1, f.g_hat, f.eta1)
+    return p - f.d * f.eta1, State(s.step + 1, f.g_hat, f.eta1)       # (P6)
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
