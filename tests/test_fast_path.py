@@ -12,17 +12,22 @@ and the optimizer's state is committed."""
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import gimli
-from gimli.optim import bind
+from gimli.optim import BUILTIN, SUPPORTED, bind
 from gimli.optim._rule import Laid, Segments
-from strategies import regression_batches
+from optim_db import OPTIM_DB, OptimRow
+from strategies import meta_choices, problems, regression_batches
+from test_sweep import build
 
 
 def test_laid_list_joins_free_until_an_entry_is_replaced() -> None:
@@ -321,3 +326,27 @@ def test_a_weight_decay_learned_from_zero_is_not_skipped(name: str) -> None:
     assert hg != 0 and abs(hg - fd) <= 1e-6 * abs(fd)
     full = float(gimli.full_unroll_hypergradient(solver, train, val)["hypers.weight_decay"])
     assert abs(hg - full) <= 1e-10 * abs(full)
+
+
+_READS_AFTER = [row for row in OPTIM_DB if importlib.import_module(f"gimli.optim.{BUILTIN[row.name]}").RULE.reads_after]
+
+
+@pytest.mark.parametrize("row", _READS_AFTER, ids=[row.name for row in _READS_AFTER])
+@given(data=st.data())
+def test_reading_the_state_the_step_produced_changes_no_bit(row: OptimRow, data: st.DataObject) -> None:
+    """Every rule that reads σ_{j+1} (``Rule.reads_after``) gives the hypergradient it
+    gives when it recomputes the new state instead, bit for bit: random flags, settings,
+    a state from earlier real steps, and meta-parameters (all learnable ones among them,
+    so every cotangent that reads the new state is formed)."""
+    problem, kwargs, _ = data.draw(problems(row))
+    choice = data.draw(meta_choices(row, kwargs, problem.opt))
+    rule = SUPPORTED[row.cls]
+    got = build(problem, choice, kwargs.get("maximize", False)).hypergradient(problem.train, problem.val)
+    object.__setattr__(rule, "reads_after", False)          # (a frozen dataclass: for this test only)
+    try:
+        want = build(problem, choice, kwargs.get("maximize", False)).hypergradient(problem.train, problem.val)
+    finally:
+        object.__setattr__(rule, "reads_after", True)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

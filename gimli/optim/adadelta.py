@@ -63,28 +63,30 @@ class _Forward(NamedTuple):
     sigma: Tensor
     nu: Tensor
     d: Tensor
-    u1: Tensor
 
 
-def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor],
+             after: State | None = None) -> _Forward:
+    """(D1)–(D4), what step and vjp both read; with ``after`` (the State :func:`step`
+    produced), v' is read from it."""
     lr, rho, eps, wd = (hp[k] for k in HYPERS)
     g2 = pc.coupled_decay(g, p, wd, flags.maximize)                 # (D1)
-    v1 = pc.ema(s.square_avg, g2 * g2, rho)                         # (D2)
+    v1 = after.square_avg if after is not None else pc.ema(s.square_avg, g2 * g2, rho)   # (D2)
     sigma, nu = (v1 + eps).sqrt(), (s.acc_delta + eps).sqrt()       # (D3)
     d = nu / sigma * g2                                             # (D4)
-    u1 = pc.ema(s.acc_delta, d * d, rho)
-    return _Forward(g2, v1, sigma, nu, d, u1)
+    return _Forward(g2, v1, sigma, nu, d)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
     f = _forward(flags, p, s, g, hp)
-    return p - hp["lr"] * f.d, State(s.step + 1, f.v1, f.u1)    # (D5)
+    u1 = pc.ema(s.acc_delta, f.d * f.d, hp["rho"])                 # (D4): the VJP needs not u'
+    return p - hp["lr"] * f.d, State(s.step + 1, f.v1, u1)         # (D5)
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
-        S: State, need: frozenset[str]) -> VJP:
+        S: State, need: frozenset[str], after: State | None = None) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adadelta.md, eq. D6–D11)."""
-    f = _forward(flags, p, s, g, hp)
+    f = _forward(flags, p, s, g, hp, after)         # (after=: v' as step stored it)
     lr, rho, eps, wd = (hp[k] for k in HYPERS)
     d_bar = -lr * P                                                 # (D6)
     S_u: Tensor | int = 0                                           # ρU, the direct part of S^u_j
@@ -118,4 +120,5 @@ RULE = Rule(
             "weight_decay": NONNEGATIVE},
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
     skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
+    reads_after=True,
 )

@@ -64,10 +64,12 @@ class _Forward(NamedTuple):
     eta: Tensor
 
 
-def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor],
+             after: State | None = None) -> _Forward:
+    """(G1)–(G3); with ``after`` (the State :func:`step` produced), Σ' is read from it."""
     lr, kappa, wd, eps = (hp[k] for k in HYPERS)
     g2 = pc.coupled_decay(g, p, wd, flags.maximize)                 # (G1)
-    acc1 = s.sum + g2 * g2                                          # (G2)
+    acc1 = after.sum if after is not None else s.sum + g2 * g2     # (G2)
     decay = 1 + s.step * kappa                                      # (G3), s.step = t − 1
     root = acc1.sqrt()
     return _Forward(g2, acc1, root, root + eps, decay, lr / decay)
@@ -79,9 +81,9 @@ def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) ->
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
-        S: State, need: frozenset[str]) -> VJP:
+        S: State, need: frozenset[str], after: State | None = None) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adagrad.md, eq. G5–G9)."""
-    f = _forward(flags, p, s, g, hp)
+    f = _forward(flags, p, s, g, hp, after)         # (after=: Σ' as step stored it)
     lr, kappa, wd, eps = (hp[k] for k in HYPERS)
     update = f.g2 / f.delta                                         # θ' = θ − η_t·update
     delta_bar = f.eta * P * update / f.delta                        # ∂θ'/∂δ = η_t g₂/δ²     (G5)
@@ -106,4 +108,5 @@ RULE = Rule(
     ranges=dict.fromkeys(HYPERS, NONNEGATIVE),   # as torch.optim.Adagrad's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
     skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
+    reads_after=True,
 )

@@ -120,7 +120,9 @@ class _Forward(NamedTuple):
     p1: Tensor
 
 
-def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor],
+             after: State | None = None) -> _Forward:
+    """(N1)–(N7); with ``after`` (the State :func:`step` produced), m' and v' are read from it."""
     lr, b1, b2, eps, wd, psi = (hp[k] for k in HYPERS)
     t = s.step + 1
     g2, p1 = pc.weight_decay(g, p, lr, wd, flags.maximize, flags.decoupled)   # (N1), (N2)
@@ -132,8 +134,11 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
         kept = (s.mu_product.detach().to(flags.mu_dtype) * mu.detach().to(flags.mu_dtype)).to(prod1.dtype)
         prod1 = prod1 + (kept - prod1.detach())
     prod2 = prod1 * mu_next
-    m1 = pc.ema(s.exp_avg, g2, b1)                                  # (N5)
-    v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
+    if after is not None:                                           # (N5), as step stored them
+        m1, v1 = after.exp_avg, after.exp_avg_sq
+    else:
+        m1 = pc.ema(s.exp_avg, g2, b1)                              # (N5)
+        v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
     c2 = pc.bias_correction(b2, t)                                  # (N6)
     r = (v1 / c2).sqrt()
     delta = r + eps
@@ -150,7 +155,7 @@ def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) ->
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
-        S: State, need: frozenset[str]) -> VJP:
+        S: State, need: frozenset[str], after: State | None = None) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/nadam.md, eq. N8–N16).
 
     Every term is returned per element: α, κ, μ_τ, Π' and Π'' may be one number for the
@@ -158,7 +163,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     to that shape; every term is linear in one of P, Q, M, V, so summing once at the end
     equals summing each term to its quantity's shape on the way."""
     lr, b1, b2, eps, wd, psi = (hp[k] for k in HYPERS)
-    f = _forward(flags, p, s, g, hp)
+    f = _forward(flags, p, s, g, hp, after)         # (after=: m', v' as step stored them)
     t = f.t
     qg, qm = f.g2 / f.delta, f.m1 / f.delta                         # θ' = θ₁ − α q_g − κ q_m
     kappa_P = f.kappa * P / f.delta
@@ -200,6 +205,7 @@ RULE = Rule(
     ranges={**ADAM_RANGES, "momentum_decay": NONNEGATIVE},
     read_group=read_group, read_state=read_state, step=step, vjp=vjp, write_state=write_state,
     skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
+    reads_after=True,
     group_keys=BETAS_KEYS,
     # μ_t (so Π) is per element where β₁ or ψ is, but torch.optim keeps Π as one number per tensor
     scalar_state={"beta1": "mu_product", "momentum_decay": "mu_product"},

@@ -97,12 +97,17 @@ class _Forward(NamedTuple):
     p1: Tensor
 
 
-def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor],
+             after: State | None = None) -> _Forward:
+    """(RA1)–(RA6); with ``after`` (the State :func:`step` produced), m' and v' are read from it."""
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
     t = s.step + 1
     g2, p1 = pc.weight_decay(g, p, lr, wd, flags.maximize, flags.decoupled)   # (RA1), (RA2)
-    m1 = pc.ema(s.exp_avg, g2, b1)                                  # (RA3)
-    v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
+    if after is not None:                                           # (RA3), as step stored them
+        m1, v1 = after.exp_avg, after.exp_avg_sq
+    else:
+        m1 = pc.ema(s.exp_avg, g2, b1)                              # (RA3)
+        v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
     c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)   # (RA4)
     rho_inf = 2 / (1 - b2) - 1                                      # (RA5)
     rho_t = rho_inf - 2 * t * b2**t / c2
@@ -122,10 +127,10 @@ def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) ->
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
-        S: State, need: frozenset[str]) -> VJP:
+        S: State, need: frozenset[str], after: State | None = None) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/radam.md, eq. RA8–RA15)."""
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
-    f = _forward(flags, p, s, g, hp)
+    f = _forward(flags, p, s, g, hp, after)         # (after=: m', v' as step stored them)
     t, on = f.t, f.on
     step_size = lr / f.c1
     kP = step_size * f.k * P
@@ -165,5 +170,6 @@ RULE = Rule(
     ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
     skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
+    reads_after=True,
     group_keys=BETAS_KEYS,
 )

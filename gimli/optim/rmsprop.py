@@ -92,19 +92,26 @@ class _Forward(NamedTuple):
     buf1: Tensor | None
 
 
-def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> _Forward:
+def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor],
+             after: State | None = None) -> _Forward:
+    """(R1)–(R5); with ``after`` (the State :func:`step` produced), v', the mean ḡ' and the
+    buffer are read from it."""
     lr, alpha, eps, wd, mu = (hp[k] for k in HYPERS)
     g2 = pc.coupled_decay(g, p, wd, flags.maximize)                 # (R1)
-    v1 = pc.ema(s.square_avg, g2 * g2, alpha)                       # (R2)
+    v1 = after.square_avg if after is not None else pc.ema(s.square_avg, g2 * g2, alpha)   # (R2)
     ga1 = None
     if s.grad_avg is not None:
-        ga1 = pc.ema(s.grad_avg, g2, alpha)                         # (R3)
+        ga1 = after.grad_avg if after is not None and after.grad_avg is not None else \
+            pc.ema(s.grad_avg, g2, alpha)                           # (R3)
         root = (v1 - ga1 * ga1).sqrt()
     else:
         root = v1.sqrt()
     delta = root + eps                                              # (R4)
     q = g2 / delta
-    buf1 = mu * s.momentum_buffer + q if s.momentum_buffer is not None else None   # (R5)
+    buf1 = None
+    if s.momentum_buffer is not None:                               # (R5)
+        buf1 = after.momentum_buffer if after is not None and after.momentum_buffer is not None else \
+            mu * s.momentum_buffer + q
     return _Forward(g2, v1, ga1, root, delta, q, buf1)
 
 
@@ -115,9 +122,9 @@ def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) ->
 
 
 def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
-        S: State, need: frozenset[str]) -> VJP:
+        S: State, need: frozenset[str], after: State | None = None) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/rmsprop.md, eq. R7–R14)."""
-    f = _forward(flags, p, s, g, hp)
+    f = _forward(flags, p, s, g, hp, after)         # (after=: v', ḡ', b' as step stored them)
     lr, alpha, eps, wd, mu = (hp[k] for k in HYPERS)
     S_buf = mu_bar = None
     if s.momentum_buffer is not None:
@@ -156,4 +163,4 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
 
 RULE = Rule(hypers=HYPERS, ranges=RANGES, read_group=read_group, read_state=read_state,
             step=step, vjp=vjp, inactive=inactive_hypers, narrowed=ranges,
-            skips_zero=("weight_decay",))
+            skips_zero=("weight_decay",), reads_after=True)
