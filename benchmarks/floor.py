@@ -1,0 +1,125 @@
+"""The floor of an exact hypergradient in eager PyTorch, next to gimli and its peers.
+
+    python benchmarks/floor.py                       # maml_sine and l2_momentum, J = 20 and 80
+    python benchmarks/floor.py --tasks maml_sine --steps 80 --reps 11
+
+"Floor": Algorithm 1 written out by hand for one task whose inner optimizer is SGD
+(with or without momentum, no weight decay): a forward unroll that keeps each G_j
+with its graph, then a reverse sweep with the closed-form SGD VJP and one
+Hessian-vector product per step, over lists of tensors with foreach operations.
+Nothing else: no checks, no schedules, no optimizer state read or written back, no
+view of the model beyond ``torch.func.functional_call``. It is the least the same
+algorithm costs with the same autograd calls, so the distance from it to gimli's
+``retain`` is what gimli's generality costs, and the distance from it to higher and
+TorchOpt says how far any exact method in eager PyTorch can get ahead of them.
+
+Timing as in ``run.py``: float32, one thread, a warm-up call of every method, then
+``--reps`` repetitions with the methods interleaved and their order rotated; a "×" is
+the median over repetitions of the ratio of two calls in the same repetition. Each
+floor hypergradient is also compared with retain's (float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from methods import Run, missing, prepare  # noqa: E402
+from tasks import TASKS, Batch, Instance  # noqa: E402
+
+FLOOR_TASKS = ("maml_sine", "l2_momentum")      # SGD tasks: the floor is written for SGD
+
+
+def floor(inst: Instance) -> Run:
+    """The hand-written Algorithm 1 for an SGD task (θ₀ or φ^loss meta-learned)."""
+    assert inst.opt_class is torch.optim.SGD and not inst.opt_kwargs.get("weight_decay", 0)
+    model = inst.model
+    names = [n for n, _ in model.named_parameters()]
+    lr = float(inst.opt_kwargs["lr"])
+    mu = float(inst.opt_kwargs.get("momentum", 0.0))
+
+    def run(batches: Sequence[Batch]) -> Tensor:
+        phi = {k: v.detach().clone().requires_grad_() for k, v in inst.phi_loss.items()}
+        leaves = list(phi.values())
+        theta = [p.detach() for p in model.parameters()]
+        buf: list[Tensor] | None = None
+        kept: list[tuple[list[Tensor], tuple[Tensor, ...]]] = []
+        for batch in batches:                                   # forward: G_j with its graph
+            t = [x.detach().requires_grad_() for x in theta]
+            params = dict(zip(names, t))
+            loss = inst.loss(lambda x: functional_call(model, params, (x,), tie_weights=False),
+                             params, batch, phi)
+            G = torch.autograd.grad(loss, t, create_graph=True)
+            kept.append((t, G))
+            with torch.no_grad():
+                d = [g.detach() for g in G]
+                if mu:
+                    buf = d if buf is None else torch._foreach_add(torch._foreach_mul(buf, mu), d)
+                    d = buf
+                theta = torch._foreach_add(theta, d, alpha=-lr)
+        t = [x.detach().requires_grad_() for x in theta]
+        params = dict(zip(names, t))
+        val = inst.val_loss(lambda x: functional_call(model, params, (x,), tie_weights=False), inst.val)
+        B = list(torch.autograd.grad(val, t))
+        S: list[Tensor] | None = None                           # the buffer's cotangent
+        A = [torch.zeros_like(x) for x in leaves]
+        for j in reversed(range(len(kept))):                    # the sweep
+            t, G = kept.pop()
+            o = torch._foreach_mul(B, -lr)                      # d̄ = −γ B
+            if mu:
+                o = o if S is None else torch._foreach_add(S, o)    # b̄' = S + d̄, and o_j = b̄'
+                S = torch._foreach_mul(o, mu) if j > 0 else None    # S_j = μ b̄' (none at the first)
+            hm = torch.autograd.grad(G, t + leaves, o)
+            B = torch._foreach_add(B, list(hm[:len(t)]))
+            A = torch._foreach_add(A, list(hm[len(t):])) if leaves else A
+        out = B if inst.kind == "init" else A             # θ₀'s hypergradient is B₀
+        return torch.cat([x.reshape(-1) for x in out]).detach()
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(FLOOR_TASKS))
+    parser.add_argument("--steps", default="20,80")
+    parser.add_argument("--reps", type=int, default=9)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    others = ["retain", "autograd"] + [m for m in ("higher", "torchopt") if missing(m) is None]
+    for name in args.tasks.split(","):
+        if name not in FLOOR_TASKS:
+            raise SystemExit(f"the floor is written for SGD tasks only: {', '.join(FLOOR_TASKS)}")
+        print(f"\n### {name}: {TASKS[name].summary}\n")
+        print("× the floor (the median over repetitions of the ratio of two calls in the same repetition)\n")
+        print("| J | floor (ms) | " + " | ".join(f"{m} ×" for m in others) + " | floor vs retain (max rel. diff) |")
+        print("|---:|---:|" + "---:|" * len(others) + "---:|")
+        for J in (int(s) for s in args.steps.split(",")):
+            inst = TASKS[name].build(J)
+            runs = {"floor": floor(inst), **{m: prepare(m, inst) for m in others}}
+            got = {m: r(inst.train) for m, r in runs.items()}          # warm-up, and the values
+            ref = got["retain"]
+            assert ref is not None and got["floor"] is not None
+            diff = float((got["floor"] - ref).abs().max() / ref.abs().max())
+            times: dict[str, list[float]] = {m: [] for m in runs}
+            order = list(runs)
+            for _ in range(args.reps):
+                order = order[1:] + order[:1]
+                for m in order:
+                    start = time.perf_counter()
+                    runs[m](inst.train)
+                    times[m].append(time.perf_counter() - start)
+            ratio = {m: statistics.median(a / b for a, b in zip(times[m], times["floor"])) for m in others}
+            print(f"| {J} | {1e3 * statistics.median(times['floor']):.1f} | "
+                  + " | ".join(f"{ratio[m]:.2f}" for m in others) + f" | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
