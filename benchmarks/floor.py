@@ -63,9 +63,9 @@ def floor(inst: Instance) -> Run:
             with torch.no_grad():
                 d = [g.detach() for g in G]
                 if mu:
-                    buf = d if buf is None else torch._foreach_add(torch._foreach_mul(buf, mu), d)
+                    buf = d if buf is None else list(torch._foreach_add(torch._foreach_mul(buf, mu), d))
                     d = buf
-                theta = torch._foreach_add(theta, d, alpha=-lr)
+                theta = list(torch._foreach_add(theta, d, alpha=-lr))
         t = [x.detach().requires_grad_() for x in theta]
         params = dict(zip(names, t))
         val = inst.val_loss(lambda x: functional_call(model, params, (x,), tie_weights=False), inst.val)
@@ -74,13 +74,13 @@ def floor(inst: Instance) -> Run:
         A = [torch.zeros_like(x) for x in leaves]
         for j in reversed(range(len(kept))):                    # the sweep
             t, G = kept.pop()
-            o = torch._foreach_mul(B, -lr)                      # d̄ = −γ B
+            o = list(torch._foreach_mul(B, -lr))                # d̄ = −γ B
             if mu:
-                o = o if S is None else torch._foreach_add(S, o)    # b̄' = S + d̄, and o_j = b̄'
-                S = torch._foreach_mul(o, mu) if j > 0 else None    # S_j = μ b̄' (none at the first)
+                o = o if S is None else list(torch._foreach_add(S, o))  # b̄' = S + d̄, and o_j = b̄'
+                S = list(torch._foreach_mul(o, mu)) if j > 0 else None  # S_j = μ b̄' (none at the first)
             hm = torch.autograd.grad(G, t + leaves, o)
-            B = torch._foreach_add(B, list(hm[:len(t)]))
-            A = torch._foreach_add(A, list(hm[len(t):])) if leaves else A
+            B = list(torch._foreach_add(B, list(hm[:len(t)])))
+            A = list(torch._foreach_add(A, list(hm[len(t):]))) if leaves else A
         out = B if inst.kind == "init" else A             # θ₀'s hypergradient is B₀
         return torch.cat([x.reshape(-1) for x in out]).detach()
     return run
