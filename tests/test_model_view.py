@@ -58,6 +58,21 @@ def assert_models_equal(a: nn.Module, b: nn.Module, atol: float = 1e-13) -> None
         torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=name)
 
 
+
+def assert_lr_and_commit_as_the_users_loop(solver: gimli.GimliSolver, model: nn.Module,
+                                           make: Callable[[float], Callable[[nn.Module], torch.optim.Optimizer]],
+                                           loss: Callable[[Any, Batch], torch.Tensor], train: list[Batch],
+                                           val: Batch) -> None:
+    """The hypergradient w.r.t. the lr (0.1) is the finite difference of the user's own
+    loop, and a commit leaves the model as that loop does."""
+    hg = float(solver.hypergradient(train, val)["hypers.lr"])
+    h = 1e-6
+    fd = (val_after(model, make(0.1 + h), loss, train, val) - val_after(model, make(0.1 - h), loss, train, val)) / (2 * h)
+    assert abs(hg - fd) <= 1e-7 * abs(fd)
+    expected = real_training(model, make(0.1), loss, train)
+    solver.hypergradient(train, val, commit=True)
+    assert_models_equal(model, expected)
+
 # --- 5: a frozen parameter inside the optimizer does not step --------------------------------
 @pytest.mark.parametrize("make", [
     lambda m, lr=0.1: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=0.01),
@@ -339,14 +354,7 @@ def test_layers_selected_by_type_and_state_dict_as_in_the_users_loop() -> None:
     solver = gimli.GimliSolver(model, lambda m, b, meta: loss(m, b), opt, gimli.MetaParams(opt, ["lr"]),
                                val_loss_fn=mse)
     assert isinstance(gimli.FunctionalModel(model, dict(model.named_parameters()), {})[0], nn.Linear)
-    hg = float(solver.hypergradient(data[:3], data[3])["hypers.lr"])
-    h = 1e-6
-    fd = (val_after(model, make(0.1 + h), loss, data[:3], data[3])
-          - val_after(model, make(0.1 - h), loss, data[:3], data[3])) / (2 * h)
-    assert abs(hg - fd) <= 1e-7 * abs(fd)
-    expected = real_training(model, make(0.1), loss, data[:3])
-    solver.hypergradient(data[:3], data[3], commit=True)
-    assert_models_equal(model, expected)
+    assert_lr_and_commit_as_the_users_loop(solver, model, make, loss, data[:3], data[3])
 
 
 class Fails(nn.Module):
@@ -401,11 +409,4 @@ def test_a_parametrized_module_trains_as_in_the_users_loop() -> None:
     data = batches(10, 4, 1, 4)
     opt = make(0.1)(model)
     solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, gimli.MetaParams(opt, ["lr"]))
-    hg = float(solver.hypergradient(data[:3], data[3])["hypers.lr"])
-    h = 1e-6
-    fd = (val_after(model, make(0.1 + h), mse, data[:3], data[3])
-          - val_after(model, make(0.1 - h), mse, data[:3], data[3])) / (2 * h)
-    assert abs(hg - fd) <= 1e-7 * abs(fd)
-    expected = real_training(model, make(0.1), mse, data[:3])
-    solver.hypergradient(data[:3], data[3], commit=True)
-    assert_models_equal(model, expected)
+    assert_lr_and_commit_as_the_users_loop(solver, model, make, mse, data[:3], data[3])
