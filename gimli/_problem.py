@@ -8,6 +8,7 @@ the oracle all go through it, so they evaluate the very same functions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ ValLossFn = Callable[..., Tensor]        # (model, batch) or (model, batch, meta
 
 
 class GimliWarning(UserWarning):
-    """A setup under which some hypergradient is identically zero (one of the paper's
-    Requirements I–III of §2.4 is not met)."""
+    """A setup under which some hypergradient is not what it seems: identically zero (one
+    of the paper's Requirements I–III of §2.4 is not met), or taken through an operation
+    whose second derivative this torch gets wrong."""
 
 
 class GimliInfo(UserWarning):
@@ -116,6 +118,7 @@ class Problem:
         names = [name_of[id(p)] for p in inner.params]
         frozen = [n for n, _ in model.named_parameters() if n not in set(names)]
         _check_dtypes(inner, meta)
+        _check_weight_norm(model)
         blind = inner.rule.insensitive_to_g if all(r.insensitive_to_g for r in inner.group_rules) else ""
         if blind and any(True for _ in meta.loss.parameters()):
             warnings.warn(f"{inner.name} {blind}: φ^loss (loss=) changes θ'_J through no step, so its "
@@ -282,6 +285,66 @@ def grad_of(outputs: Tensor | list[Tensor], inputs: list[Tensor], cotangents: li
 # the tensor types that need no __torch_function__ dispatch on the way
 _engine = getattr(torch.autograd.graph, "_engine_run_backward", None)
 _PLAIN = (Tensor, nn.Parameter)
+
+
+def _weight_normed(model: nn.Module) -> list[str]:
+    """The submodules that apply torch's weight norm: the parametrization
+    (``nn.utils.parametrizations.weight_norm``) or the older hook (``nn.utils.weight_norm``)."""
+    found = []
+    for name, module in model.named_modules():
+        plists = getattr(module, "parametrizations", None)
+        hooks = list(module._forward_pre_hooks.values())
+        if (plists is not None and any(type(p).__name__ == "_WeightNorm" for ps in plists.values() for p in ps)) \
+                or any(type(h).__name__ == "WeightNorm" and hasattr(h, "dim") for h in hooks):
+            found.append(name or type(model).__name__)
+    return found
+
+
+@functools.cache
+def weight_norm_hvp_error(device: str) -> float:
+    """How far the second derivative of ``torch._weight_norm`` on ``device`` is from finite
+    differences of its gradient (float64, a small nonlinear loss, the largest relative error
+    of a Hessian-vector product): about 1e-10 where torch differentiates it right. (torch
+    2.13 on the CPU: 0.04 to 5 depending on the dimension; written out as g·v/‖v‖, 1e-10.)"""
+    gen = torch.Generator().manual_seed(0)
+    v, g, x, u, w = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(device)
+                     for shape in ((4, 3), (4, 1), (5, 3), (4, 3), (4, 1)))
+
+    def grads(a: Tensor, b: Tensor, graph: bool) -> tuple[Tensor, ...]:
+        loss = torch.tanh(x @ torch._weight_norm(a, b, 0).T).pow(2).sum()
+        return torch.autograd.grad(loss, (a, b), create_graph=graph)
+
+    with torch.enable_grad():
+        a, b = v.clone().requires_grad_(), g.clone().requires_grad_()
+        hvp = torch.autograd.grad(grads(a, b, True), (a, b), (u, w))
+        h = 1e-6
+        plus = grads((v + h * u).requires_grad_(), (g + h * w).requires_grad_(), False)
+        minus = grads((v - h * u).requires_grad_(), (g - h * w).requires_grad_(), False)
+    return max(float((e - (p - q) / (2 * h)).abs().max() / ((p - q) / (2 * h)).abs().max())
+               for e, p, q in zip(hvp, plus, minus))
+
+
+def _check_weight_norm(model: nn.Module) -> None:
+    """Warn where the model applies torch's weight norm and this torch's second derivative of
+    it is wrong on the model's device: no exact hypergradient goes through it (gimli's, an
+    autograd unroll's, or any other method's built on autograd)."""
+    places = _weight_normed(model)
+    if not places:
+        return
+    device = str(next(model.parameters()).device)
+    try:
+        error = weight_norm_hvp_error(device)
+    except RuntimeError:                        # (a device without float64: not checked)
+        return
+    if error > 1e-6:
+        warnings.warn(f"the model applies torch's weight norm ({', '.join(places)}), whose second "
+                      f"derivative in this torch ({torch.__version__}, on {device}) is off by "
+                      f"{error:.2g} (relative) from finite differences of its gradient: every "
+                      f"hypergradient through it is wrong, gimli's and any autograd unroll's. Write "
+                      f"the weight norm out instead, as a parametrization computing g * v / "
+                      f"v.norm(dim=..., keepdim=True) (torch.nn.utils.parametrize."
+                      f"register_parametrization), whose second derivative autograd gets right",
+                      GimliWarning, stacklevel=4)
 
 
 def _check_dtypes(inner: InnerOptimizer, meta: MetaParams) -> None:

@@ -410,3 +410,60 @@ def test_a_parametrized_module_trains_as_in_the_users_loop() -> None:
     opt = make(0.1)(model)
     solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, gimli.MetaParams(opt, ["lr"]))
     assert_lr_and_commit_as_the_users_loop(solver, model, make, mse, data[:3], data[3])
+
+
+def _weight_normed_model(legacy: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4)
+    if legacy:
+        with pytest.warns(FutureWarning):                # (torch deprecates the hook for the parametrization)
+            layer = nn.utils.weight_norm(layer)
+    else:
+        layer = nn.utils.parametrizations.weight_norm(layer)
+    return nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 1)).double()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_torch_weight_norm_warns_where_its_second_derivative_is_wrong(legacy: bool) -> None:
+    """torch 2.13's ``_weight_norm`` has a second derivative (on the CPU) that is not its
+    gradient's derivative, so no hypergradient through a weight-normed layer is exact. The
+    solver says so when it is built, where this torch's is wrong (measured on the model's
+    device), and the warning is true: the hypergradient then misses the finite difference of
+    the user's own loop."""
+    from gimli._problem import weight_norm_hvp_error
+    model = _weight_normed_model(legacy)
+
+    def make(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+        return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.5)
+
+    opt = make(0.1)(model)
+    wrong = weight_norm_hvp_error("cpu") > 1e-6
+    if wrong:
+        with pytest.warns(gimli.GimliWarning, match="weight norm"):
+            solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, gimli.MetaParams(opt, ["lr"]))
+    else:
+        solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt, gimli.MetaParams(opt, ["lr"]))
+    data = batches(10, 3, 1, 4)
+    hg = float(solver.hypergradient(data[:3], data[3])["hypers.lr"])
+    if legacy:                                          # (torch cannot deepcopy that module: no loop twin)
+        return
+    h = 1e-6
+    fd = (val_after(model, make(0.1 + h), mse, data[:3], data[3])
+          - val_after(model, make(0.1 - h), mse, data[:3], data[3])) / (2 * h)
+    assert (abs(hg - fd) > 1e-5 * abs(fd)) == wrong
+
+
+def test_the_weight_norm_self_check_tells_a_right_second_derivative(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check behind that warning: torch's own ``_weight_norm`` against the same norm
+    written out (g·v/‖v‖ over dimension 0), whose second derivative autograd gets right."""
+    from gimli._problem import weight_norm_hvp_error
+    weight_norm_hvp_error.cache_clear()
+    torch_error = weight_norm_hvp_error("cpu")
+    monkeypatch.setattr(torch, "_weight_norm",
+                        lambda v, g, dim: g * v / v.norm(dim=tuple(range(1, v.dim())), keepdim=True))
+    weight_norm_hvp_error.cache_clear()
+    try:
+        assert weight_norm_hvp_error("cpu") < 1e-8
+    finally:
+        weight_norm_hvp_error.cache_clear()
+    assert torch_error > 1e-6 or torch_error < 1e-8     # (right or wrong, never in between)
