@@ -1,17 +1,21 @@
 """The floor of an exact hypergradient in eager PyTorch, next to gimli and its peers.
 
-    python benchmarks/floor.py                       # maml_sine and l2_momentum, J = 20 and 80
-    python benchmarks/floor.py --tasks maml_sine --steps 80 --reps 11
+    python benchmarks/floor.py                       # the four floor tasks, J = 20 and 80
+    python benchmarks/floor.py --tasks adam_lrs --steps 80 --reps 11
 
-"Floor": Algorithm 1 written out by hand for one task whose inner optimizer is SGD
-(with or without momentum, no weight decay): a forward unroll that keeps each G_j
-with its graph, then a reverse sweep with the closed-form SGD VJP and one
-Hessian-vector product per step, over lists of tensors with foreach operations.
-Nothing else: no checks, no schedules, no optimizer state read or written back, no
-view of the model beyond ``torch.func.functional_call``. It is the least the same
-algorithm costs with the same autograd calls, so the distance from it to gimli's
-``retain`` is what gimli's generality costs, and the distance from it to higher and
-TorchOpt says how far any exact method in eager PyTorch can get ahead of them.
+"Floor": Algorithm 1 written out by hand for one task, in two versions. For the SGD
+tasks (with or without momentum, no weight decay): a forward unroll that keeps each
+G_j with its graph, then a reverse sweep with the closed-form SGD VJP and one
+Hessian-vector product per step. For the Adam tasks (lrs meta-learned, no weight
+decay, amsgrad or maximize): the same, with the forward also keeping what Adam's VJP
+reads (√v̂, its ε-shifted denominator and the update), the constants (β₁, β₂, ε, the
+bias corrections, the lrs) as Python floats, and the lrs' cotangent summed once at the
+end. Both work over lists of tensors with foreach operations and do nothing else: no
+checks, no schedules, no optimizer state read or written back, no view of the model
+beyond ``torch.func.functional_call``. It is the least the same algorithm costs with
+the same autograd calls, so the distance from it to gimli's ``retain`` is what gimli's
+generality costs, and the distance from it to the autograd unroll, higher and TorchOpt
+says how far any exact method in eager PyTorch can get ahead of them.
 
 Timing as in ``run.py``: float32, one thread, a warm-up call of every method, then
 ``--reps`` repetitions with the methods interleaved and their order rotated; a "×" is
@@ -36,10 +40,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from methods import Run, missing, prepare  # noqa: E402
 from tasks import TASKS, Batch, Instance  # noqa: E402
 
-FLOOR_TASKS = ("maml_sine", "l2_momentum")      # SGD tasks: the floor is written for SGD
+FLOOR_TASKS = ("maml_sine", "l2_momentum", "adam_lrs", "cnn_adam")
 
 
 def floor(inst: Instance) -> Run:
+    """The hand-written Algorithm 1 for the task: SGD's or Adam's."""
+    return adam_floor(inst) if inst.opt_class is torch.optim.Adam else sgd_floor(inst)
+
+
+def sgd_floor(inst: Instance) -> Run:
     """The hand-written Algorithm 1 for an SGD task (θ₀ or φ^loss meta-learned)."""
     assert inst.opt_class is torch.optim.SGD and not inst.opt_kwargs.get("weight_decay", 0)
     model = inst.model
@@ -86,6 +95,87 @@ def floor(inst: Instance) -> Run:
     return run
 
 
+def adam_floor(inst: Instance) -> Run:
+    """The hand-written Algorithm 1 for Adam (no weight decay, amsgrad or maximize, from
+    a fresh state) with its learning rate meta-learned, one per param group.
+
+    Everything that does not depend on the hypergradient's inputs is a Python float
+    (β₁, β₂, ε, the bias corrections, each group's lr), every elementwise step is a
+    foreach call over the parameter tensors, the forward keeps what the VJP reads (G_j
+    and its graph, δ = √v'/√c₂ + ε, the update m'/δ and the update over √v'/√c₂, 0 where
+    that root is 0: gimli's guard), and the lrs' cotangent
+    is accumulated per element and summed once at the end.
+    """
+    assert inst.opt_class is torch.optim.Adam and inst.kind == "lr"
+    kw = inst.opt_kwargs
+    assert not kw.get("weight_decay", 0) and not kw.get("amsgrad") and not kw.get("maximize")
+    b1, b2 = kw.get("betas", (0.9, 0.999))
+    eps = float(kw.get("eps", 1e-8))
+    model = inst.model
+    names = [n for n, _ in model.named_parameters()]
+    group_of = {n: i for i, g in enumerate(inst.lr_groups) for n in g}
+    groups = [group_of[n] for n in names]                   # each tensor's group
+    tiny = torch.finfo(next(model.parameters()).dtype).tiny
+
+    def run(batches: Sequence[Batch]) -> Tensor:
+        lrs = [float(kw["lr"])] * len(inst.lr_groups)
+        lr = [lrs[i] for i in groups]
+        theta = [p.detach() for p in model.parameters()]
+        m = [torch.zeros_like(x) for x in theta]
+        v = [torch.zeros_like(x) for x in theta]
+        kept: list[tuple[list[Tensor], tuple[Tensor, ...], list[Tensor], list[Tensor], list[Tensor]]] = []
+        for j, batch in enumerate(batches):                     # forward
+            t = [x.detach().requires_grad_() for x in theta]
+            params = dict(zip(names, t))
+            loss = inst.loss(lambda x: functional_call(model, params, (x,), tie_weights=False),
+                             params, batch, {})
+            G = torch.autograd.grad(loss, t, create_graph=True)
+            with torch.no_grad():
+                c1, c2 = 1 - b1 ** (j + 1), 1 - b2 ** (j + 1)
+                m = list(torch._foreach_lerp(m, G, 1 - b1))
+                v = list(torch._foreach_mul(v, b2))
+                torch._foreach_addcmul_(v, G, G, 1 - b2)
+                r = list(torch._foreach_sqrt(v))
+                torch._foreach_div_(r, c2 ** 0.5)
+                den = list(torch._foreach_add(r, eps))
+                u = list(torch._foreach_div(m, den))
+                theta = list(torch._foreach_add(theta, torch._foreach_mul(u, [-x / c1 for x in lr])))
+                # w = u/r, the factor of δ̄ that ū's division by r needs, and 0 where r = 0
+                # (the guard at √0, as gimli's)
+                w = list(torch._foreach_mul(u, [(x > 0).to(x.dtype) for x in r]))
+                torch._foreach_div_(w, torch._foreach_clamp_min(r, tiny))
+            kept.append((t, G, den, u, w))
+        t = [x.detach().requires_grad_() for x in theta]
+        params = dict(zip(names, t))
+        val = inst.val_loss(lambda x: functional_call(model, params, (x,), tie_weights=False), inst.val)
+        B = list(torch.autograd.grad(val, t))
+        Sm: list[Tensor] | None = None
+        Sv: list[Tensor] | None = None
+        acc = [torch.zeros_like(x) for x in theta]              # ∂/∂γ per element, summed at the end
+        for j in reversed(range(len(kept))):                    # the sweep
+            t, G, den, u, w = kept.pop()
+            with torch.no_grad():
+                c1, c2 = 1 - b1 ** (j + 1), 1 - b2 ** (j + 1)
+                torch._foreach_addcmul_(acc, B, u, -1 / c1)     # θ' = θ − (γ/c₁)·u
+                kP = list(torch._foreach_div(B, den))
+                torch._foreach_mul_(kP, [x / c1 for x in lr])   # κP/δ
+                mb = list(torch._foreach_neg(kP)) if Sm is None else list(torch._foreach_sub(Sm, kP))
+                db = list(torch._foreach_mul(kP, w))            # δ̄/r
+                vb = list(torch._foreach_mul(db, 0.5 / c2)) if Sv is None \
+                    else list(torch._foreach_add(Sv, db, alpha=0.5 / c2))
+                gb = list(torch._foreach_mul(mb, 1 - b1))
+                torch._foreach_addcmul_(gb, G, vb, 2 * (1 - b2))
+                Sm = list(torch._foreach_mul(mb, b1))
+                Sv = list(torch._foreach_mul(vb, b2))
+            h = torch.autograd.grad(G, t, gb)
+            torch._foreach_add_(B, h)
+        out = torch.zeros(len(inst.lr_groups), dtype=acc[0].dtype)
+        for i, a in zip(groups, acc):
+            out[i] += a.sum()
+        return out
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(FLOOR_TASKS))
@@ -96,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     others = ["retain", "autograd"] + [m for m in ("higher", "torchopt") if missing(m) is None]
     for name in args.tasks.split(","):
         if name not in FLOOR_TASKS:
-            raise SystemExit(f"the floor is written for SGD tasks only: {', '.join(FLOOR_TASKS)}")
+            raise SystemExit(f"the floor is written for these tasks only: {', '.join(FLOOR_TASKS)}")
         print(f"\n### {name}: {TASKS[name].summary}\n")
         print("× the floor (the median over repetitions of the ratio of two calls in the same repetition)\n")
         print("| J | floor (ms) | " + " | ".join(f"{m} ×" for m in others) + " | floor vs retain (max rel. diff) |")

@@ -350,3 +350,69 @@ def test_reading_the_state_the_step_produced_changes_no_bit(row: OptimRow, data:
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def _ops_with(name: str, floats: bool, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> tuple[int, float, float]:
+    """Operations in one hypergradient of a 4-step unroll whose lr is learned (its rule's
+    ``floats`` as built, or none), with that hypergradient and the autograd unroll's."""
+    import dataclasses
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cls = getattr(torch.optim, name)
+    if not floats:
+        monkeypatch.setitem(SUPPORTED, cls, dataclasses.replace(SUPPORTED[cls], floats=()))
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    opt = cls(model.parameters(), lr=0.05, **kwargs)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt,
+                               gimli.MetaParams(opt, ["lr"]))
+    data = regression_batches(7, 3, 1, 5)
+    solver.hypergradient(data[:4], data[4])
+    with Count():
+        got = solver.hypergradient(data[:4], data[4])
+    want = gimli.full_unroll_hypergradient(solver, data[:4], data[4])
+    monkeypatch.undo()
+    return Count.ops, float(got["hypers.lr"]), float(want["hypers.lr"])
+
+
+@pytest.mark.parametrize("name, kwargs, fewer", [
+    # β₁^t, 1 − β₁^t, β₂^t, 1 − β₂^t and √c₂ in the step, the same five in the VJP
+    ("Adam", {"betas": (0.8, 0.95)}, 10),
+    ("AdamW", {}, 10),
+    ("SGD", {"momentum": 0.9, "dampening": 0.1}, 1),    # 1 − τ in the step
+])
+def test_a_param_groups_number_reaches_the_rule_as_a_float(name: str, kwargs: dict[str, Any], fewer: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """β₁, β₂, ε (Adam) and the momentum and dampening (SGD) that a param group holds and
+    no meta-parameter learns reach the rule as Python floats (``Rule.floats``), as
+    torch.optim keeps them: the bias corrections and 1 − β cost no tensor operation,
+    and the hypergradient is still the autograd unroll's."""
+    as_tensors, _, _ = _ops_with(name, False, monkeypatch, **kwargs)
+    as_floats, got, want = _ops_with(name, True, monkeypatch, **kwargs)
+    assert as_tensors - as_floats >= fewer * 4                      # (4 steps)
+    assert got != 0 and abs(got - want) <= 1e-10 * abs(want)
+
+
+@pytest.mark.parametrize("hyper", ["beta1", "beta2", "eps"])
+def test_a_learned_number_is_not_taken_as_a_float(hyper: str) -> None:
+    """A hyperparameter that a meta-parameter learns stays a tensor with its cotangent,
+    though its value is the param group's number: its hypergradient is the autograd
+    unroll's."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt,
+                               gimli.MetaParams(opt, [hyper]))
+    data = regression_batches(8, 3, 1, 5)
+    got = float(solver.hypergradient(data[:4], data[4])[f"hypers.{hyper}"])
+    want = float(gimli.full_unroll_hypergradient(solver, data[:4], data[4])[f"hypers.{hyper}"])
+    assert got != 0 and abs(got - want) <= 1e-10 * abs(want)

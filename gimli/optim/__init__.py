@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import learned
 from ._core import VJP, Hypers, Interval, hyper_dtype
 from ._joint import Joint, joint, joint_state_type, parts
-from ._rule import Call, Laid, Rule, _Kind, constant_zero, field_kinds
+from ._rule import Call, Laid, Rule, _Kind, field_kinds, record_constant
 from ._rule import key as call_key
 from .custom import CustomRule, InitFn, StepFn, VjpFn
 from .learned import LearnedOptimizer
@@ -234,9 +234,9 @@ class InnerOptimizer:
                 return value.detach()
             key = (repr(value), hyper_dtype(like.dtype), like.device)
             if key not in made:
-                made[key] = _as_tensor(value, like)
-                if value == 0:                  # (a rule may skip its terms: Rule.skips_zero)
-                    constant_zero(made[key])
+                # (recorded: a rule may skip its terms at 0, Rule.skips_zero, or take the
+                # number as it is, Rule.floats)
+                made[key] = record_constant(_as_tensor(value, like), value)
             return made[key]
 
         return {name: cast(list[Tensor], [constant(values[g].get(name), p)     # (None: Hypers)

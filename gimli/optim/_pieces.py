@@ -9,7 +9,7 @@ end: all are elementwise) with hyperparameters that broadcast against it.
   :data:`NO_DECAY`) is skipped, as torch.optim skips it, and so is its VJP; the VJPs
   form the cotangents of λ and γ only where ``need`` asks for them;
 * the exponential moving average m' = βm + (1 − β)x;
-* the bias correction c = 1 − β^t;
+* the bias correction c = 1 − β^t, and √c;
 * the square root at 0, whose cotangent is set to its true value 0 where the radicand
   is 0 and nothing downstream depends on it (the optimizers' guards);
 * the maximum u = max(x, y), with the cotangent split evenly at a tie.
@@ -99,6 +99,12 @@ def ema_vjp(bar: Tensor, old: Tensor, x: Tensor, beta: Tensor) -> tuple[Tensor, 
 def bias_correction(beta: Tensor, t: int) -> Tensor:
     """c = 1 − β^t at step t ≥ 1 (P7)."""
     return 1 - beta ** t
+
+
+def root(x: Tensor | float) -> Tensor | float:
+    """√x, of a tensor or of a Python float (a param group's number, ``Rule.floats``; as
+    torch.optim takes it, ``x ** 0.5``)."""
+    return x ** 0.5 if isinstance(x, float) else x.sqrt()
 
 
 def bias_correction_grad(beta: Tensor, t: int) -> Tensor:

@@ -94,6 +94,10 @@ class Rule:
     # hyperparameters it takes as the float 0.0 (``_pieces.NO_DECAY``) where they are the
     # constant 0, not learned, and then skips, as torch.optim does (its weight decay)
     skips_zero: tuple[str, ...] = ()
+    # hyperparameters its step and vjp also take as a Python float, which the multi-tensor
+    # path passes where the value is a param group's number (not learned, not scheduled):
+    # torch.optim's own arithmetic on it, and no 0-dim tensor operation per step
+    floats: tuple[str, ...] = ()
 
     def ranges_for(self, flags: Any) -> Mapping[str, Interval]:
         """Each hyperparameter's valid values for a group built with these flags."""
@@ -311,37 +315,47 @@ def _stored(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     return x if dtype is None or x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
 
 
-# the hyperparameter values made from a param group's 0 (``constant_zero``), by id while
-# they live: a rule that ``skips_zero`` that hyperparameter gets the float 0.0 for them.
-# (Not a WeakSet: it compares tensors with ==, elementwise, and reads the result.)
-_CONSTANT_ZEROS: dict[int, weakref.ref[Tensor]] = {}
+# the hyperparameter values made from a param group's number (``record_constant``), by id while
+# they live, with that number: a rule that ``skips_zero`` a hyperparameter gets the float
+# 0.0 for its zeros, and one that takes it among its ``floats`` gets the number itself.
+# (Not a WeakKeyDictionary: it compares tensors with ==, elementwise, and reads the result.)
+_CONSTANTS: dict[int, tuple[weakref.ref[Tensor], float]] = {}
 
 
-def constant_zero(value: Tensor) -> Tensor:
-    """``value``, a 0-dim tensor made from a param group's 0, recorded as such."""
+def record_constant(value: Tensor, number: float) -> Tensor:
+    """``value``, a 0-dim tensor made from a param group's ``number``, recorded as such."""
     key = id(value)
-    _CONSTANT_ZEROS[key] = weakref.ref(value, lambda _: _CONSTANT_ZEROS.pop(key, None))
+    _CONSTANTS[key] = (weakref.ref(value, lambda _: _CONSTANTS.pop(key, None)), float(number))
     return value
 
 
-def is_constant_zero(value: Tensor | None) -> bool:
-    """Made by :func:`constant_zero` and not changed in place since."""
+def constant_value(value: Tensor | None) -> float | None:
+    """The param group's number ``value`` was made from by :func:`record_constant`, if it has not
+    been changed in place since; else None."""
     if value is None:
-        return False
-    ref = _CONSTANT_ZEROS.get(id(value))
-    return ref is not None and ref() is value and value._version == 0
+        return None
+    kept = _CONSTANTS.get(id(value))
+    return kept[1] if kept is not None and kept[0]() is value and value._version == 0 else None
+
+
+def _one_number(values: list[Tensor]) -> float | None:
+    """The number all ``values`` were made from by :func:`record_constant`, if they share one."""
+    numbers = {constant_value(v) for v in values}
+    return next(iter(numbers)) if len(numbers) == 1 else None
 
 
 class _Plan(NamedTuple):
     """How one flat call carries each argument, decided before it runs (hashable: what a
     compiled call specializes on)."""
 
-    hypers: tuple[tuple[str, str], ...]     # (name, "one" | "spread" | "elements" | "module" | "zero")
+    # (name, "one" | "spread" | "elements" | "module" | "zero" | "float")
+    hypers: tuple[tuple[str, str], ...]
     per_tensor: tuple[bool, ...]            # per State field: one number per tensor (pick/place)
     dtypes: tuple[torch.dtype | None, ...]  # per State field: the dtype its new value is stored in
     # the VJP may read the state the step produced (Rule.reads_after): stored as computed,
     # in the parameters' dtype, and no reduced-precision widening in between
     after: bool = False
+    numbers: tuple[float, ...] = ()         # the "float" hyperparameters' values, in order
 
 
 class Call:
@@ -404,14 +418,19 @@ class Call:
         return plan
 
     def _make_plan(self, state: Any, hp: Mapping[str, list[Tensor]]) -> _Plan:
-        hypers = []
+        hypers, numbers = [], []
         for name, values in hp.items():
             mine = self.mine(values)
             first = mine[0]
-            hypers.append((name, "module" if name not in self.rule.hypers else
-                           "zero" if name in self.rule.skips_zero and all(is_constant_zero(v) for v in mine) else
-                           "one" if first.dim() == 0 and all(v is first for v in mine) else
-                           "spread" if all(v.dim() == 0 for v in mine) else "elements"))
+            number = _one_number(mine) if name in self.rule.skips_zero or name in self.rule.floats else None
+            how = ("module" if name not in self.rule.hypers else
+                   "zero" if name in self.rule.skips_zero and number == 0.0 else
+                   "float" if name in self.rule.floats and number is not None else
+                   "one" if first.dim() == 0 and all(v is first for v in mine) else
+                   "spread" if all(v.dim() == 0 for v in mine) else "elements")
+            hypers.append((name, how))
+            if how == "float":
+                numbers.append(cast(float, number))
         i = self.idx[0]
         per_tensor, dtypes = [], []
         for name, values, kind in zip(type(state)._fields, state, self.kinds):
@@ -427,7 +446,7 @@ class Call:
                           None if kind.kind == "scalar" else self.param_dtype)
         after = self.rule.reads_after and not self.reduced and \
             all(d == self.param_dtype for d, k in zip(dtypes, self.kinds) if k.kind == "full")
-        return _Plan(tuple(hypers), tuple(per_tensor), tuple(dtypes), after)
+        return _Plan(tuple(hypers), tuple(per_tensor), tuple(dtypes), after, tuple(numbers))
 
     # -- the flat path's pieces (read by _flat_step and _flat_vjp) --------------------------
     def state_in(self, state: Any) -> Any:
@@ -441,11 +460,16 @@ class Call:
         return type(state)(*fields)
 
     def hypers_in(self, plan: _Plan, hp: Mapping[str, list[Tensor]]) -> dict[str, Any]:
-        """Each hyperparameter as the rule takes it: a tensor, or NO_DECAY (its skips_zero)."""
+        """Each hyperparameter as the rule takes it: a tensor, NO_DECAY (its skips_zero) or
+        the param group's number (its floats)."""
         seg = self.segments
         assert seg is not None
-        out = {}
+        out: dict[str, Any] = {}
+        numbers = iter(plan.numbers)
         for name, how in plan.hypers:
+            if how == "float":
+                out[name] = next(numbers)
+                continue
             mine = self.mine(hp[name])
             out[name] = (NO_DECAY if how == "zero" else mine[0] if how in ("one", "module")
                          else self._spread_of(name, mine)
@@ -515,7 +539,7 @@ class Call:
                 out[name] = [torch.zeros_like(v) for v in like]
             elif how == "module":                           # a module's weight: the call's total
                 out[name] = [a] + [torch.zeros_like(v) for v in like[1:]]
-            elif how in ("one", "spread"):
+            elif how in ("one", "spread", "float"):
                 out[name] = seg.sums(a)
             else:
                 out[name] = [x.sum() if v.dim() == 0 else x for x, v in zip(seg.split(a), like)]

@@ -83,7 +83,7 @@ class _Forward(NamedTuple):
     m1: Tensor
     v1: Tensor
     u: Tensor
-    c1: Tensor          # the hyperparameters' shape
+    c1: Tensor          # the hyperparameters' shape (or floats, as β₁ and β₂ may be)
     c2: Tensor
     r: Tensor
     delta: Tensor
@@ -104,7 +104,7 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
         u = torch.maximum(s.max_exp_avg_sq, v1) if s.max_exp_avg_sq is not None else v1    # (A4)
     t = s.step + 1
     c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)   # (A5)
-    r = u.sqrt() / c2.sqrt()                                        # (A6)
+    r = u.sqrt() / pc.root(c2)                                      # (A6)
     return _Forward(t, g2, p1, m1, v1, u, c1, c2, r, r + eps)
 
 
@@ -160,5 +160,6 @@ RULE = Rule(
     ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
     skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
+    floats=("beta1", "beta2", "eps"),
     group_keys=BETAS_KEYS, reads_after=True,
 )

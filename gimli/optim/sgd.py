@@ -134,4 +134,4 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
 
 RULE = Rule(hypers=HYPERS, ranges=RANGES, read_group=read_group, read_state=read_state,
             step=step, vjp=vjp, inactive=inactive_hypers, narrowed=ranges,
-            skips_zero=("weight_decay",), reads_after=True)
+            skips_zero=("weight_decay",), floats=("momentum", "dampening"), reads_after=True)
