@@ -23,7 +23,7 @@ from torch import Tensor
 from ._problem import Problem, grad_of
 from ._schedule import Schedule
 from ._unroll import Point, Step, Unroll, add_note, describe_batch
-from .optim._rule import Laid
+from .optim._rule import ElementSums, Laid
 
 
 class Sweep(NamedTuple):
@@ -61,6 +61,21 @@ def _accumulate(totals: list[Tensor], terms: Sequence[Tensor | None]) -> None:
     for i, t in pairs:
         if i not in done:
             totals[i] = totals[i] + t
+
+
+def _add_per_element(totals: dict[str, ElementSums], name: str, term: ElementSums,
+                     per_tensor: list[Tensor]) -> None:
+    """totals[name] += term, per element (in place, in the sweep's own tensor). Where the
+    term's tensors are laid out differently from the total's (another rule call: a tensor
+    without a gradient at this step), the total is summed into ``per_tensor`` first."""
+    kept = totals.get(name)
+    if kept is not None and kept.segments is not term.segments:
+        _accumulate(per_tensor, kept.segments.sums(kept.flat))
+        kept = None
+    if kept is None:
+        seg = term.segments
+        kept = totals[name] = ElementSums(torch.zeros(seg.total, dtype=term.flat.dtype, device=seg.device), seg)
+    kept.flat.add_(term.flat)
 
 
 def _or_zeros(grads: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
@@ -113,14 +128,23 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     S = _zeros_like_state(final.state)
     after = final.state                         # σ_{j+1}: what step j produced (its VJP reads it)
     targets = n if not first_order else 0       # first-order: no ∇²_θ ℓ term
+    # a hyperparameter that is one number per tensor, without a schedule: its a_j added per
+    # element over the steps and summed per tensor once, at the end (_add_per_element)
+    defer = need - stepwise if schedule is None else frozenset()
+    per_element: dict[str, ElementSums] = {}
     for step in steps:                                          # line 10: j = J−1 … 0
         assert isinstance(step, Step)
         j, theta, G = step.j, step.theta, step.grads
         # line 11–12: o_j = B_{j+1}·O_j and a_j, with b_j and S_j, from the optimizer's VJP
         with torch.no_grad():                                   # (θ'_j and G_j read as values)
-            out = inner.vjp(theta, step.state, G, unroll.hypers[j], B, S, need, after=after)
+            out = inner.vjp(theta, step.state, G, unroll.hypers[j], B, S, need, after=after, defer=defer)
         for name in need:                                       # line 12: A^opt += a_j
-            a_j = out.hypers[name] if schedule is None else schedule.pull_back(j, name, out.hypers[name])
+            a_j = out.hypers[name]
+            if isinstance(a_j, ElementSums):
+                _add_per_element(per_element, name, a_j, A_opt[name])
+                continue
+            if schedule is not None:
+                a_j = schedule.pull_back(j, name, a_j)
             if name in stepwise:                                # its own entry per step
                 A_step[name][j] = [a if a is not None or v is None else torch.zeros_like(v)
                                    for a, v in zip(a_j, unroll.hypers[j][name])]
@@ -139,6 +163,8 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         _accumulate(B, hm[:targets])        # (b_j is the sweep's own: InnerOptimizer.vjp)
         S = out.state
         after = step.state
+    for name, total in per_element.items():
+        _accumulate(A_opt[name], total.segments.sums(total.flat))
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]
     return Sweep(B, A_opt, A_loss, val.item(), final, reached, A_step)

@@ -416,3 +416,62 @@ def test_a_learned_number_is_not_taken_as_a_float(hyper: str) -> None:
     got = float(solver.hypergradient(data[:4], data[4])[f"hypers.{hyper}"])
     want = float(gimli.full_unroll_hypergradient(solver, data[:4], data[4])[f"hypers.{hyper}"])
     assert got != 0 and abs(got - want) <= 1e-10 * abs(want)
+
+
+def _sums_and_hypergradient(J: int, skip_odd: bool = False) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """aten.sum calls in one hypergradient of per-tensor Adam lrs over J steps, with that
+    hypergradient and the autograd unroll's. ``skip_odd``: a parameter that the loss
+    reads only on even steps (no gradient, so no step, on odd ones)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+            self.shift = nn.Parameter(torch.full((1,), 0.3))
+
+        def forward(self, x: torch.Tensor, shifted: bool) -> torch.Tensor:
+            out = self.body(x)
+            return out + self.shift if shifted else out
+
+    torch.manual_seed(6)
+    model = Net().double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    data = [(x, y, not skip_odd or j % 2 == 0) for j, (x, y) in enumerate(regression_batches(7, 3, 1, J + 1))]
+    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0], b[2]), b[1]), opt,
+                               gimli.MetaParams(opt, {"lr": "tensor"}))
+    solver.hypergradient(data[:J], data[J])
+    with Count() as count:
+        got = solver.hypergradient(data[:J], data[J])["hypers.lr"]
+    want = gimli.full_unroll_hypergradient(solver, data[:J], data[J])["hypers.lr"]
+    return count.ops["aten.sum.default"], got, want
+
+
+def test_a_per_tensor_cotangent_is_summed_once_not_once_a_step() -> None:
+    """An lr that is one number per tensor gets its cotangent per element from the VJP;
+    the sweep adds those over the steps and sums per tensor once, at the end (the five
+    tensors' five sums, whatever J), and the hypergradient is the autograd unroll's."""
+    short, got_short, want_short = _sums_and_hypergradient(3)
+    long, got, want = _sums_and_hypergradient(6)
+    assert short == long == 5
+    for a, b in ((got_short, want_short), (got, want)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14) and a.abs().min() > 0
+
+
+def test_a_tensor_without_a_gradient_at_some_steps_keeps_its_per_tensor_sums() -> None:
+    """On odd steps one tensor has no gradient, so the steps run in calls of different
+    tensors: the per-element totals are summed per tensor where the layout changes, and
+    the hypergradient is still the autograd unroll's."""
+    _, got, want = _sums_and_hypergradient(5, skip_odd=True)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14) and got.abs().min() > 0

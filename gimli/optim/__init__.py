@@ -321,17 +321,20 @@ class InnerOptimizer:
         return own, at, hp_own, need & frozenset(hp_own)
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None], hp: Hypers,
-            cot_params: list[Tensor], cot_state: Any, need: frozenset[str], after: Any = None) -> VJP:
+            cot_params: list[Tensor], cot_state: Any, need: frozenset[str], after: Any = None,
+            defer: frozenset[str] = frozenset()) -> VJP:
         """The four cotangents of :meth:`step`. A tensor that did not step passes
         its cotangents through unchanged and gets no o_j (``None``) and no a_j. Each b_j
         is a new tensor or one of ``cot_params`` (never θ, G or the state), so the
         caller may add to it in place. ``after``: the state :meth:`step` produced from these
         arguments, if the caller holds it (the sweep does: σ_{j+1}); a rule that
-        ``reads_after`` then reads its new moments instead of recomputing them."""
+        ``reads_after`` then reads its new moments instead of recomputing them.
+        ``defer``: hyperparameters whose a_j may come back per element, not yet summed per
+        tensor (``_rule.ElementSums``), where one rule call steps every tensor."""
         calls = self._calls(params, grads, state)
         if len(calls) == 1 and len(calls[0].idx) == len(params) and not self.mixed:
             b_k, s_k, o_k, a_k = calls[0].vjp(params, state, grads, hp, cot_params, cot_state, need,
-                                              after)
+                                              after, defer)
             return VJP(b_k, type(cot_state)(*s_k), o_k, a_k)    # one call, every tensor
         b = list(cot_params)
         s = [list(field) for field in cot_state]

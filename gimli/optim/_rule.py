@@ -264,6 +264,16 @@ def _laid_end_to_end(values: list[Tensor], total: int) -> Tensor | None:
     return first.as_strided((total,), (1,), first.storage_offset())
 
 
+class ElementSums(NamedTuple):
+    """A hyperparameter's cotangent from one flat call, per element, not yet summed per
+    tensor: what :meth:`Call.vjp` returns for the names in ``defer``, so that a caller
+    that adds the cotangents of many steps (the sweep) adds them per element and sums
+    once (``segments.sums``) instead of once a step."""
+
+    flat: Tensor                # per element, or 0-dim (the same for every element)
+    segments: Segments
+
+
 # --- running a rule over one call's tensors ----------------------------------------------
 class _Kind(NamedTuple):
     """How a State field is carried through a flat call."""
@@ -390,14 +400,16 @@ class Call:
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
             hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
-            need: frozenset[str], after: Any = None) -> tuple[list[Tensor], list[list[Any]],
-                                                               list[Tensor], dict[str, list[Tensor]]]:
+            need: frozenset[str], after: Any = None, defer: frozenset[str] = frozenset()
+            ) -> tuple[list[Tensor], list[list[Any]], list[Tensor], dict[str, Any]]:
         """b_j, S_j (per field), o_j and a_j (per hyperparameter) for the call's tensors.
-        ``after``: the state this step produced, if known (for a rule that ``reads_after``)."""
+        ``after``: the state this step produced, if known (for a rule that ``reads_after``).
+        ``defer``: names whose a_j may come back as :class:`ElementSums` (one number per
+        tensor, on the flat path) instead of a list."""
         if self.segments is None:
             return self._vjp_each(params, state, grads, hp, cot_params, cot_state, need)
         return _flat_vjp(self, self._plan(state, hp), params, state, grads, hp, cot_params,
-                         cot_state, need, after)
+                         cot_state, need, after, defer)
 
     def _compiling(self) -> bool:
         """Whether this call's rule runs compiled: asked for, and nothing is recorded for
@@ -525,11 +537,12 @@ class Call:
         return out
 
     def hypers_out(self, plan: _Plan, found: Mapping[str, Tensor], hp: Mapping[str, list[Tensor]],
-                   need: frozenset[str]) -> dict[str, list[Tensor]]:
-        """Each needed hyperparameter's cotangent per tensor, in its own shape there."""
+                   need: frozenset[str], defer: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Each needed hyperparameter's cotangent per tensor, in its own shape there; for a
+        name in ``defer`` that is one number per tensor, per element (:class:`ElementSums`)."""
         seg = self.segments
         assert seg is not None
-        out = {}
+        out: dict[str, Any] = {}
         for name, how in plan.hypers:
             if name not in need:
                 continue
@@ -540,7 +553,7 @@ class Call:
             elif how == "module":                           # a module's weight: the call's total
                 out[name] = [a] + [torch.zeros_like(v) for v in like[1:]]
             elif how in ("one", "spread", "float"):
-                out[name] = seg.sums(a)
+                out[name] = ElementSums(a, seg) if name in defer else seg.sums(a)
             else:
                 out[name] = [x.sum() if v.dim() == 0 else x for x, v in zip(seg.split(a), like)]
         return out
@@ -604,8 +617,8 @@ def _flat_step(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads:
 
 def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: list[Tensor | None],
               hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
-              need: frozenset[str], after: Any = None) -> tuple[list[Tensor], list[list[Any]],
-                                                                 list[Tensor], dict[str, list[Tensor]]]:
+              need: frozenset[str], after: Any = None, defer: frozenset[str] = frozenset()
+              ) -> tuple[list[Tensor], list[list[Any]], list[Tensor], dict[str, Any]]:
     """One flat call's VJP, as :func:`_flat_step`."""
     seg = call.segments
     assert seg is not None
@@ -636,7 +649,7 @@ def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: 
             fields.append(seg.sums(x))
         else:
             fields.append(seg.split(x))
-    return seg.split(out.params), fields, seg.split(out.grads), call.hypers_out(plan, out.hypers, hp, need)
+    return seg.split(out.params), fields, seg.split(out.grads), call.hypers_out(plan, out.hypers, hp, need, defer)
 
 
 _COMPILED: dict[Any, Any] = {}
