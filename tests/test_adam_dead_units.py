@@ -84,3 +84,33 @@ def test_dead_units_finite_and_match_finite_differences(cls: type, kwargs: dict,
     # θ₀ of the dead unit: perturbing it keeps the unit dead, the derivative is exactly 0
     assert torch.all(got["init.0.bias"][0] == 0)
     assert torch.all(got["init.0.weight"][0] == 0)
+
+
+@pytest.mark.parametrize("cls,kwargs,names,steps", [
+    # (forward mode carries one tangent per learned number: at most J of them)
+    (torch.optim.Adam, ADAM, NAMES[:4], 5),
+    (torch.optim.Adagrad, ADAGRAD, ["lr", "lr_decay", "eps"], STEPS),
+    (torch.optim.RMSprop, RMSPROP, ["lr", "alpha", "eps"], STEPS),
+    (torch.optim.NAdam, {**ADAM, "momentum_decay": 4e-3}, NAMES[:4], 5),
+    (torch.optim.RAdam, ADAM, NAMES[:4], 8),
+], ids=["Adam", "Adagrad", "RMSprop", "NAdam", "RAdam"])
+def test_dead_units_in_forward_mode(cls: type, kwargs: dict, names: list[str], steps: int,
+                                    float64_default: Any) -> None:
+    """Forward mode differentiates the closed-form VJP once more (it transposes it): the
+    guarded square root's cotangent must stay finite there too, where √ is at 0, and the
+    hypergradient is reverse mode's."""
+    def solve(mode: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = mlp([2, 4, 1], "relu")
+        with torch.no_grad():
+            model[0].bias[0] = -100.0           # unit 0 never fires: its weights get G = 0
+        batches = regression_batches(3, 2, 1, steps + 1)
+        opt = cls(model.parameters(), lr=0.02, **kwargs)
+        solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b), opt,
+                                   gimli.MetaParams(opt, names), mode=mode)
+        return solver.hypergradient(batches[:steps], batches[-1])
+
+    forward, reverse = solve("forward"), solve("reverse")
+    for key, want in reverse.items():
+        assert torch.isfinite(forward[key]).all()
+        torch.testing.assert_close(forward[key], want, rtol=1e-9, atol=1e-12)

@@ -118,7 +118,11 @@ def sqrt_vjp(bar: Tensor, root: Tensor, scale: Tensor | None = None) -> Tensor:
     x in r = √(x/c) (Adam's √v'/√c₂): r̄ / (2cr), in one division."""
     positive = root > 0
     twice = 2 if scale is None else 2 * scale
-    return torch.where(positive, bar / (twice * torch.where(positive, root, 1.0)), 0.0)
+    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (bar, root, twice)):
+        # differentiated again (forward mode transposes this VJP): no 0 may reach a divisor,
+        # or its gradient there is 0·∞ = NaN although torch.where drops the value
+        return torch.where(positive, bar / (twice * torch.where(positive, root, 1.0)), 0.0)
+    return torch.where(positive, bar / (twice * root), 0.0)        # (the same values, two operations fewer)
 
 
 def max_share(x: Tensor, y: Tensor) -> Tensor:
