@@ -478,10 +478,14 @@ class Call:
         assert seg is not None
         out: dict[str, Any] = {}
         numbers = iter(plan.numbers)
+        compiling = self._compiling()
         for name, how in plan.hypers:
             if how == "float":
-                out[name] = next(numbers)
-                continue
+                number = next(numbers)
+                if not compiling:
+                    out[name] = number
+                    continue
+                how = "one"     # (compiled: the tensor, not a float the graph would trace as an input)
             mine = self.mine(hp[name])
             out[name] = (NO_DECAY if how == "zero" else mine[0] if how in ("one", "module")
                          else self._spread_of(name, mine)
