@@ -142,7 +142,8 @@ def adam_floor(inst: Instance) -> Run:
                 theta = list(torch._foreach_add(theta, torch._foreach_mul(u, [-x / c1 for x in lr])))
                 # w = u/r, the factor of δ̄ that ū's division by r needs, and 0 where r = 0
                 # (the guard at √0, as gimli's)
-                w = list(torch._foreach_mul(u, [(x > 0).to(x.dtype) for x in r]))
+                w = list(torch._foreach_sign(r))                # (r ≥ 0: 1 where r > 0, else 0)
+                torch._foreach_mul_(w, u)
                 torch._foreach_div_(w, torch._foreach_clamp_min(r, tiny))
             kept.append((t, G, den, u, w))
         t = [x.detach().requires_grad_() for x in theta]

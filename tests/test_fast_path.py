@@ -11,6 +11,7 @@ and the optimizer's state is committed."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import importlib
 from typing import Any
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gimli
 from gimli.optim import BUILTIN, SUPPORTED, bind
@@ -28,6 +30,21 @@ from gimli.optim._rule import Laid, Segments
 from optim_db import OPTIM_DB, OptimRow
 from strategies import meta_choices, problems, regression_batches
 from test_sweep import build
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self) -> int:
+        return sum(self.ops.values())
 
 
 def test_laid_list_joins_free_until_an_entry_is_replaced() -> None:
@@ -263,27 +280,20 @@ def test_sgd_vjp_reading_the_buffer_it_produced_is_bit_identical(nesterov: bool,
 _DECAYING = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adagrad", "Adadelta", "Adamax", "RMSprop", "ASGD"]
 
 
-def _ops_and_hypergradient(name: str, weight_decay: float) -> tuple[int, dict[str, torch.Tensor],
-                                                                    dict[str, torch.Tensor]]:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            Count.ops += 1
-            return func(*args, **(kwargs or {}))
-
+def _ops_and_hypergradient(name: str, **kwargs: Any) -> tuple[int, dict[str, torch.Tensor],
+                                                             dict[str, torch.Tensor]]:
+    """Operations in one hypergradient of a 4-step unroll whose lr is learned, with that
+    hypergradient and the autograd unroll's."""
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, weight_decay=weight_decay)
+    opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, **kwargs)
     solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt,
                                gimli.MetaParams(opt, ["lr"]))
     data = regression_batches(7, 3, 1, 5)
     solver.hypergradient(data[:4], data[4])
-    with Count():
+    with OpCount() as count:
         got = solver.hypergradient(data[:4], data[4])
-    return Count.ops, got, gimli.full_unroll_hypergradient(solver, data[:4], data[4])
+    return count.total(), got, gimli.full_unroll_hypergradient(solver, data[:4], data[4])
 
 
 @pytest.mark.parametrize("name", _DECAYING)
@@ -292,8 +302,8 @@ def test_a_weight_decay_of_zero_costs_no_op(name: str) -> None:
     VJP, as torch.optim skips it: at least four operations a step fewer than a weight
     decay of 1e-3 (λθ and its add in the step, their cotangent and its add in the VJP),
     and the hypergradient still that of the autograd unroll."""
-    skipped, got, want = _ops_and_hypergradient(name, 0.0)
-    computed, _, _ = _ops_and_hypergradient(name, 1e-3)
+    skipped, got, want = _ops_and_hypergradient(name, weight_decay=0.0)
+    computed, _, _ = _ops_and_hypergradient(name, weight_decay=1e-3)
     assert computed - skipped >= 4 * 4                  # (4 steps)
     assert torch.allclose(got["hypers.lr"], want["hypers.lr"], rtol=1e-10, atol=1e-14)
 
@@ -353,35 +363,15 @@ def test_reading_the_state_the_step_produced_changes_no_bit(row: OptimRow, data:
 
 
 def _ops_with(name: str, floats: bool, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> tuple[int, float, float]:
-    """Operations in one hypergradient of a 4-step unroll whose lr is learned (its rule's
-    ``floats`` as built, or none), with that hypergradient and the autograd unroll's."""
+    """:func:`_ops_and_hypergradient` with the rule's ``floats`` as built, or none."""
     import dataclasses
-
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     cls = getattr(torch.optim, name)
     if not floats:
         monkeypatch.setitem(SUPPORTED, cls, dataclasses.replace(SUPPORTED[cls], floats=()))
-
-    class Count(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            Count.ops += 1
-            return func(*args, **(kwargs or {}))
-
-    torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    opt = cls(model.parameters(), lr=0.05, **kwargs)
-    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt,
-                               gimli.MetaParams(opt, ["lr"]))
-    data = regression_batches(7, 3, 1, 5)
-    solver.hypergradient(data[:4], data[4])
-    with Count():
-        got = solver.hypergradient(data[:4], data[4])
-    want = gimli.full_unroll_hypergradient(solver, data[:4], data[4])
+    ops, got, want = _ops_and_hypergradient(name, **kwargs)
     monkeypatch.undo()
-    return Count.ops, float(got["hypers.lr"]), float(want["hypers.lr"])
+    return ops, float(got["hypers.lr"]), float(want["hypers.lr"])
 
 
 @pytest.mark.parametrize("name, kwargs, fewer", [
@@ -422,19 +412,6 @@ def _sums_and_hypergradient(J: int, skip_odd: bool = False) -> tuple[int, torch.
     """aten.sum calls in one hypergradient of per-tensor Adam lrs over J steps, with that
     hypergradient and the autograd unroll's. ``skip_odd``: a parameter that the loss
     reads only on even steps (no gradient, so no step, on odd ones)."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: collections.Counter[str] = collections.Counter()
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -452,7 +429,7 @@ def _sums_and_hypergradient(J: int, skip_odd: bool = False) -> tuple[int, torch.
     solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0], b[2]), b[1]), opt,
                                gimli.MetaParams(opt, {"lr": "tensor"}))
     solver.hypergradient(data[:J], data[J])
-    with Count() as count:
+    with OpCount() as count:
         got = solver.hypergradient(data[:J], data[J])["hypers.lr"]
     want = gimli.full_unroll_hypergradient(solver, data[:J], data[J])["hypers.lr"]
     return count.ops["aten.sum.default"], got, want
