@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,19 @@ from methods import Run, missing, prepare  # noqa: E402
 from tasks import TASKS, Batch, Instance  # noqa: E402
 
 FLOOR_TASKS = ("maml_sine", "l2_momentum", "adam_lrs", "cnn_adam")
+
+
+def _at(inst: Instance, names: list[str], theta: list[Tensor]) -> tuple[list[Tensor], dict[str, Tensor], Any]:
+    """θ as fresh leaves, by name, and the model called at them."""
+    t = [x.detach().requires_grad_() for x in theta]
+    params = dict(zip(names, t))
+    return t, params, lambda x: functional_call(inst.model, params, (x,), tie_weights=False)
+
+
+def _val_grad(inst: Instance, names: list[str], theta: list[Tensor]) -> list[Tensor]:
+    """B_J = ∇L^val(θ'_J)."""
+    t, _, call = _at(inst, names, theta)
+    return list(torch.autograd.grad(inst.val_loss(call, inst.val), t))
 
 
 def floor(inst: Instance) -> Run:
@@ -63,10 +77,8 @@ def sgd_floor(inst: Instance) -> Run:
         buf: list[Tensor] | None = None
         kept: list[tuple[list[Tensor], tuple[Tensor, ...]]] = []
         for batch in batches:                                   # forward: G_j with its graph
-            t = [x.detach().requires_grad_() for x in theta]
-            params = dict(zip(names, t))
-            loss = inst.loss(lambda x: functional_call(model, params, (x,), tie_weights=False),
-                             params, batch, phi)
+            t, params, call = _at(inst, names, theta)
+            loss = inst.loss(call, params, batch, phi)
             G = torch.autograd.grad(loss, t, create_graph=True)
             kept.append((t, G))
             with torch.no_grad():
@@ -75,10 +87,7 @@ def sgd_floor(inst: Instance) -> Run:
                     buf = d if buf is None else list(torch._foreach_add(torch._foreach_mul(buf, mu), d))
                     d = buf
                 theta = list(torch._foreach_add(theta, d, alpha=-lr))
-        t = [x.detach().requires_grad_() for x in theta]
-        params = dict(zip(names, t))
-        val = inst.val_loss(lambda x: functional_call(model, params, (x,), tie_weights=False), inst.val)
-        B = list(torch.autograd.grad(val, t))
+        B = _val_grad(inst, names, theta)
         S: list[Tensor] | None = None                           # the buffer's cotangent
         A = [torch.zeros_like(x) for x in leaves]
         for j in reversed(range(len(kept))):                    # the sweep
@@ -118,17 +127,14 @@ def adam_floor(inst: Instance) -> Run:
     tiny = torch.finfo(next(model.parameters()).dtype).tiny
 
     def run(batches: Sequence[Batch]) -> Tensor:
-        lrs = [float(kw["lr"])] * len(inst.lr_groups)
-        lr = [lrs[i] for i in groups]
+        lr = [float(kw["lr"])] * len(names)                     # (every group starts at the same lr)
         theta = [p.detach() for p in model.parameters()]
         m = [torch.zeros_like(x) for x in theta]
         v = [torch.zeros_like(x) for x in theta]
         kept: list[tuple[list[Tensor], tuple[Tensor, ...], list[Tensor], list[Tensor], list[Tensor]]] = []
         for j, batch in enumerate(batches):                     # forward
-            t = [x.detach().requires_grad_() for x in theta]
-            params = dict(zip(names, t))
-            loss = inst.loss(lambda x: functional_call(model, params, (x,), tie_weights=False),
-                             params, batch, {})
+            t, params, call = _at(inst, names, theta)
+            loss = inst.loss(call, params, batch, {})
             G = torch.autograd.grad(loss, t, create_graph=True)
             with torch.no_grad():
                 c1, c2 = 1 - b1 ** (j + 1), 1 - b2 ** (j + 1)
@@ -146,10 +152,7 @@ def adam_floor(inst: Instance) -> Run:
                 torch._foreach_mul_(w, u)
                 torch._foreach_div_(w, torch._foreach_clamp_min(r, tiny))
             kept.append((t, G, den, u, w))
-        t = [x.detach().requires_grad_() for x in theta]
-        params = dict(zip(names, t))
-        val = inst.val_loss(lambda x: functional_call(model, params, (x,), tie_weights=False), inst.val)
-        B = list(torch.autograd.grad(val, t))
+        B = _val_grad(inst, names, theta)
         Sm: list[Tensor] | None = None
         Sv: list[Tensor] | None = None
         acc = [torch.zeros_like(x) for x in theta]              # ∂/∂γ per element, summed at the end

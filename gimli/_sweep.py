@@ -23,7 +23,7 @@ from torch import Tensor
 from ._problem import Problem, grad_of
 from ._schedule import Schedule
 from ._unroll import Point, Step, Unroll, add_note, describe_batch
-from .optim._rule import ElementSums, Laid
+from .optim._rule import ElementSums, Laid, Segments
 
 
 class Sweep(NamedTuple):
@@ -63,19 +63,13 @@ def _accumulate(totals: list[Tensor], terms: Sequence[Tensor | None]) -> None:
             totals[i] = totals[i] + t
 
 
-def _add_per_element(totals: dict[str, ElementSums], name: str, term: ElementSums,
-                     per_tensor: list[Tensor]) -> None:
-    """totals[name] += term, per element (in place, in the sweep's own tensor). Where the
-    term's tensors are laid out differently from the total's (another rule call: a tensor
-    without a gradient at this step), the total is summed into ``per_tensor`` first."""
-    kept = totals.get(name)
-    if kept is not None and kept.segments is not term.segments:
-        _accumulate(per_tensor, kept.segments.sums(kept.flat))
-        kept = None
-    if kept is None:
-        seg = term.segments
-        kept = totals[name] = ElementSums(torch.zeros(seg.total, dtype=term.flat.dtype, device=seg.device), seg)
-    kept.flat.add_(term.flat)
+def _add_per_element(totals: dict[tuple[str, Segments], Tensor], name: str, term: ElementSums) -> None:
+    """The total of ``name`` over the tensors laid out as ``term``'s, += term, per element
+    (in place, in the sweep's own tensor; summed per tensor after the sweep)."""
+    key = (name, term.segments)
+    if key not in totals:
+        totals[key] = torch.zeros(term.segments.total, dtype=term.flat.dtype, device=term.segments.device)
+    totals[key].add_(term.flat)
 
 
 def _or_zeros(grads: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
@@ -131,7 +125,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
     # a hyperparameter that is one number per tensor, without a schedule: its a_j added per
     # element over the steps and summed per tensor once, at the end (_add_per_element)
     defer = need - stepwise if schedule is None else frozenset()
-    per_element: dict[str, ElementSums] = {}
+    per_element: dict[tuple[str, Segments], Tensor] = {}
     for step in steps:                                          # line 10: j = J−1 … 0
         assert isinstance(step, Step)
         j, theta, G = step.j, step.theta, step.grads
@@ -141,7 +135,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         for name in need:                                       # line 12: A^opt += a_j
             a_j = out.hypers[name]
             if isinstance(a_j, ElementSums):
-                _add_per_element(per_element, name, a_j, A_opt[name])
+                _add_per_element(per_element, name, a_j)
                 continue
             if schedule is not None:
                 a_j = schedule.pull_back(j, name, a_j)
@@ -163,8 +157,8 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         _accumulate(B, hm[:targets])        # (b_j is the sweep's own: InnerOptimizer.vjp)
         S = out.state
         after = step.state
-    for name, total in per_element.items():
-        _accumulate(A_opt[name], total.segments.sums(total.flat))
+    for (name, segments), total in per_element.items():
+        _accumulate(A_opt[name], segments.sums(total))
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]
     return Sweep(B, A_opt, A_loss, val.item(), final, reached, A_step)

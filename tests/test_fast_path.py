@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import importlib
 from typing import Any
 
@@ -364,8 +365,6 @@ def test_reading_the_state_the_step_produced_changes_no_bit(row: OptimRow, data:
 
 def _ops_with(name: str, floats: bool, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> tuple[int, float, float]:
     """:func:`_ops_and_hypergradient` with the rule's ``floats`` as built, or none."""
-    import dataclasses
-
     cls = getattr(torch.optim, name)
     if not floats:
         monkeypatch.setitem(SUPPORTED, cls, dataclasses.replace(SUPPORTED[cls], floats=()))

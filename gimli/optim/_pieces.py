@@ -97,7 +97,7 @@ def ema_vjp(bar: Tensor, old: Tensor, x: Tensor, beta: Tensor) -> tuple[Tensor, 
 
 
 def bias_correction(beta: Tensor, t: int) -> Tensor:
-    """c = 1 − β^t at step t ≥ 1 (P7)."""
+    """c = 1 − β^t at step t ≥ 1 (P7); a Python float where β is one (``Rule.floats``)."""
     return 1 - beta ** t
 
 
@@ -112,17 +112,17 @@ def bias_correction_grad(beta: Tensor, t: int) -> Tensor:
     return -t * beta ** (t - 1)
 
 
-def sqrt_vjp(bar: Tensor, root: Tensor, scale: Tensor | None = None) -> Tensor:
+def sqrt_vjp(bar: Tensor, root: Tensor, scale: Tensor | float | None = None) -> Tensor:
     """The cotangent of x in r = √x given r̄: r̄ / (2r), and 0 where r = 0 (P9: the guard,
     exact wherever nothing downstream depends on x when x = 0). With ``scale`` c > 0, of
     x in r = √(x/c) (Adam's √v'/√c₂): r̄ / (2cr), in one division."""
     positive = root > 0
     twice = 2 if scale is None else 2 * scale
-    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (bar, root, twice)):
-        # differentiated again (forward mode transposes this VJP): no 0 may reach a divisor,
-        # or its gradient there is 0·∞ = NaN although torch.where drops the value
-        return torch.where(positive, bar / (twice * torch.where(positive, root, 1.0)), 0.0)
-    return torch.where(positive, bar / (twice * root), 0.0)        # (the same values, two operations fewer)
+    # differentiated again (forward mode transposes this VJP), no 0 may reach the divisor, or
+    # its gradient there is 0·∞ = NaN although torch.where drops the value; else r itself
+    # divides (the same values, two operations fewer)
+    again = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (bar, root, twice))
+    return torch.where(positive, bar / (twice * (torch.where(positive, root, 1.0) if again else root)), 0.0)
 
 
 def max_share(x: Tensor, y: Tensor) -> Tensor:

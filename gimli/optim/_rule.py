@@ -5,7 +5,9 @@ Each optimizer file writes its mathematics once, for **one** tensor:
 * ``step(flags, p, state, g, hp) -> (p', state')``: the update of ``torch.optim``,
   pure. ``state`` is the file's ``State`` with one value per field (a tensor,
   ``None``, or a Python int such as ``step``); ``hp`` maps each hyperparameter
-  to a tensor that broadcasts against ``p`` (0-dim, or ``p``'s shape);
+  to a tensor that broadcasts against ``p`` (0-dim, or ``p``'s shape), or to a Python
+  float (0.0 for a name in ``skips_zero``, the param group's number for one in
+  ``floats``);
 * ``vjp(flags, p, state, g, hp, P, S, need) -> VJP``: the four cotangents of
   docs/design.md §2 at the same point, given P = B_{j+1} and S = S_{j+1} (a
   ``State`` whose fields are cotangents or ``None``). A hyperparameter's
@@ -358,14 +360,14 @@ class _Plan(NamedTuple):
     """How one flat call carries each argument, decided before it runs (hashable: what a
     compiled call specializes on)."""
 
-    # (name, "one" | "spread" | "elements" | "module" | "zero" | "float")
-    hypers: tuple[tuple[str, str], ...]
+    # (name, "one" | "spread" | "elements" | "module" | "zero" | "float", the param group's
+    # number for "float", else None)
+    hypers: tuple[tuple[str, str, float | None], ...]
     per_tensor: tuple[bool, ...]            # per State field: one number per tensor (pick/place)
     dtypes: tuple[torch.dtype | None, ...]  # per State field: the dtype its new value is stored in
     # the VJP may read the state the step produced (Rule.reads_after): stored as computed,
     # in the parameters' dtype, and no reduced-precision widening in between
     after: bool = False
-    numbers: tuple[float, ...] = ()         # the "float" hyperparameters' values, in order
 
 
 class Call:
@@ -430,7 +432,7 @@ class Call:
         return plan
 
     def _make_plan(self, state: Any, hp: Mapping[str, list[Tensor]]) -> _Plan:
-        hypers, numbers = [], []
+        hypers = []
         for name, values in hp.items():
             mine = self.mine(values)
             first = mine[0]
@@ -440,9 +442,7 @@ class Call:
                    "float" if name in self.rule.floats and number is not None else
                    "one" if first.dim() == 0 and all(v is first for v in mine) else
                    "spread" if all(v.dim() == 0 for v in mine) else "elements")
-            hypers.append((name, how))
-            if how == "float":
-                numbers.append(cast(float, number))
+            hypers.append((name, how, number if how == "float" else None))
         i = self.idx[0]
         per_tensor, dtypes = [], []
         for name, values, kind in zip(type(state)._fields, state, self.kinds):
@@ -458,7 +458,7 @@ class Call:
                           None if kind.kind == "scalar" else self.param_dtype)
         after = self.rule.reads_after and not self.reduced and \
             all(d == self.param_dtype for d, k in zip(dtypes, self.kinds) if k.kind == "full")
-        return _Plan(tuple(hypers), tuple(per_tensor), tuple(dtypes), after, tuple(numbers))
+        return _Plan(tuple(hypers), tuple(per_tensor), tuple(dtypes), after)
 
     # -- the flat path's pieces (read by _flat_step and _flat_vjp) --------------------------
     def state_in(self, state: Any) -> Any:
@@ -477,11 +477,9 @@ class Call:
         seg = self.segments
         assert seg is not None
         out: dict[str, Any] = {}
-        numbers = iter(plan.numbers)
         compiling = self._compiling()
-        for name, how in plan.hypers:
+        for name, how, number in plan.hypers:
             if how == "float":
-                number = next(numbers)
                 if not compiling:
                     out[name] = number
                     continue
@@ -547,7 +545,7 @@ class Call:
         seg = self.segments
         assert seg is not None
         out: dict[str, Any] = {}
-        for name, how in plan.hypers:
+        for name, how, _ in plan.hypers:
             if name not in need:
                 continue
             a = found.get(name)
