@@ -12,10 +12,12 @@ reads (√v̂, its ε-shifted denominator and the update), the constants (β₁,
 bias corrections, the lrs) as Python floats, and the lrs' cotangent summed once at the
 end. Both work over lists of tensors with foreach operations and do nothing else: no
 checks, no schedules, no optimizer state read or written back, no view of the model
-beyond ``torch.func.functional_call``. It is the least the same algorithm costs with
-the same autograd calls, so the distance from it to gimli's ``retain`` is what gimli's
-generality costs, and the distance from it to the autograd unroll, higher and TorchOpt
-says how far any exact method in eager PyTorch can get ahead of them.
+beyond ``torch.func.functional_call``, and autograd's engine called as gimli calls it,
+without ``torch.autograd.grad``'s Python argument checks. It is the least the same
+algorithm costs with the same autograd calls, so the distance from it to gimli's
+``retain`` is what gimli's generality costs, and the distance from it to the autograd
+unroll, higher and TorchOpt says how far any exact method in eager PyTorch can get
+ahead of them.
 
 Timing as in ``run.py``: float32, one thread, a warm-up call of every method, then
 ``--reps`` repetitions with the methods interleaved and their order rotated; a "×" is
@@ -44,6 +46,22 @@ from tasks import TASKS, Batch, Instance  # noqa: E402
 FLOOR_TASKS = ("maml_sine", "l2_momentum", "adam_lrs", "cnn_adam")
 
 
+_ENGINE = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def _grad(outputs: Tensor | Sequence[Tensor], inputs: list[Tensor], cotangents: Sequence[Tensor] | None = None,
+          create_graph: bool = False) -> list[Tensor]:
+    """``torch.autograd.grad(outputs, inputs, cotangents, create_graph=...)``, straight into
+    the autograd engine where this torch has that entry: without the Python argument
+    checks ``grad`` repeats on every call (tens of µs), which gimli skips too, so that the
+    floor pays nothing gimli does not."""
+    outs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
+    cots = tuple(torch.ones_like(o) for o in outs) if cotangents is None else tuple(cotangents)
+    if _ENGINE is None:
+        return list(torch.autograd.grad(outs, inputs, cots, create_graph=create_graph))
+    return list(_ENGINE(outs, cots, create_graph, create_graph, tuple(inputs), False, accumulate_grad=False))
+
+
 def _at(inst: Instance, names: list[str], theta: list[Tensor]) -> tuple[list[Tensor], dict[str, Tensor], Any]:
     """θ as fresh leaves, by name, and the model called at them."""
     t = [x.detach().requires_grad_() for x in theta]
@@ -54,7 +72,7 @@ def _at(inst: Instance, names: list[str], theta: list[Tensor]) -> tuple[list[Ten
 def _val_grad(inst: Instance, names: list[str], theta: list[Tensor]) -> list[Tensor]:
     """B_J = ∇L^val(θ'_J)."""
     t, _, call = _at(inst, names, theta)
-    return list(torch.autograd.grad(inst.val_loss(call, inst.val), t))
+    return _grad(inst.val_loss(call, inst.val), t)
 
 
 def floor(inst: Instance) -> Run:
@@ -79,7 +97,7 @@ def sgd_floor(inst: Instance) -> Run:
         for batch in batches:                                   # forward: G_j with its graph
             t, params, call = _at(inst, names, theta)
             loss = inst.loss(call, params, batch, phi)
-            G = torch.autograd.grad(loss, t, create_graph=True)
+            G = _grad(loss, t, create_graph=True)
             kept.append((t, G))
             with torch.no_grad():
                 d = [g.detach() for g in G]
@@ -96,7 +114,7 @@ def sgd_floor(inst: Instance) -> Run:
             if mu:
                 o = o if S is None else list(torch._foreach_add(S, o))  # b̄' = S + d̄, and o_j = b̄'
                 S = list(torch._foreach_mul(o, mu)) if j > 0 else None  # S_j = μ b̄' (none at the first)
-            hm = torch.autograd.grad(G, t + leaves, o)
+            hm = _grad(G, t + leaves, o)
             B = list(torch._foreach_add(B, list(hm[:len(t)])))
             A = list(torch._foreach_add(A, list(hm[len(t):]))) if leaves else A
         out = B if inst.kind == "init" else A             # θ₀'s hypergradient is B₀
@@ -135,7 +153,7 @@ def adam_floor(inst: Instance) -> Run:
         for j, batch in enumerate(batches):                     # forward
             t, params, call = _at(inst, names, theta)
             loss = inst.loss(call, params, batch, {})
-            G = torch.autograd.grad(loss, t, create_graph=True)
+            G = _grad(loss, t, create_graph=True)
             with torch.no_grad():
                 c1, c2 = 1 - b1 ** (j + 1), 1 - b2 ** (j + 1)
                 m = list(torch._foreach_lerp(m, G, 1 - b1))
@@ -171,7 +189,7 @@ def adam_floor(inst: Instance) -> Run:
                 torch._foreach_addcmul_(gb, G, vb, 2 * (1 - b2))
                 Sm = list(torch._foreach_mul(mb, b1))
                 Sv = list(torch._foreach_mul(vb, b2))
-            h = torch.autograd.grad(G, t, gb)
+            h = _grad(G, t, gb)
             torch._foreach_add_(B, h)
         out = torch.zeros(len(inst.lr_groups), dtype=acc[0].dtype)
         for i, a in zip(groups, acc):

@@ -23,7 +23,7 @@ from torch import Tensor
 from ._problem import Problem, grad_of
 from ._schedule import Schedule
 from ._unroll import Point, Step, Unroll, add_note, describe_batch
-from .optim._rule import ElementSums, Laid, Segments
+from .optim._rule import ElementSums, Flat, Laid, Segments, listed
 
 
 class Sweep(NamedTuple):
@@ -61,6 +61,21 @@ def _accumulate(totals: list[Tensor], terms: Sequence[Tensor | None]) -> None:
     for i, t in pairs:
         if i not in done:
             totals[i] = totals[i] + t
+
+
+def _add_hvp(B: Any, terms: Sequence[Tensor | None]) -> Any:
+    """B_j = b_j + h_j (line 14), in place in b_j (the sweep's own). A b_j left flat
+    (``Flat``) takes h_j joined, one addition, and stays flat for the next step's VJP;
+    split where some tensor has no h_j or another dtype."""
+    if isinstance(B, Flat):
+        if not terms:
+            return B
+        if all(t is not None and t.dtype == B.values.dtype for t in terms):
+            B.values.add_(B.segments.join(cast(list[Tensor], list(terms))))
+            return B
+        B = B.split()
+    _accumulate(B, terms)
+    return B
 
 
 def _add_per_element(totals: dict[tuple[str, Segments], Tensor], name: str, term: ElementSums) -> None:
@@ -131,7 +146,8 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         j, theta, G = step.j, step.theta, step.grads
         # line 11–12: o_j = B_{j+1}·O_j and a_j, with b_j and S_j, from the optimizer's VJP
         with torch.no_grad():                                   # (θ'_j and G_j read as values)
-            out = inner.vjp(theta, step.state, G, unroll.hypers[j], B, S, need, after=after, defer=defer)
+            out = inner.vjp(theta, step.state, G, unroll.hypers[j], B, S, need, after=after, defer=defer,
+                            flat=True)
         for name in need:                                       # line 12: A^opt += a_j
             a_j = out.hypers[name]
             if isinstance(a_j, ElementSums):
@@ -153,12 +169,12 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
             hm = grad_of([g for g, _ in pairs], inputs, [o for _, o in pairs])
         A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
         reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
-        B = out.params                                                          # line 14
-        _accumulate(B, hm[:targets])        # (b_j is the sweep's own: InnerOptimizer.vjp)
+        B = _add_hvp(out.params, hm[:targets])                                  # line 14
         S = out.state
         after = step.state
     for (name, segments), total in per_element.items():
         _accumulate(A_opt[name], segments.sums(total))
+    B = listed(B)
     if unroll.first > 0:                        # truncated: θ₀'s path is cut at J − K
         B = [torch.zeros_like(b) for b in B]
     return Sweep(B, A_opt, A_loss, val.item(), final, reached, A_step)

@@ -451,3 +451,66 @@ def test_a_tensor_without_a_gradient_at_some_steps_keeps_its_per_tensor_sums() -
     the hypergradient is still the autograd unroll's."""
     _, got, want = _sums_and_hypergradient(5, skip_odd=True)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-14) and got.abs().min() > 0
+
+
+
+def _views_and_hypergradient(name: str, flat: bool, monkeypatch: pytest.MonkeyPatch, J: int = 4,
+                             heads: bool = False, **kwargs: Any
+                             ) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """as_strided views cut in one hypergradient of a J-step unroll whose lr is learned,
+    with that hypergradient and the autograd unroll's; ``flat=False``: the sweep takes b_j
+    and S_j as lists. ``heads``: a model whose second head is read on every third step
+    only."""
+    orig = gimli.optim.InnerOptimizer.vjp
+    if not flat:
+        monkeypatch.setattr(gimli.optim.InnerOptimizer, "vjp",
+                            lambda self, *a, **k: orig(self, *a, **{**k, "flat": False}))
+    torch.manual_seed(6)
+    model = (_TwoHeads() if heads else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))).double()
+    opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, **kwargs)
+    loss = _head_loss if heads else (lambda m, b, meta: F.mse_loss(m(b[0]), b[1]))
+    solver = gimli.GimliSolver(model, loss, opt, gimli.MetaParams(opt, {"lr": "tensor"}))
+    data = [(x, y, "b" if j % 3 == 2 else "a") if heads else (x, y)
+            for j, (x, y) in enumerate(regression_batches(7, 3, 1, J + 1))]
+    solver.hypergradient(data[:J], data[J])
+    with OpCount() as count:
+        got = solver.hypergradient(data[:J], data[J])
+    monkeypatch.undo()
+    return count.ops["aten.as_strided.default"], got, gimli.full_unroll_hypergradient(solver, data[:J], data[J])
+
+
+@pytest.mark.parametrize("name, kwargs, fields", [
+    ("Adam", {}, 2),                                  # m̄ and v̄
+    ("Adam", {"amsgrad": True}, 3),                   # and the running maximum's
+    ("SGD", {"momentum": 0.9}, 1),                    # the buffer's (none at step 0)
+    ("SGD", {}, 0),
+])
+def test_the_sweep_passes_cotangents_flat_from_step_to_step(name: str, kwargs: dict[str, Any], fields: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """b_j and each tensor-shaped S_j go from one sweep step's VJP to the next one's as
+    the flat tensors the rule computed (``Flat``), not cut into per-tensor views and
+    joined again: (1 + fields)·k views a step fewer (SGD's S_0 aside: step 0 has no
+    buffer), less B_0's k views cut at the end; and not one bit of the hypergradient
+    changes."""
+    J, k = 4, 4
+    flat_views, got, want = _views_and_hypergradient(name, True, monkeypatch, J, **kwargs)
+    list_views, as_lists, _ = _views_and_hypergradient(name, False, monkeypatch, J, **kwargs)
+    assert list_views - flat_views == (1 + fields) * k * J - (k if name == "SGD" and fields else 0) - k
+    assert got.keys() == as_lists.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], as_lists[key]), key
+        assert torch.allclose(got[key], want[key], rtol=1e-10, atol=1e-14), key
+
+
+@pytest.mark.parametrize("name, kwargs", [("SGD", {"momentum": 0.9}), ("Adam", {})])
+def test_flat_cotangents_meet_steps_of_other_tensors(name: str, kwargs: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the calls change from step to step (a head without a gradient on two steps
+    of three), a flat b_j or S_j reaches a step of several calls, which takes them as
+    lists: the hypergradient is bit for bit the one of lists throughout, and the autograd
+    unroll's."""
+    _, got, want = _views_and_hypergradient(name, True, monkeypatch, 7, heads=True, **kwargs)
+    _, as_lists, _ = _views_and_hypergradient(name, False, monkeypatch, 7, heads=True, **kwargs)
+    for key in want:
+        assert torch.equal(got[key], as_lists[key]), key
+        assert torch.allclose(got[key], want[key], rtol=1e-10, atol=1e-14) and got[key].abs().max() > 0, key

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import learned
 from ._core import VJP, Hypers, Interval, hyper_dtype
 from ._joint import Joint, joint, joint_state_type, parts
-from ._rule import Call, Laid, Rule, _Kind, field_kinds, record_constant
+from ._rule import Call, Laid, Rule, _Kind, field_kinds, listed, record_constant
 from ._rule import key as call_key
 from .custom import CustomRule, InitFn, StepFn, VjpFn
 from .learned import LearnedOptimizer
@@ -322,7 +322,7 @@ class InnerOptimizer:
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None], hp: Hypers,
             cot_params: list[Tensor], cot_state: Any, need: frozenset[str], after: Any = None,
-            defer: frozenset[str] = frozenset()) -> VJP:
+            defer: frozenset[str] = frozenset(), flat: bool = False) -> VJP:
         """The four cotangents of :meth:`step`. A tensor that did not step passes
         its cotangents through unchanged and gets no o_j (``None``) and no a_j. Each b_j
         is a new tensor or one of ``cot_params`` (never θ, G or the state), so the
@@ -330,12 +330,16 @@ class InnerOptimizer:
         arguments, if the caller holds it (the sweep does: σ_{j+1}); a rule that
         ``reads_after`` then reads its new moments instead of recomputing them.
         ``defer``: hyperparameters whose a_j may come back per element, not yet summed per
-        tensor (``_rule.ElementSums``), where one rule call steps every tensor."""
+        tensor (``_rule.ElementSums``), where one rule call steps every tensor. ``flat``:
+        b_j and the tensor-shaped S_j fields may come back laid end to end (``_rule.Flat``)
+        there too, and ``cot_params`` and ``cot_state``'s fields may come in so."""
         calls = self._calls(params, grads, state)
         if len(calls) == 1 and len(calls[0].idx) == len(params) and not self.mixed:
             b_k, s_k, o_k, a_k = calls[0].vjp(params, state, grads, hp, cot_params, cot_state, need,
-                                              after, defer)
+                                              after, defer, flat)
             return VJP(b_k, type(cot_state)(*s_k), o_k, a_k)    # one call, every tensor
+        cot_params = listed(cot_params)
+        cot_state = type(cot_state)(*(listed(field) for field in cot_state))
         b = list(cot_params)
         s = [list(field) for field in cot_state]
         o: list[Tensor | None] = [None] * len(params)

@@ -191,8 +191,12 @@ class Segments:
         self._templates = [torch.empty(shape, device="meta") for shape in self.shapes]
         self._strides = tuple(t.stride() for t in self._templates)
 
-    def join(self, values: list[Tensor]) -> Tensor:
+    def join(self, values: list[Tensor] | Flat) -> Tensor:
         """One flat tensor of ``values`` (one per tensor, each its tensor's shape)."""
+        if isinstance(values, Flat):
+            if values.segments is self or values.segments.shapes == self.shapes:
+                return values.values
+            values = values.split()
         if self.k == 1:
             return values[0].reshape(-1)
         flat, seg = (values.flat, values.seg) if isinstance(values, Laid) else (None, None)
@@ -274,6 +278,25 @@ class ElementSums(NamedTuple):
 
     flat: Tensor                # per element, or 0-dim (the same for every element)
     segments: Segments
+
+
+class Flat(NamedTuple):
+    """Per-tensor cotangents left laid end to end, as one flat call computed them: what
+    :meth:`Call.vjp` returns for b_j and each tensor-shaped S_j field when its caller asks
+    for ``flat`` (the sweep, which passes them to the next step's VJP, where ``join``
+    takes them as they are: no views cut a step only to be joined again)."""
+
+    values: Tensor              # per element, contiguous, ``segments.total`` of them
+    segments: Segments
+
+    def split(self) -> list[Tensor]:
+        """Per-tensor views, each its tensor's shape."""
+        return self.segments.split(self.values)
+
+
+def listed(values: Any) -> Any:
+    """A per-tensor list of ``values``: :class:`Flat` ones split, others as they are."""
+    return values.split() if isinstance(values, Flat) else values
 
 
 # --- running a rule over one call's tensors ----------------------------------------------
@@ -388,8 +411,11 @@ class Call:
         self._kept_plan: tuple[Mapping[str, list[Tensor]], Any, _Plan] | None = None
 
     def mine(self, values: list[Any]) -> list[Any]:
-        """The call's entries of a per-tensor list."""
-        return values if self.everything else [values[i] for i in self.idx]
+        """The call's entries of a per-tensor list (or of a :class:`Flat` one)."""
+        if self.everything:
+            return values
+        values = listed(values)
+        return [values[i] for i in self.idx]
 
     def step(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
              hp: Mapping[str, list[Tensor]]) -> tuple[list[Tensor], list[list[Any]]]:
@@ -402,16 +428,18 @@ class Call:
 
     def vjp(self, params: list[Tensor], state: Any, grads: list[Tensor | None],
             hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
-            need: frozenset[str], after: Any = None, defer: frozenset[str] = frozenset()
-            ) -> tuple[list[Tensor], list[list[Any]], list[Tensor], dict[str, Any]]:
+            need: frozenset[str], after: Any = None, defer: frozenset[str] = frozenset(),
+            flat: bool = False) -> tuple[Any, list[Any], list[Tensor], dict[str, Any]]:
         """b_j, S_j (per field), o_j and a_j (per hyperparameter) for the call's tensors.
         ``after``: the state this step produced, if known (for a rule that ``reads_after``).
         ``defer``: names whose a_j may come back as :class:`ElementSums` (one number per
-        tensor, on the flat path) instead of a list."""
+        tensor, on the flat path) instead of a list. ``flat``: b_j and the tensor-shaped
+        S_j fields may come back as :class:`Flat` (on the flat path) instead of lists."""
         if self.segments is None:
-            return self._vjp_each(params, state, grads, hp, cot_params, cot_state, need)
+            return self._vjp_each(params, state, grads, hp, listed(cot_params),
+                                  type(cot_state)(*(listed(x) for x in cot_state)), need)
         return _flat_vjp(self, self._plan(state, hp), params, state, grads, hp, cot_params,
-                         cot_state, need, after, defer)
+                         cot_state, need, after, defer, flat)
 
     def _compiling(self) -> bool:
         """Whether this call's rule runs compiled: asked for, and nothing is recorded for
@@ -526,7 +554,10 @@ class Call:
         assert seg is not None
         out: list[Any] = []
         for values, kind, per_tensor in zip(cot_state, self.kinds, plan.per_tensor):
-            mine = self.mine(values)
+            if isinstance(values, Flat) and not per_tensor and kind.kind != "int":
+                out.append(seg.join(values))
+                continue
+            mine = self.mine(listed(values))
             if kind.kind == "int" or all(v is None for v in mine):
                 out.append(None)
             elif per_tensor:
@@ -619,9 +650,10 @@ def _flat_step(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads:
 
 def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: list[Tensor | None],
               hp: Mapping[str, list[Tensor]], cot_params: list[Tensor], cot_state: Any,
-              need: frozenset[str], after: Any = None, defer: frozenset[str] = frozenset()
-              ) -> tuple[list[Tensor], list[list[Any]], list[Tensor], dict[str, Any]]:
-    """One flat call's VJP, as :func:`_flat_step`."""
+              need: frozenset[str], after: Any = None, defer: frozenset[str] = frozenset(),
+              flat: bool = False) -> tuple[Any, list[Any], list[Tensor], dict[str, Any]]:
+    """One flat call's VJP, as :func:`_flat_step`; with ``flat``, b_j and the tensor-shaped
+    S_j fields left flat (:class:`Flat`)."""
     seg = call.segments
     assert seg is not None
     p = seg.join(call.mine(params))
@@ -650,8 +682,17 @@ def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: 
         elif kind.kind == "scalar":
             fields.append(seg.sums(x))
         else:
-            fields.append(seg.split(x))
-    return seg.split(out.params), fields, seg.split(out.grads), call.hypers_out(plan, out.hypers, hp, need, defer)
+            fields.append(_cut(seg, x, flat))
+    return _cut(seg, out.params, flat), fields, seg.split(out.grads), \
+        call.hypers_out(plan, out.hypers, hp, need, defer)
+
+
+def _cut(seg: Segments, x: Tensor, flat: bool) -> Any:
+    """A flat result per tensor: left as it is (:class:`Flat`) if asked and it is one value
+    per element, laid out as ``seg`` lays them; else split."""
+    if flat and x.dim() == 1 and x.shape[0] == seg.total and x.is_contiguous():
+        return Flat(x, seg)
+    return seg.split(x)
 
 
 _COMPILED: dict[Any, Any] = {}
