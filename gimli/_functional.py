@@ -27,6 +27,7 @@ class Slots:
         for name, b in root.named_buffers():
             self.canonical.setdefault(id(b), name)
         self._places: dict[int, list[tuple[dict[str, Any], str, str]]] = {}
+        self._named: dict[tuple[Any, ...], list[tuple[str, str]]] = {}
 
     def places(self, module: nn.Module) -> list[tuple[dict[str, Any], str, str]]:
         """Each place in ``module``: the table that holds it (a submodule's
@@ -37,6 +38,20 @@ class Slots:
                                  for table in (sub._parameters, sub._buffers)
                                  for attr, t in table.items() if t is not None and id(t) in self.canonical]
         return self._places[key]
+
+    def named(self, module: nn.Module, buffers: bool, prefix: str, recurse: bool,
+              remove_duplicate: bool) -> list[tuple[str, str]]:
+        """Each (name, name in the root) that ``module.named_parameters`` (``named_buffers``
+        if ``buffers``) gives with these arguments, walked once: a loss that reads
+        ``model.named_parameters()`` every step (a weight penalty) does not walk the
+        module tree every step."""
+        key = (id(module), buffers, prefix, recurse, remove_duplicate)
+        found = self._named.get(key)
+        if found is None:
+            named = (module.named_buffers if buffers else module.named_parameters)(prefix, recurse, remove_duplicate)
+            found = self._named[key] = [(name, self.canonical[id(t)]) for name, t in named
+                                        if id(t) in self.canonical]
+        return found
 
 
 class FunctionalModel:
@@ -128,18 +143,16 @@ class FunctionalModel:
         """A view that runs the module in eval mode; the user's module is not changed."""
         return self.train(False)
 
-    def _values(self, named: Iterator[tuple[str, Tensor]],
-                values: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    @staticmethod
+    def _values(named: list[tuple[str, str]], values: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
         """The module's own (name, tensor) pairs, each tensor replaced by the view's value."""
-        canonical = self._slots.canonical
-        for name, t in named:
-            root = canonical.get(id(t))
-            if root is not None and root in values:
+        for name, root in named:
+            if root in values:
                 yield name, values[root]
 
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
-        return self._values(self.module.named_parameters(prefix, recurse, remove_duplicate),
+        return self._values(self._slots.named(self.module, False, prefix, recurse, remove_duplicate),
                             self._params)
 
     def parameters(self, recurse: bool = True) -> Iterator[Tensor]:
@@ -148,7 +161,7 @@ class FunctionalModel:
 
     def named_buffers(self, prefix: str = "", recurse: bool = True,
                       remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
-        return self._values(self.module.named_buffers(prefix, recurse, remove_duplicate),
+        return self._values(self._slots.named(self.module, True, prefix, recurse, remove_duplicate),
                             self._buffers)
 
     def buffers(self, recurse: bool = True) -> Iterator[Tensor]:

@@ -262,6 +262,37 @@ def test_view_has_the_module_structure() -> None:
     assert view.eval().training is False and view.training is True
 
 
+
+def test_named_parameters_and_buffers_as_the_modules_with_every_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The view's named_parameters and named_buffers give the module's names, for every
+    prefix, recurse and remove_duplicate (a module under two names, a weight tied across
+    two modules), each with the view's tensor; the module tree is walked once per
+    module and arguments, not at every call (a loss that reads them every step)."""
+    torch.manual_seed(0)
+    net = Net().double()
+    net.tail = nn.Linear(6, 2).double()
+    net.tail.weight = net.head.weight                       # tied across two modules
+    net.again = net.encoder                                 # one module under two names
+    params = {n: p.detach() * 1.5 for n, p in net.named_parameters()}
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    view = gimli.FunctionalModel(net, params, buffers)
+    root = {id(t): n for n, t in [*net.named_parameters(), *net.named_buffers()]}
+    for module, sub in ((net, view), (net.encoder, view.encoder)):
+        for prefix in ("", "m"):
+            for recurse in (True, False):
+                for dup in (True, False):
+                    for kind, values in (("named_parameters", params), ("named_buffers", buffers)):
+                        want = [(n, values[root[id(t)]]) for n, t in getattr(module, kind)(prefix, recurse, dup)]
+                        for _ in range(2):
+                            got = list(getattr(sub, kind)(prefix, recurse, dup))
+                            assert [n for n, _ in got] == [n for n, _ in want]
+                            assert all(a is b for (_, a), (_, b) in zip(got, want))
+    walks = []
+    monkeypatch.setattr(nn.Module, "named_modules", lambda *a, **k: walks.append(1) or iter(()))
+    assert [n for n, _ in view.named_parameters()] == [n for n, _ in params.items()]
+    assert walks == []
+
+
 def test_validation_loss_in_eval_mode() -> None:
     """L^val in eval mode through the view (dropout off); the unroll's training steps in
     training mode. (Without BatchNorm: L^val in eval mode would read running statistics

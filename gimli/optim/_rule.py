@@ -133,8 +133,8 @@ class Rule:
 class Laid(list[Tensor]):
     """Per-tensor views of one flat tensor, with that flat tensor: what
     :meth:`Segments.split` returns, so that joining them again costs nothing. The unroll
-    and the sweep pass these lists from one call to the next (θ'_j, σ_j, B_j, S_j), so a
-    step joins none of them. Replacing an entry drops the flat tensor (it no longer holds
+    passes these lists from one call to the next (θ'_j, σ_j), so a step joins none of
+    them (the sweep passes B_j and S_j as :class:`Flat`, without views). Replacing an entry drops the flat tensor (it no longer holds
     the list's values); changing an entry in place changes the flat tensor with it."""
 
     __slots__ = ("flat", "seg")
