@@ -128,10 +128,10 @@ class GimliSolver:
             of one per operation (elementwise rules with a closed-form VJP). Exact to
             rounding; it costs a compile (seconds) per optimizer call shape. On a CPU it
             pays on large models: Adam's calls over 10⁶ elements take 0.2× the eager
-            time, paid back after about 100 unroll steps. It does not pay on small ones:
-            the hypergradient of a 2·10⁴-element Adam MLP takes 0.97–1.01× its eager
-            time, and small SGD models run slower (benchmarks/compiled.py). Off by
-            default.
+            time, paid back after about 100 unroll steps, and the hypergradient of a
+            10⁶-parameter Adam MLP 0.56×. It does not pay on small ones: the
+            hypergradient of a 2·10⁴-element Adam MLP takes 0.97–1.01× its eager time,
+            and small SGD models run slower (benchmarks/compiled.py). Off by default.
 
     A tensor with ``requires_grad=False`` is a constant: in the optimizer it does not
     step (``torch.optim`` skips a tensor without a gradient), and as a meta-parameter

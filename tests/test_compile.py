@@ -7,6 +7,7 @@ Few tests: each rule's first compile in a process takes seconds on a CPU."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -80,6 +81,51 @@ def test_compiled_rule_equals_eager_and_the_unroll(name: str) -> None:
     compiled_solver = make(True)
     compiled = compiled_solver.hypergradient(train, val)
     oracle = gimli.full_unroll_hypergradient(compiled_solver, train, val)
+    for key in eager:
+        scale = eager[key].abs().max()
+        assert scale > 0, key
+        assert (compiled[key] - eager[key]).abs().max() <= 1e-9 * scale, key
+        assert (oracle[key] - compiled[key]).abs().max() <= 1e-9 * scale, key
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("learned", [("lr",), ("lr", "beta1", "beta2")])
+def test_a_compiled_adam_call_is_handed_its_bias_corrections(learned: tuple[str, ...],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled Adam call gets 1 − β₁^t and 1 − β₂^t formed before it (``Rule.scalars``),
+    once for each step and once for each VJP, each equal to what the rule forms itself;
+    and the hypergradient (of the lrs, and of β₁ and β₂ where those are learned, so that
+    the corrections are tensors with cotangents) is the eager one and the unroll's."""
+    from gimli.optim import SUPPORTED, adam
+    formed: list[tuple[int, float, float]] = []
+
+    def scalars(s: Any, hp: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = adam.scalars(s, hp)
+        t = s.step + 1
+        assert torch.equal(out["c1"], 1 - hp["beta1"] ** t) and torch.equal(out["c2"], 1 - hp["beta2"] ** t)
+        formed.append((t, float(out["c1"].reshape(-1)[0]), float(out["c2"].reshape(-1)[0])))
+        return out
+
+    monkeypatch.setitem(SUPPORTED, torch.optim.Adam, dataclasses.replace(adam.RULE, scalars=scalars))
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    batches = regression_batches(2, 3, 1, 6)
+    train, val = batches[:5], batches[5]
+
+    def make(compile: bool) -> gimli.GimliSolver:
+        m = copy.deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=0.01, betas=(0.8, 0.95))
+        meta = gimli.MetaParams(opt, {name: "tensor" if name == "lr" else "scalar" for name in learned})
+        return gimli.GimliSolver(m, lambda mm, b, meta: F.mse_loss(mm(b[0]), b[1]), opt, meta, compile=compile)
+
+    eager = make(False).hypergradient(train, val)
+    assert formed == []                                     # eager: the rule forms them itself
+    compiled_solver = make(True)
+    compiled = compiled_solver.hypergradient(train, val)
+    assert sorted(t for t, _, _ in formed) == sorted(list(range(1, 6)) * 2)     # 5 steps, 5 VJPs
+    assert all(abs(c1 - (1 - 0.8 ** t)) < 1e-12 and abs(c2 - (1 - 0.95 ** t)) < 1e-12 for t, c1, c2 in formed)
+    oracle = gimli.full_unroll_hypergradient(compiled_solver, train, val)
+    assert eager.keys() == compiled.keys() == oracle.keys() == {f"hypers.{n}" for n in learned}
     for key in eager:
         scale = eager[key].abs().max()
         assert scale > 0, key

@@ -100,6 +100,11 @@ class Rule:
     # path passes where the value is a param group's number (not learned, not scheduled):
     # torch.optim's own arithmetic on it, and no 0-dim tensor operation per step
     floats: tuple[str, ...] = ()
+    # (State, hypers) -> {name: value}: numbers its step and vjp read that depend on the
+    # step count but on no element (Adam's bias corrections 1 − β^t), formed before a
+    # compiled call and passed in among the hypers under these names: with the step count
+    # symbolic, a compiled kernel would form them again for every few elements
+    scalars: Callable[[Any, dict[str, Any]], dict[str, Tensor]] | None = None
 
     def ranges_for(self, flags: Any) -> Mapping[str, Interval]:
         """Each hyperparameter's valid values for a group built with these flags."""
@@ -643,9 +648,18 @@ def _flat_step(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads:
     assert seg is not None
     p = seg.join(call.mine(params))
     g = seg.join(call.mine(grads))
-    run = compiled(call.rule.step, call.rule) if call._compiling() else call.rule.step
-    new_p, new_state = run(call.flags, p, call.state_in(state), g, call.hypers_in(plan, hp))
+    st, hps = call.state_in(state), call.hypers_in(plan, hp)
+    run = call.rule.step
+    if call._compiling():
+        run = compiled(call.rule.step, call.rule)
+        hps = _with_scalars(call.rule, st, hps)
+    new_p, new_state = run(call.flags, p, st, g, hps)
     return seg.split(_stored(new_p, call.param_dtype)), call.state_out(plan, new_state)
+
+
+def _with_scalars(rule: Rule, state: Any, hps: dict[str, Any]) -> dict[str, Any]:
+    """A compiled call's hypers with the rule's per-step numbers (``Rule.scalars``) added."""
+    return hps if rule.scalars is None else {**hps, **rule.scalars(state, hps)}
 
 
 def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: list[Tensor | None],
@@ -666,9 +680,10 @@ def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: 
         st = type(state)(*(_wide(x) for x in st))
         S = type(state)(*(_wide(x) for x in S))
     run = call.rule.vjp or autograd_vjp(call.rule)
+    hps = call.hypers_in(plan, hp)
     if call._compiling() and call.rule.vjp is not None:     # (autograd_vjp stays eager)
         run = compiled(call.rule.vjp, call.rule)
-    hps = call.hypers_in(plan, hp)
+        hps = _with_scalars(call.rule, st, hps)
     if plan.after and after is not None:
         new = type(state)(*(seg.join(call.mine(values)) if kind.kind == "full" else None
                             for values, kind in zip(after, call.kinds)))

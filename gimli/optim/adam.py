@@ -103,7 +103,9 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
         v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
         u = torch.maximum(s.max_exp_avg_sq, v1) if s.max_exp_avg_sq is not None else v1    # (A4)
     t = s.step + 1
-    c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)   # (A5)
+    c1, c2 = hp.get("c1"), hp.get("c2")                             # (A5), formed before the call,
+    if c1 is None or c2 is None:                                    # or here
+        c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)
     r = u.sqrt() / pc.root(c2)                                      # (A6)
     return _Forward(t, g2, p1, m1, v1, u, c1, c2, r, r + eps)
 
@@ -155,11 +157,17 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
                o_out, {name: contrib[name]() for name in need})
 
 
+def scalars(s: State, hp: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The bias corrections (A5) of this step, for a compiled call (``Rule.scalars``)."""
+    t = s.step + 1
+    return {"c1": pc.bias_correction(hp["beta1"], t), "c2": pc.bias_correction(hp["beta2"], t)}
+
+
 RULE = Rule(
     hypers=HYPERS,
     ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
     skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
     floats=("beta1", "beta2", "eps"),
-    group_keys=BETAS_KEYS, reads_after=True,
+    group_keys=BETAS_KEYS, reads_after=True, scalars=scalars,
 )
