@@ -33,24 +33,34 @@ def solver_for(model: nn.Module, compile: bool) -> gimli.GimliSolver:
     return gimli.GimliSolver(model, loss_fn, opt, meta, compile=compile)
 
 
+def _mlp_and_data(seed: int, J: int) -> tuple[nn.Module, list[Any], Any]:
+    """A float64 3-8-1 tanh MLP and J training batches with a validation batch."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    batches = regression_batches(seed, 3, 1, J + 1)
+    return model, batches[:J], batches[J]
+
+
+def _agree(eager: dict[str, torch.Tensor], compiled: dict[str, torch.Tensor],
+           oracle: dict[str, torch.Tensor]) -> None:
+    """compiled within 1e-9 of eager, and of the autograd unroll, relative to eager's size."""
+    assert eager.keys() == compiled.keys() == oracle.keys()
+    for key in eager:
+        scale = eager[key].abs().max()
+        assert scale > 0, key
+        assert (compiled[key] - eager[key]).abs().max() <= 1e-9 * scale, key
+        assert (oracle[key] - compiled[key]).abs().max() <= 1e-9 * scale, key
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch's own, importing inductor
 def test_compiled_hypergradient_equals_eager() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-    batches = regression_batches(0, 3, 1, 5)
-    train, val = batches[:4], batches[4]
+    model, train, val = _mlp_and_data(0, 4)
     eager = solver_for(model, False).hypergradient(train, val)
     compiled_solver = solver_for(model, True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = compiled_solver.hypergradient(train, val)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2   # step and VJP ran compiled
-    oracle = gimli.full_unroll_hypergradient(compiled_solver, train, val)
-    assert eager.keys() == compiled.keys() == oracle.keys()
-    for name in eager:
-        scale = eager[name].abs().max()
-        assert scale > 0, name
-        assert (compiled[name] - eager[name]).abs().max() <= 1e-9 * scale, name
-        assert (oracle[name] - eager[name]).abs().max() <= 1e-9 * scale, name
+    _agree(eager, compiled, gimli.full_unroll_hypergradient(compiled_solver, train, val))
 
 
 # The flat path's pieces each of these exercises under the compiler: a state buffer the
@@ -60,10 +70,7 @@ def test_compiled_hypergradient_equals_eager() -> None:
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("name", ["SGD", "NAdam", "ASGD"])
 def test_compiled_rule_equals_eager_and_the_unroll(name: str) -> None:
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-    batches = regression_batches(1, 3, 1, 5)
-    train, val = batches[:4], batches[4]
+    model, train, val = _mlp_and_data(1, 4)
 
     def make(compile: bool) -> gimli.GimliSolver:
         m = copy.deepcopy(model)
@@ -80,12 +87,7 @@ def test_compiled_rule_equals_eager_and_the_unroll(name: str) -> None:
     eager = make(False).hypergradient(train, val)
     compiled_solver = make(True)
     compiled = compiled_solver.hypergradient(train, val)
-    oracle = gimli.full_unroll_hypergradient(compiled_solver, train, val)
-    for key in eager:
-        scale = eager[key].abs().max()
-        assert scale > 0, key
-        assert (compiled[key] - eager[key]).abs().max() <= 1e-9 * scale, key
-        assert (oracle[key] - compiled[key]).abs().max() <= 1e-9 * scale, key
+    _agree(eager, compiled, gimli.full_unroll_hypergradient(compiled_solver, train, val))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -107,10 +109,7 @@ def test_a_compiled_adam_call_is_handed_its_bias_corrections(learned: tuple[str,
         return out
 
     monkeypatch.setitem(SUPPORTED, torch.optim.Adam, dataclasses.replace(adam.RULE, scalars=scalars))
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-    batches = regression_batches(2, 3, 1, 6)
-    train, val = batches[:5], batches[5]
+    model, train, val = _mlp_and_data(2, 5)
 
     def make(compile: bool) -> gimli.GimliSolver:
         m = copy.deepcopy(model)
@@ -124,10 +123,5 @@ def test_a_compiled_adam_call_is_handed_its_bias_corrections(learned: tuple[str,
     compiled = compiled_solver.hypergradient(train, val)
     assert sorted(t for t, _, _ in formed) == sorted(list(range(1, 6)) * 2)     # 5 steps, 5 VJPs
     assert all(abs(c1 - (1 - 0.8 ** t)) < 1e-12 and abs(c2 - (1 - 0.95 ** t)) < 1e-12 for t, c1, c2 in formed)
-    oracle = gimli.full_unroll_hypergradient(compiled_solver, train, val)
-    assert eager.keys() == compiled.keys() == oracle.keys() == {f"hypers.{n}" for n in learned}
-    for key in eager:
-        scale = eager[key].abs().max()
-        assert scale > 0, key
-        assert (compiled[key] - eager[key]).abs().max() <= 1e-9 * scale, key
-        assert (oracle[key] - compiled[key]).abs().max() <= 1e-9 * scale, key
+    assert eager.keys() == {f"hypers.{n}" for n in learned}
+    _agree(eager, compiled, gimli.full_unroll_hypergradient(compiled_solver, train, val))
