@@ -281,20 +281,29 @@ def test_sgd_vjp_reading_the_buffer_it_produced_is_bit_identical(nesterov: bool,
 _DECAYING = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adagrad", "Adadelta", "Adamax", "RMSprop", "ASGD"]
 
 
+def _counted(name: str, *, J: int = 4, lr: Any = "scalar", heads: bool = False,
+             **kwargs: Any) -> tuple[OpCount, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The operations of one hypergradient of a J-step unroll whose lr is learned (at
+    granularity ``lr``), with that hypergradient and the autograd unroll's. ``heads``: a
+    model whose second head is read on every third step only."""
+    torch.manual_seed(6)
+    model = (_TwoHeads() if heads else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))).double()
+    opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, **kwargs)
+    loss = _head_loss if heads else (lambda m, b, meta: F.mse_loss(m(b[0]), b[1]))
+    solver = gimli.GimliSolver(model, loss, opt, gimli.MetaParams(opt, {"lr": lr}))
+    data = [(x, y, "b" if j % 3 == 2 else "a") if heads else (x, y)
+            for j, (x, y) in enumerate(regression_batches(7, 3, 1, J + 1))]
+    solver.hypergradient(data[:J], data[J])
+    with OpCount() as count:
+        got = solver.hypergradient(data[:J], data[J])
+    return count, got, gimli.full_unroll_hypergradient(solver, data[:J], data[J])
+
+
 def _ops_and_hypergradient(name: str, **kwargs: Any) -> tuple[int, dict[str, torch.Tensor],
                                                              dict[str, torch.Tensor]]:
-    """Operations in one hypergradient of a 4-step unroll whose lr is learned, with that
-    hypergradient and the autograd unroll's."""
-    torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, **kwargs)
-    solver = gimli.GimliSolver(model, lambda m, b, meta: F.mse_loss(m(b[0]), b[1]), opt,
-                               gimli.MetaParams(opt, ["lr"]))
-    data = regression_batches(7, 3, 1, 5)
-    solver.hypergradient(data[:4], data[4])
-    with OpCount() as count:
-        got = solver.hypergradient(data[:4], data[4])
-    return count.total(), got, gimli.full_unroll_hypergradient(solver, data[:4], data[4])
+    """:func:`_counted`'s number of operations, hypergradient and the unroll's."""
+    count, got, want = _counted(name, **kwargs)
+    return count.total(), got, want
 
 
 @pytest.mark.parametrize("name", _DECAYING)
@@ -453,30 +462,18 @@ def test_a_tensor_without_a_gradient_at_some_steps_keeps_its_per_tensor_sums() -
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-14) and got.abs().min() > 0
 
 
-
 def _views_and_hypergradient(name: str, flat: bool, monkeypatch: pytest.MonkeyPatch, J: int = 4,
                              heads: bool = False, **kwargs: Any
                              ) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """as_strided views cut in one hypergradient of a J-step unroll whose lr is learned,
-    with that hypergradient and the autograd unroll's; ``flat=False``: the sweep takes b_j
-    and S_j as lists. ``heads``: a model whose second head is read on every third step
-    only."""
+    """as_strided views cut in :func:`_counted`'s hypergradient (one lr per tensor), with it
+    and the unroll's; ``flat=False``: the sweep takes b_j and S_j as lists."""
     orig = gimli.optim.InnerOptimizer.vjp
     if not flat:
         monkeypatch.setattr(gimli.optim.InnerOptimizer, "vjp",
                             lambda self, *a, **k: orig(self, *a, **{**k, "flat": False}))
-    torch.manual_seed(6)
-    model = (_TwoHeads() if heads else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))).double()
-    opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, **kwargs)
-    loss = _head_loss if heads else (lambda m, b, meta: F.mse_loss(m(b[0]), b[1]))
-    solver = gimli.GimliSolver(model, loss, opt, gimli.MetaParams(opt, {"lr": "tensor"}))
-    data = [(x, y, "b" if j % 3 == 2 else "a") if heads else (x, y)
-            for j, (x, y) in enumerate(regression_batches(7, 3, 1, J + 1))]
-    solver.hypergradient(data[:J], data[J])
-    with OpCount() as count:
-        got = solver.hypergradient(data[:J], data[J])
+    count, got, want = _counted(name, J=J, lr="tensor", heads=heads, **kwargs)
     monkeypatch.undo()
-    return count.ops["aten.as_strided.default"], got, gimli.full_unroll_hypergradient(solver, data[:J], data[J])
+    return count.ops["aten.as_strided.default"], got, want
 
 
 @pytest.mark.parametrize("name, kwargs, fields", [

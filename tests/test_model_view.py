@@ -262,7 +262,6 @@ def test_view_has_the_module_structure() -> None:
     assert view.eval().training is False and view.training is True
 
 
-
 def test_named_parameters_and_buffers_as_the_modules_with_every_argument(monkeypatch: pytest.MonkeyPatch) -> None:
     """The view's named_parameters and named_buffers give the module's names, for every
     prefix, recurse and remove_duplicate (a module under two names, a weight tied across

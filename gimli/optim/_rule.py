@@ -139,8 +139,9 @@ class Laid(list[Tensor]):
     """Per-tensor views of one flat tensor, with that flat tensor: what
     :meth:`Segments.split` returns, so that joining them again costs nothing. The unroll
     passes these lists from one call to the next (θ'_j, σ_j), so a step joins none of
-    them (the sweep passes B_j and S_j as :class:`Flat`, without views). Replacing an entry drops the flat tensor (it no longer holds
-    the list's values); changing an entry in place changes the flat tensor with it."""
+    them (the sweep passes B_j and S_j as :class:`Flat`, without views). Replacing an
+    entry drops the flat tensor (it no longer holds the list's values); changing an entry
+    in place changes the flat tensor with it."""
 
     __slots__ = ("flat", "seg")
 
@@ -197,7 +198,8 @@ class Segments:
         self._strides = tuple(t.stride() for t in self._templates)
 
     def join(self, values: list[Tensor] | Flat) -> Tensor:
-        """One flat tensor of ``values`` (one per tensor, each its tensor's shape)."""
+        """One flat tensor of ``values`` (one per tensor, each its tensor's shape; a
+        :class:`Flat` laid out as these segments is taken as it is)."""
         if isinstance(values, Flat):
             if values.segments is self or values.segments.shapes == self.shapes:
                 return values.values
@@ -648,18 +650,19 @@ def _flat_step(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads:
     assert seg is not None
     p = seg.join(call.mine(params))
     g = seg.join(call.mine(grads))
-    st, hps = call.state_in(state), call.hypers_in(plan, hp)
-    run = call.rule.step
-    if call._compiling():
-        run = compiled(call.rule.step, call.rule)
-        hps = _with_scalars(call.rule, st, hps)
+    st = call.state_in(state)
+    run, hps = _runner(call, call.rule.step, st, call.hypers_in(plan, hp))
     new_p, new_state = run(call.flags, p, st, g, hps)
     return seg.split(_stored(new_p, call.param_dtype)), call.state_out(plan, new_state)
 
 
-def _with_scalars(rule: Rule, state: Any, hps: dict[str, Any]) -> dict[str, Any]:
-    """A compiled call's hypers with the rule's per-step numbers (``Rule.scalars``) added."""
-    return hps if rule.scalars is None else {**hps, **rule.scalars(state, hps)}
+def _runner(call: Call, body: Any, state: Any, hps: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``body`` (the rule's step or vjp) as the call runs it, with the hypers it gets: eager,
+    or through ``torch.compile`` with the rule's per-step numbers (``Rule.scalars``) added."""
+    if not call._compiling():
+        return body, hps
+    extra = call.rule.scalars
+    return compiled(body, call.rule), hps if extra is None else {**hps, **extra(state, hps)}
 
 
 def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: list[Tensor | None],
@@ -679,11 +682,11 @@ def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: 
         p, g, P = _wide(p), _wide(g), _wide(P)
         st = type(state)(*(_wide(x) for x in st))
         S = type(state)(*(_wide(x) for x in S))
-    run = call.rule.vjp or autograd_vjp(call.rule)
     hps = call.hypers_in(plan, hp)
-    if call._compiling() and call.rule.vjp is not None:     # (autograd_vjp stays eager)
-        run = compiled(call.rule.vjp, call.rule)
-        hps = _with_scalars(call.rule, st, hps)
+    if call.rule.vjp is not None:
+        run, hps = _runner(call, call.rule.vjp, st, hps)
+    else:
+        run = autograd_vjp(call.rule)                       # (stays eager)
     if plan.after and after is not None:
         new = type(state)(*(seg.join(call.mine(values)) if kind.kind == "full" else None
                             for values, kind in zip(after, call.kinds)))

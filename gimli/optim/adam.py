@@ -92,7 +92,8 @@ class _Forward(NamedTuple):
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor],
              after: State | None = None) -> _Forward:
     """(A1)–(A6); with ``after`` (the State :func:`step` produced), m', v' and u are read
-    from it: the same values, not computed again."""
+    from it: the same values, not computed again; with ``c1`` and ``c2`` among ``hp`` (a
+    compiled call: :func:`scalars`), the bias corrections too."""
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
     g2, p1 = pc.weight_decay(g, p, lr, wd, flags.maximize, flags.decoupled)   # (A1), (A2)
     if after is not None:
@@ -102,12 +103,10 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
         m1 = pc.ema(s.exp_avg, g2, b1)                              # (A3)
         v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
         u = torch.maximum(s.max_exp_avg_sq, v1) if s.max_exp_avg_sq is not None else v1    # (A4)
-    t = s.step + 1
-    c1, c2 = hp.get("c1"), hp.get("c2")                             # (A5), formed before the call,
-    if c1 is None or c2 is None:                                    # or here
-        c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)
+    c = hp if "c1" in hp else scalars(s, hp)                        # (A5)
+    c1, c2 = c["c1"], c["c2"]
     r = u.sqrt() / pc.root(c2)                                      # (A6)
-    return _Forward(t, g2, p1, m1, v1, u, c1, c2, r, r + eps)
+    return _Forward(s.step + 1, g2, p1, m1, v1, u, c1, c2, r, r + eps)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
@@ -158,7 +157,8 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
 
 
 def scalars(s: State, hp: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The bias corrections (A5) of this step, for a compiled call (``Rule.scalars``)."""
+    """The bias corrections c₁ = 1 − β₁^t and c₂ = 1 − β₂^t of this step (A5); formed before
+    a compiled call (``Rule.scalars``), else by :func:`_forward` itself."""
     t = s.step + 1
     return {"c1": pc.bias_correction(hp["beta1"], t), "c2": pc.bias_correction(hp["beta2"], t)}
 
