@@ -90,38 +90,74 @@ def test_compiled_rule_equals_eager_and_the_unroll(name: str) -> None:
     _agree(eager, compiled, gimli.full_unroll_hypergradient(compiled_solver, train, val))
 
 
+# Each rule's numbers that depend on the step count t alone, written out from torch.optim's
+# documented updates (betas (0.8, 0.95), NAdam's momentum_decay ψ = 0.004), for t = 1, 2, ...
+def _adam(t: int) -> dict[str, float]:
+    return {"c1": 1 - 0.8 ** t, "c2": 1 - 0.95 ** t}
+
+
+def _nadam(t: int) -> dict[str, float]:
+    return {"e": 0.96 ** (t * 0.004), "e_next": 0.96 ** ((t + 1) * 0.004), "c2": 1 - 0.95 ** t}
+
+
+def _radam(t: int) -> dict[str, float]:
+    rho_inf = 2 / (1 - 0.95) - 1
+    return {"c1": 1 - 0.8 ** t, "c2": 1 - 0.95 ** t, "rho_inf": rho_inf,
+            "rho_t": rho_inf - 2 * t * 0.95 ** t / (1 - 0.95 ** t)}
+
+
+def _adamax(t: int) -> dict[str, float]:
+    return {"c1": 1 - 0.8 ** t}
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("learned", [("lr",), ("lr", "beta1", "beta2")])
-def test_a_compiled_adam_call_is_handed_its_bias_corrections(learned: tuple[str, ...],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A compiled Adam call gets 1 − β₁^t and 1 − β₂^t formed before it (``Rule.scalars``),
-    once for each step and once for each VJP, each equal to what the rule forms itself;
-    and the hypergradient (of the lrs, and of β₁ and β₂ where those are learned, so that
-    the corrections are tensors with cotangents) is the eager one and the unroll's."""
-    from gimli.optim import SUPPORTED, adam
-    formed: list[tuple[int, float, float]] = []
+@pytest.mark.parametrize("name, expected, learned", [
+    ("Adam", _adam, ("lr",)),
+    ("Adam", _adam, ("lr", "beta1", "beta2")),
+    ("NAdam", _nadam, ("lr", "beta2", "momentum_decay")),
+    ("RAdam", _radam, ("lr", "beta1", "beta2")),
+    ("Adamax", _adamax, ("lr", "beta1")),
+])
+def test_a_compiled_call_is_handed_its_step_count_numbers(name: str, expected: Any, learned: tuple[str, ...],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled call of a rule whose update reads numbers of the step count t (bias
+    corrections 1 − β^t, NAdam's 0.96^(tψ), RAdam's ρ_t) gets them formed before it
+    (``Rule.scalars``), once for each step and once for each VJP, each equal to torch.optim's
+    formula; and the hypergradient (of the lrs, and of the β's and ψ where learned, so that
+    those numbers are tensors with cotangents) is the eager one and the unroll's. J = 7
+    steps, so that RAdam runs both its branches (ρ_t ≤ 5 up to t = 5, > 5 after)."""
+    from gimli.optim import SUPPORTED
+    J = 7
+    optimizer = getattr(torch.optim, name)
+    rule = SUPPORTED[optimizer]
+    assert rule.scalars is not None
+    formed: list[tuple[int, dict[str, float]]] = []
 
     def scalars(s: Any, hp: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = adam.scalars(s, hp)
-        t = s.step + 1
-        assert torch.equal(out["c1"], 1 - hp["beta1"] ** t) and torch.equal(out["c2"], 1 - hp["beta2"] ** t)
-        formed.append((t, float(out["c1"].reshape(-1)[0]), float(out["c2"].reshape(-1)[0])))
+        out = rule.scalars(s, hp)
+        formed.append((s.step + 1, {k: float(v.reshape(-1)[0]) for k, v in out.items()}))
         return out
 
-    monkeypatch.setitem(SUPPORTED, torch.optim.Adam, dataclasses.replace(adam.RULE, scalars=scalars))
-    model, train, val = _mlp_and_data(2, 5)
+    monkeypatch.setitem(SUPPORTED, optimizer, dataclasses.replace(rule, scalars=scalars))
+    model, train, val = _mlp_and_data(2, J)
 
     def make(compile: bool) -> gimli.GimliSolver:
         m = copy.deepcopy(model)
-        opt = torch.optim.Adam(m.parameters(), lr=0.01, betas=(0.8, 0.95))
-        meta = gimli.MetaParams(opt, {name: "tensor" if name == "lr" else "scalar" for name in learned})
+        extra = {"momentum_decay": 0.004} if name == "NAdam" else {}
+        opt = optimizer(m.parameters(), lr=0.01, betas=(0.8, 0.95), **extra)
+        meta = gimli.MetaParams(opt, {n: "tensor" if n == "lr" else "scalar" for n in learned})
         return gimli.GimliSolver(m, lambda mm, b, meta: F.mse_loss(mm(b[0]), b[1]), opt, meta, compile=compile)
 
     eager = make(False).hypergradient(train, val)
     assert formed == []                                     # eager: the rule forms them itself
     compiled_solver = make(True)
     compiled = compiled_solver.hypergradient(train, val)
-    assert sorted(t for t, _, _ in formed) == sorted(list(range(1, 6)) * 2)     # 5 steps, 5 VJPs
-    assert all(abs(c1 - (1 - 0.8 ** t)) < 1e-12 and abs(c2 - (1 - 0.95 ** t)) < 1e-12 for t, c1, c2 in formed)
+    assert sorted(t for t, _ in formed) == sorted(list(range(1, J + 1)) * 2)     # J steps, J VJPs
+    for t, values in formed:
+        want = expected(t)
+        assert values.keys() == want.keys()
+        assert all(abs(values[k] - want[k]) <= 1e-12 * max(1.0, abs(want[k])) for k in want), (t, values, want)
+    if name == "RAdam":
+        assert min(v["rho_t"] for _, v in formed) <= 5 < max(v["rho_t"] for _, v in formed)
     assert eager.keys() == {f"hypers.{n}" for n in learned}
     _agree(eager, compiled, gimli.full_unroll_hypergradient(compiled_solver, train, val))

@@ -83,9 +83,8 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     m1 = pc.ema(s.exp_avg, g2, b1)                                  # (X2)
     decayed, fresh = b2 * s.exp_inf, g2.abs() + eps
     u1 = torch.maximum(decayed, fresh)                              # (X3)
-    t = s.step + 1
-    c1 = pc.bias_correction(b1, t)                                  # (X4)
-    return _Forward(t, g2, m1, decayed, fresh, u1, c1)
+    c1 = (hp if "c1" in hp else scalars(s, hp))["c1"]               # (X4)
+    return _Forward(s.step + 1, g2, m1, decayed, fresh, u1, c1)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
@@ -127,10 +126,16 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
                o_out, {name: contrib[name]() for name in need})
 
 
+def scalars(s: State, hp: dict[str, Tensor]) -> dict[str, Tensor]:
+    """c₁ = 1 − β₁^t of this step (X4); formed before a compiled call (``Rule.scalars``),
+    else by :func:`_forward` itself."""
+    return {"c1": pc.bias_correction(hp["beta1"], s.step + 1)}
+
+
 RULE = Rule(
     hypers=HYPERS,
     ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
     skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
-    group_keys=BETAS_KEYS,
+    group_keys=BETAS_KEYS, scalars=scalars,
 )

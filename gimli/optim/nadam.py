@@ -122,11 +122,13 @@ class _Forward(NamedTuple):
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor],
              after: State | None = None) -> _Forward:
-    """(N1)–(N7); with ``after`` (the State :func:`step` produced), m' and v' are read from it."""
+    """(N1)–(N7); with ``after`` (the State :func:`step` produced), m' and v' are read from it;
+    with ``e``, ``e_next`` and ``c2`` among ``hp`` (a compiled call: :func:`scalars`), those."""
     lr, b1, b2, eps, wd, psi = (hp[k] for k in HYPERS)
     t = s.step + 1
     g2, p1 = pc.weight_decay(g, p, lr, wd, flags.maximize, flags.decoupled)   # (N1), (N2)
-    e, e_next = 0.96 ** (t * psi), 0.96 ** ((t + 1) * psi)         # (N3)
+    c = hp if "c2" in hp else scalars(s, hp)                        # (N3), (N6)
+    e, e_next, c2 = c["e"], c["e_next"], c["c2"]
     mu, mu_next = b1 * (1 - 0.5 * e), b1 * (1 - 0.5 * e_next)
     prod1 = s.mu_product * mu                                       # (N4)
     if torch.finfo(flags.mu_dtype).eps > torch.finfo(prod1.dtype).eps:
@@ -139,7 +141,6 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     else:
         m1 = pc.ema(s.exp_avg, g2, b1)                              # (N5)
         v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
-    c2 = pc.bias_correction(b2, t)                                  # (N6)
     r = (v1 / c2).sqrt()
     delta = r + eps
     alpha = lr * (1 - mu) / (1 - prod1)                             # (N7)
@@ -200,12 +201,21 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
                o_out, {name: contrib[name]() for name in need})
 
 
+def scalars(s: State, hp: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The numbers of this step that depend on the step count t: 0.96^(tψ) and 0.96^((t+1)ψ)
+    (N3) and c₂ = 1 − β₂^t (N6); formed before a compiled call (``Rule.scalars``), else by
+    :func:`_forward` itself."""
+    t, psi = s.step + 1, hp["momentum_decay"]
+    return {"e": 0.96 ** (t * psi), "e_next": 0.96 ** ((t + 1) * psi),
+            "c2": pc.bias_correction(hp["beta2"], t)}
+
+
 RULE = Rule(
     hypers=HYPERS,
     ranges={**ADAM_RANGES, "momentum_decay": NONNEGATIVE},
     read_group=read_group, read_state=read_state, step=step, vjp=vjp, write_state=write_state,
     skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
-    reads_after=True,
+    reads_after=True, scalars=scalars,
     group_keys=BETAS_KEYS,
     # μ_t (so Π) is per element where β₁ or ψ is, but torch.optim keeps Π as one number per tensor
     scalar_state={"beta1": "mu_product", "momentum_decay": "mu_product"},

@@ -99,7 +99,9 @@ class _Forward(NamedTuple):
 
 def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor],
              after: State | None = None) -> _Forward:
-    """(RA1)–(RA6); with ``after`` (the State :func:`step` produced), m' and v' are read from it."""
+    """(RA1)–(RA6); with ``after`` (the State :func:`step` produced), m' and v' are read from
+    it; with ``c1``, ``c2``, ``rho_inf`` and ``rho_t`` among ``hp`` (a compiled call:
+    :func:`scalars`), those."""
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
     t = s.step + 1
     g2, p1 = pc.weight_decay(g, p, lr, wd, flags.maximize, flags.decoupled)   # (RA1), (RA2)
@@ -108,9 +110,8 @@ def _forward(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]
     else:
         m1 = pc.ema(s.exp_avg, g2, b1)                              # (RA3)
         v1 = pc.ema(s.exp_avg_sq, g2 * g2, b2)
-    c1, c2 = pc.bias_correction(b1, t), pc.bias_correction(b2, t)   # (RA4)
-    rho_inf = 2 / (1 - b2) - 1                                      # (RA5)
-    rho_t = rho_inf - 2 * t * b2**t / c2
+    c = hp if "c1" in hp else scalars(s, hp)                        # (RA4), (RA5)
+    c1, c2, rho_inf, rho_t = c["c1"], c["c2"], c["rho_inf"], c["rho_t"]
     # (RA6), the switch: elementwise, for a β₂ learned per element (or spread over a call)
     on = rho_t > 5
     rt, ri = torch.where(on, rho_t, 6.0), torch.where(on, rho_inf, 6.0)
@@ -165,11 +166,22 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
                o_out, {name: contrib[name]() for name in need})
 
 
+def scalars(s: State, hp: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The numbers of this step that depend on the step count t (or on β₂ alone): c₁ = 1 − β₁^t,
+    c₂ = 1 − β₂^t (RA4), ρ_∞ and ρ_t (RA5); formed before a compiled call (``Rule.scalars``),
+    else by :func:`_forward` itself."""
+    t, b2 = s.step + 1, hp["beta2"]
+    c2 = pc.bias_correction(b2, t)
+    rho_inf = 2 / (1 - b2) - 1
+    return {"c1": pc.bias_correction(hp["beta1"], t), "c2": c2, "rho_inf": rho_inf,
+            "rho_t": rho_inf - 2 * t * b2**t / c2}
+
+
 RULE = Rule(
     hypers=HYPERS,
     ranges=ADAM_RANGES,                 # as torch.optim's constructor checks them
     read_group=read_group, read_state=read_state, step=step, vjp=vjp,
     skips_zero=("weight_decay",),     # a constant 0: skipped, as torch.optim does
-    reads_after=True,
+    reads_after=True, scalars=scalars,
     group_keys=BETAS_KEYS,
 )
