@@ -287,6 +287,21 @@ _engine = getattr(torch.autograd.graph, "_engine_run_backward", None)
 _PLAIN = (Tensor, nn.Parameter)
 
 
+class values_only:
+    """``with values_only():`` records no graph, as ``torch.no_grad()``, for the unroll's
+    step and the sweep's VJP, each entered once a step: without ``torch.no_grad``'s
+    decorator machinery (about 3 µs a use)."""
+
+    __slots__ = ("was",)
+
+    def __enter__(self) -> None:
+        self.was = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        torch._C._set_grad_enabled(self.was)
+
+
 def _weight_normed(model: nn.Module) -> list[str]:
     """The submodules that apply torch's weight norm: the parametrization
     (``nn.utils.parametrizations.weight_norm``) or the older hook (``nn.utils.weight_norm``)."""

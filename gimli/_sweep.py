@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import Tensor
 
-from ._problem import Problem, grad_of
+from ._problem import Problem, grad_of, values_only
 from ._schedule import Schedule
 from ._unroll import Point, Step, Unroll, add_note, describe_batch
 from .optim._rule import ElementSums, Flat, Laid, Segments, listed
@@ -71,7 +71,8 @@ def _add_hvp(B: Any, terms: Sequence[Tensor | None]) -> Any:
         if not terms:
             return B
         if all(t is not None and t.dtype == B.values.dtype for t in terms):
-            B.values.add_(B.segments.join(cast(list[Tensor], list(terms))))
+            h = cast(list[Tensor], list(terms))     # (the engine's own tensors: never laid out)
+            B.values.add_(h[0].reshape(-1) if len(h) == 1 else torch._C._nn.flatten_dense_tensors(h))
             return B
         B = B.split()
     _accumulate(B, terms)
@@ -145,7 +146,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
         assert isinstance(step, Step)
         j, theta, G = step.j, step.theta, step.grads
         # line 11–12: o_j = B_{j+1}·O_j and a_j, with b_j and S_j, from the optimizer's VJP
-        with torch.no_grad():                                   # (θ'_j and G_j read as values)
+        with values_only():                                     # (θ'_j and G_j read as values)
             out = inner.vjp(theta, step.state, G, unroll.hypers[j], B, S, need, after=after, defer=defer,
                             flat=True)
         for name in need:                                       # line 12: A^opt += a_j

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._problem import NonFiniteError, Problem
+from ._problem import NonFiniteError, Problem, values_only
 from ._revolve import split
 from .optim._rule import laid_like
 
@@ -231,7 +231,7 @@ class Unroll:
     def run(self, j: int, point: Point, *, graph: bool) -> tuple[Step, Point]:
         """Step j from ``point``: G_j and the next point (line 6)."""
         step, buffers = self.grads(j, point, graph=graph)
-        with torch.no_grad():                   # (G_j read as values)
+        with values_only():                     # (G_j read as values)
             new_theta, new_state = self.problem.inner.step(point.theta, point.state, step.grads,
                                                            self.hypers[j])
         self.forward_steps += 1

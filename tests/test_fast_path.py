@@ -48,6 +48,22 @@ class OpCount(TorchDispatchMode):
         return sum(self.ops.values())
 
 
+def test_values_only_records_no_graph_and_restores_the_grad_mode() -> None:
+    """The sweep's and the unroll's ``values_only`` is ``torch.no_grad()``: no graph inside,
+    and the grad mode it found restored after it, also where the block raises."""
+    from gimli._problem import values_only
+    x = torch.ones(2, requires_grad=True)
+    for outer in (True, False):
+        with torch.set_grad_enabled(outer):
+            with values_only():
+                assert not torch.is_grad_enabled()
+                y = x * 2
+            assert not y.requires_grad and torch.is_grad_enabled() == outer
+            with pytest.raises(KeyError), values_only():
+                raise KeyError("inside")
+            assert torch.is_grad_enabled() == outer
+
+
 def test_laid_list_joins_free_until_an_entry_is_replaced() -> None:
     shapes = [(2, 3), (3,), (1,)]
     seg = Segments([torch.zeros(s, dtype=torch.float64) for s in shapes])
@@ -277,6 +293,75 @@ def test_sgd_vjp_reading_the_buffer_it_produced_is_bit_identical(nesterov: bool,
         assert (a is None and b is None) or torch.equal(a, b), name
     assert plain.hypers["lr"] is not None                   # (μ̄ is None only where b' = d₀)
     assert (plain.hypers["momentum"] is None) == (first and not nesterov)
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("momentum, nesterov", [(False, False), (True, False), (True, True)])
+def test_sgd_vjp_without_g_where_it_does_not_read_it(momentum: bool, nesterov: bool, maximize: bool) -> None:
+    """For every set of cotangents asked for that SGD's ``reads_grad`` says reads no G, its
+    VJP given g = None is bit for bit the one given G: on the first step (no buffer yet)
+    and after, with the buffer read from ``after=`` and recomputed."""
+    import itertools
+    from gimli.optim import sgd
+    torch.manual_seed(11)
+    n = 5
+    p, g, buf, P, Sb = (torch.randn(n, dtype=torch.float64) for _ in range(5))
+    flags = sgd.Flags(momentum, nesterov, maximize)
+    hp = {"lr": torch.full((n,), 0.05, dtype=torch.float64), "momentum": torch.tensor(0.9, dtype=torch.float64),
+          "dampening": torch.tensor(0.0 if nesterov else 0.1, dtype=torch.float64),
+          "weight_decay": torch.tensor(0.01, dtype=torch.float64)}
+    skipped = 0
+    for size in range(len(sgd.HYPERS) + 1):
+        for need in map(frozenset, itertools.combinations(sgd.HYPERS, size)):
+            if sgd.reads_grad(flags, need):
+                continue
+            for first, read_after in itertools.product([False, True], repeat=2):
+                state = sgd.State(None if first or not momentum else buf)
+                after = sgd.step(flags, p, state, g, hp)[1] if read_after else None
+                S = sgd.State(Sb if momentum else None)
+                want = sgd.vjp(flags, p, state, g, hp, P, S, need, after=after)
+                got = sgd.vjp(flags, p, state, None, hp, P, S, need, after=after)    # type: ignore[arg-type]
+                assert torch.equal(got.params, want.params) and torch.equal(got.grads, want.grads)
+                assert (got.state.momentum_buffer is None) == (want.state.momentum_buffer is None)
+                assert got.state.momentum_buffer is None or torch.equal(got.state.momentum_buffer,
+                                                                        want.state.momentum_buffer)
+                assert got.hypers.keys() == want.hypers.keys() == need
+                for name in need:
+                    a, b = got.hypers[name], want.hypers[name]
+                    assert (a is None and b is None) or torch.equal(a, b), name
+                skipped += 1
+    assert skipped == 2 * 4                                 # ∅ and {λ}, each in 4 cases
+
+
+def test_a_flat_sgd_call_joins_no_g_its_vjp_does_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """θ₀ learned through plain SGD (MAML: no hyperparameter's cotangent asked for): the
+    sweep joins no G_j for the optimizer's VJP, one concatenation a step fewer than a
+    rule that reads G, and the hypergradient is the same bits, and the autograd unroll's."""
+    from gimli.optim import sgd
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    J = 4
+    data = regression_batches(8, 3, 1, J + 1)
+
+    def run() -> tuple[OpCount, dict[str, torch.Tensor], gimli.GimliSolver]:
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        solver = gimli.GimliSolver(m, lambda mm, b, meta: F.mse_loss(mm(b[0]), b[1]), opt,
+                                   gimli.MetaParams(opt, init=m))
+        solver.hypergradient(data[:J], data[J])
+        with OpCount() as count:
+            got = solver.hypergradient(data[:J], data[J])
+        return count, got, solver
+
+    count, got, solver = run()
+    monkeypatch.setitem(SUPPORTED, torch.optim.SGD, dataclasses.replace(sgd.RULE, reads_grad=None))
+    joined, as_before, _ = run()
+    assert joined.ops["aten.cat.default"] - count.ops["aten.cat.default"] == J
+    assert got.keys() == as_before.keys()
+    assert all(torch.equal(got[k], as_before[k]) for k in got)
+    want = gimli.full_unroll_hypergradient(solver, data[:J], data[J])
+    for k in got:
+        assert (got[k] - want[k]).abs().max() <= 1e-9 * want[k].abs().max(), k
+
 
 _DECAYING = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adagrad", "Adadelta", "Adamax", "RMSprop", "ASGD"]
 

@@ -90,6 +90,9 @@ class Rule:
     no_hypergradient: Mapping[str, str] = field(default_factory=dict)
     # the update does not depend differentiably on G (why): φ^loss reaches θ through no step
     insensitive_to_g: str = ""
+    # (flags, need) -> whether its vjp reads G; where not, a flat call passes g=None and joins
+    # no G (SGD's VJP reads G only for the cotangents of γ, τ and, with Nesterov, μ). None: always
+    reads_grad: Callable[[Any, frozenset[str]], bool] | None = None
     # its vjp takes ``after=``, the State the step produced (σ_{j+1}, which the sweep holds
     # anyway), and reads the new moments there instead of recomputing them
     reads_after: bool = False
@@ -416,6 +419,8 @@ class Call:
         # per hyperparameter: the per-tensor values last spread and their spread (hypers_in)
         self._spread: dict[str, tuple[list[Tensor], list[int], Tensor]] = {}
         self._kept_plan: tuple[Mapping[str, list[Tensor]], Any, _Plan] | None = None
+        # the hypers as the rule took them, for that plan and hp, where none is spread or laid out
+        self._kept_hypers: tuple[Mapping[str, list[Tensor]], _Plan, bool, dict[str, Any]] | None = None
 
     def mine(self, values: list[Any]) -> list[Any]:
         """The call's entries of a per-tensor list (or of a :class:`Flat` one)."""
@@ -511,8 +516,11 @@ class Call:
         the param group's number (its floats)."""
         seg = self.segments
         assert seg is not None
-        out: dict[str, Any] = {}
         compiling = self._compiling()
+        kept = self._kept_hypers
+        if kept is not None and kept[0] is hp and kept[1] is plan and kept[2] == compiling:
+            return kept[3]
+        out: dict[str, Any] = {}
         for name, how, number in plan.hypers:
             if how == "float":
                 if not compiling:
@@ -523,6 +531,8 @@ class Call:
             out[name] = (NO_DECAY if how == "zero" else mine[0] if how in ("one", "module")
                          else self._spread_of(name, mine)
                          if how == "spread" else seg.join([v.expand(s) for v, s in zip(mine, seg.shapes)]))
+        if all(how in ("float", "zero", "one", "module") for _, how, _ in plan.hypers):
+            self._kept_hypers = (hp, plan, compiling, out)     # (the same tensors, whatever their values)
         return out
 
     def _spread_of(self, name: str, values: list[Tensor]) -> Tensor:
@@ -674,7 +684,8 @@ def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: 
     seg = call.segments
     assert seg is not None
     p = seg.join(call.mine(params))
-    g = seg.join(call.mine(grads))
+    reads = call.rule.reads_grad
+    g = seg.join(call.mine(grads)) if reads is None or reads(call.flags, need) else None
     st = call.state_in(state)
     P = seg.join(call.mine(cot_params))
     S = type(state)(*call.cot_state_in(plan, cot_state))

@@ -89,9 +89,11 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         S: State, need: frozenset[str], after: State | None = None) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/sgd.md, eq. S5–S9). The buffer b'
     enters only the cotangents of γ and μ; where they are needed it is read from
-    ``after`` (the State :func:`step` returned for these arguments) if given."""
+    ``after`` (the State :func:`step` returned for these arguments) if given. G enters
+    only those of γ, τ and (b' recomputed) μ: ``g`` may be None where none is needed
+    (:func:`reads_grad`)."""
     lr, mu, tau, wd = (hp[k] for k in HYPERS)
-    d0 = pc.coupled_decay(g, p, wd, flags.maximize)                # (S1), recomputed
+    d0 = None if g is None else pc.coupled_decay(g, p, wd, flags.maximize)   # (S1), recomputed
     d_bar = -lr * P                                                 # ∂θ'/∂d = −γ           (S5)
     s_in = buf_bar = None
     if flags.momentum:
@@ -132,6 +134,13 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
     return VJP(b_out, State(s_in), o_out, {name: contrib[name]() for name in need})
 
 
+def reads_grad(flags: Flags, need: frozenset[str]) -> bool:
+    """Whether :func:`vjp` reads G for these cotangents: only through d₀ (S1), which only
+    a_γ, a_τ and b' (for a_μ, where ``after`` does not hold it) read."""
+    return bool(need & {"lr", "dampening", "momentum"})
+
+
 RULE = Rule(hypers=HYPERS, ranges=RANGES, read_group=read_group, read_state=read_state,
             step=step, vjp=vjp, inactive=inactive_hypers, narrowed=ranges,
-            skips_zero=("weight_decay",), floats=("momentum", "dampening"), reads_after=True)
+            skips_zero=("weight_decay",), floats=("momentum", "dampening"), reads_after=True,
+            reads_grad=reads_grad)
