@@ -161,3 +161,49 @@ def test_a_compiled_call_is_handed_its_step_count_numbers(name: str, expected: A
         assert min(v["rho_t"] for _, v in formed) <= 5 < max(v["rho_t"] for _, v in formed)
     assert eager.keys() == {f"hypers.{n}" for n in learned}
     _agree(eager, compiled, gimli.full_unroll_hypergradient(compiled_solver, train, val))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_compiled_call_forms_its_corrections_as_its_kernel_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 model: the compiled Adam call gets c₁ = 1 − β₁^t and c₂ = 1 − β₂^t formed in
+    double precision from the float32 β₁, β₂ its body reads, and rounded once; so c₂ agrees
+    with the body's own 1 − β₂ (0.999 is 0.99900001 in float32: c₂ formed from the exact
+    0.999, or in float32, is 10⁻⁵ off it). And the compiled float32 hypergradient is as
+    near the float64 one as the eager float32 one is (within 2 × its distance)."""
+    from gimli.optim import _rule
+    J = 6
+    handed: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    original = _rule.compiled
+
+    def recording(body: Any, rule: Any) -> Any:
+        run = original(body, rule)
+
+        def call(flags: Any, p: Any, st: Any, g: Any, hps: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            handed.append((st.step + 1, hps["c1"], hps["c2"]))
+            return run(flags, p, st, g, hps, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(_rule, "compiled", recording)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    data = regression_batches(4, 3, 1, J + 1)
+
+    def hypergradient(dtype: torch.dtype, compile: bool) -> torch.Tensor:
+        m = copy.deepcopy(model).to(dtype)
+        batches = [(x.to(dtype), y.to(dtype)) for x, y in data]
+        opt = torch.optim.Adam(m.parameters(), lr=0.01, betas=(0.9, 0.999))
+        solver = gimli.GimliSolver(m, lambda mm, b, meta: F.mse_loss(mm(b[0]), b[1]), opt,
+                                   gimli.MetaParams(opt, {"lr": "tensor"}), compile=compile)
+        return solver.hypergradient(batches[:J], batches[J])["hypers.lr"].double()
+
+    truth, eager = hypergradient(torch.float64, False), hypergradient(torch.float32, False)
+    assert handed == []
+    compiled = hypergradient(torch.float32, True)
+    assert sorted(t for t, _, _ in handed) == sorted(list(range(1, J + 1)) * 2)     # J steps, J VJPs
+    b1, b2 = (float(torch.tensor(b, dtype=torch.float32)) for b in (0.9, 0.999))   # as float32 holds them
+    for t, c1, c2 in handed:
+        assert c1.dtype == c2.dtype == torch.float32 and c1.dim() == c2.dim() == 0
+        assert c1.item() == torch.tensor(1 - b1 ** t, dtype=torch.float32).item()
+        assert c2.item() == torch.tensor(1 - b2 ** t, dtype=torch.float32).item()
+    scale = truth.abs().max()
+    assert (compiled - truth).abs().max() <= 2 * (eager - truth).abs().max() + 1e-7 * scale

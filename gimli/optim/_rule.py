@@ -668,11 +668,29 @@ def _flat_step(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads:
 
 def _runner(call: Call, body: Any, state: Any, hps: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """``body`` (the rule's step or vjp) as the call runs it, with the hypers it gets: eager,
-    or through ``torch.compile`` with the rule's per-step numbers (``Rule.scalars``) added."""
+    or through ``torch.compile`` with the rule's per-step numbers (``Rule.scalars``) added.
+    Those are formed in double precision from the very hyperparameters the compiled body
+    reads (a float32 β where the model is float32), and rounded once: as the kernel itself
+    formed them before they were handed in. So 1 − β₂^t agrees with the 1 − β₂ the body
+    forms from the same β₂, and their rounding errors cancel in Adam's v/c₂ as eager's do
+    (formed in float32, or from the exact β₂ against a float32 1 − β₂, the two disagree by
+    about 10⁻⁵ and a float32 CNN's hypergradient moved by 0.1)."""
     if not call._compiling():
         return body, hps
     extra = call.rule.scalars
-    return compiled(body, call.rule), hps if extra is None else {**hps, **extra(state, hps)}
+    if extra is None:
+        return compiled(body, call.rule), hps
+    wide = {name: _double(value) for name, value in hps.items()}
+    dtype = hyper_dtype(call.param_dtype)
+    return compiled(body, call.rule), {**hps, **{name: value.to(dtype) if isinstance(value, Tensor) else value
+                                               for name, value in extra(state, wide).items()}}
+
+
+def _double(x: Any) -> Any:
+    """One number as a float64 tensor (where its device has float64; else as it is)."""
+    if isinstance(x, Tensor) and x.dim() == 0 and x.is_floating_point() and x.device.type != "mps":
+        return x.double()
+    return x
 
 
 def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: list[Tensor | None],
