@@ -90,8 +90,8 @@ class Rule:
     no_hypergradient: Mapping[str, str] = field(default_factory=dict)
     # the update does not depend differentiably on G (why): φ^loss reaches θ through no step
     insensitive_to_g: str = ""
-    # (flags, need) -> whether its vjp reads G; where not, a flat call passes g=None and joins
-    # no G (SGD's VJP reads G only for the cotangents of γ, τ and, with Nesterov, μ). None: always
+    # (flags, need) -> whether its vjp reads G for the cotangents in need; where not, a flat call
+    # passes g=None and joins no G (SGD's reads it only for those of γ, τ and μ). None: always
     reads_grad: Callable[[Any, frozenset[str]], bool] | None = None
     # its vjp takes ``after=``, the State the step produced (σ_{j+1}, which the sweep holds
     # anyway), and reads the new moments there instead of recomputing them
