@@ -20,17 +20,22 @@ from gimli.optim._settings import TYPICAL
 from strategies import regression_batches
 
 
+def _mse(model: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def _solver(model: nn.Module, opt: torch.optim.Optimizer, learned: dict[str, str],
+            compile: bool) -> gimli.GimliSolver:
+    """The solver of the mean squared error on ``model``, ``learned`` meta-learned."""
+    return gimli.GimliSolver(model, _mse, opt, gimli.MetaParams(opt, learned), compile=compile)
+
+
 def solver_for(model: nn.Module, compile: bool) -> gimli.GimliSolver:
     model = copy.deepcopy(model)
     opt = torch.optim.Adam([{"params": model[0].parameters()},
                             {"params": model[2].parameters(), "lr": 0.02}], lr=0.01, weight_decay=0.01)
-    meta = gimli.MetaParams(opt, {"lr": "tensor", "beta1": "scalar"})
-
-    def loss_fn(m: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
-        x, y = batch
-        return F.mse_loss(m(x), y)
-
-    return gimli.GimliSolver(model, loss_fn, opt, meta, compile=compile)
+    return _solver(model, opt, {"lr": "tensor", "beta1": "scalar"}, compile)
 
 
 def _mlp_and_data(seed: int, J: int) -> tuple[nn.Module, list[Any], Any]:
@@ -76,13 +81,7 @@ def test_compiled_rule_equals_eager_and_the_unroll(name: str) -> None:
         m = copy.deepcopy(model)
         opt = getattr(torch.optim, name)([{"params": m[0].parameters()}, {"params": m[2].parameters()}],
                                          **TYPICAL[name])
-        meta = gimli.MetaParams(opt, {"lr": "tensor"})
-
-        def loss_fn(model: Any, batch: Any, meta: gimli.MetaParams) -> torch.Tensor:
-            x, y = batch
-            return F.mse_loss(model(x), y)
-
-        return gimli.GimliSolver(m, loss_fn, opt, meta, compile=compile)
+        return _solver(m, opt, {"lr": "tensor"}, compile)
 
     eager = make(False).hypergradient(train, val)
     compiled_solver = make(True)
@@ -145,8 +144,7 @@ def test_a_compiled_call_is_handed_its_step_count_numbers(name: str, expected: A
         m = copy.deepcopy(model)
         extra = {"momentum_decay": 0.004} if name == "NAdam" else {}
         opt = optimizer(m.parameters(), lr=0.01, betas=(0.8, 0.95), **extra)
-        meta = gimli.MetaParams(opt, {n: "tensor" if n == "lr" else "scalar" for n in learned})
-        return gimli.GimliSolver(m, lambda mm, b, meta: F.mse_loss(mm(b[0]), b[1]), opt, meta, compile=compile)
+        return _solver(m, opt, {n: "tensor" if n == "lr" else "scalar" for n in learned}, compile)
 
     eager = make(False).hypergradient(train, val)
     assert formed == []                                     # eager: the rule forms them itself
@@ -184,17 +182,13 @@ def test_a_compiled_call_forms_its_corrections_as_its_kernel_would(monkeypatch: 
         return call
 
     monkeypatch.setattr(_rule, "compiled", recording)
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
-    data = regression_batches(4, 3, 1, J + 1)
+    model, train, val = _mlp_and_data(3, J)
 
     def hypergradient(dtype: torch.dtype, compile: bool) -> torch.Tensor:
         m = copy.deepcopy(model).to(dtype)
-        batches = [(x.to(dtype), y.to(dtype)) for x, y in data]
         opt = torch.optim.Adam(m.parameters(), lr=0.01, betas=(0.9, 0.999))
-        solver = gimli.GimliSolver(m, lambda mm, b, meta: F.mse_loss(mm(b[0]), b[1]), opt,
-                                   gimli.MetaParams(opt, {"lr": "tensor"}), compile=compile)
-        return solver.hypergradient(batches[:J], batches[J])["hypers.lr"].double()
+        as_dtype = [(x.to(dtype), y.to(dtype)) for x, y in train + [val]]
+        return _solver(m, opt, {"lr": "tensor"}, compile).hypergradient(as_dtype[:J], as_dtype[J])["hypers.lr"].double()
 
     truth, eager = hypergradient(torch.float64, False), hypergradient(torch.float32, False)
     assert handed == []

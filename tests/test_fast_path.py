@@ -265,6 +265,17 @@ def test_adam_vjp_reading_the_state_it_produced_is_bit_identical(amsgrad: bool, 
 
 
 
+def _sgd_point(seed: int, n: int, nesterov: bool) -> tuple[Any, ...]:
+    """θ, G, a momentum buffer, P, S_buf (float64, n elements each) and SGD's hyperparameters
+    (γ per element, the others 0-dim; τ = 0 under Nesterov, as torch.optim requires)."""
+    torch.manual_seed(seed)
+    p, g, buf, P, Sb = (torch.randn(n, dtype=torch.float64) for _ in range(5))
+    hp = {"lr": torch.full((n,), 0.05, dtype=torch.float64), "momentum": torch.tensor(0.9, dtype=torch.float64),
+          "dampening": torch.tensor(0.0 if nesterov else 0.1, dtype=torch.float64),
+          "weight_decay": torch.tensor(0.01, dtype=torch.float64)}
+    return p, g, buf, P, Sb, hp
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("first", [False, True])
@@ -274,14 +285,9 @@ def test_sgd_vjp_reading_the_buffer_it_produced_is_bit_identical(nesterov: bool,
     and μ need it: the same bits as recomputing it, on the first step (no buffer yet) and
     after it."""
     from gimli.optim import sgd
-    torch.manual_seed(10)
-    n = 7
-    p, g, buf, P, Sb = (torch.randn(n, dtype=torch.float64) for _ in range(5))
+    p, g, buf, P, Sb, hp = _sgd_point(10, 7, nesterov)
     flags = sgd.Flags(True, nesterov, maximize)
     state = sgd.State(None if first else buf)
-    hp = {"lr": torch.full((n,), 0.05, dtype=torch.float64), "momentum": torch.tensor(0.9, dtype=torch.float64),
-          "dampening": torch.tensor(0.0 if nesterov else 0.1, dtype=torch.float64),
-          "weight_decay": torch.tensor(0.01, dtype=torch.float64)}
     S = sgd.State(Sb)
     need = frozenset(sgd.HYPERS)
     _, after = sgd.step(flags, p, state, g, hp)
@@ -294,6 +300,7 @@ def test_sgd_vjp_reading_the_buffer_it_produced_is_bit_identical(nesterov: bool,
     assert plain.hypers["lr"] is not None                   # (μ̄ is None only where b' = d₀)
     assert (plain.hypers["momentum"] is None) == (first and not nesterov)
 
+
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("momentum, nesterov", [(False, False), (True, False), (True, True)])
 def test_sgd_vjp_without_g_where_it_does_not_read_it(momentum: bool, nesterov: bool, maximize: bool) -> None:
@@ -302,13 +309,8 @@ def test_sgd_vjp_without_g_where_it_does_not_read_it(momentum: bool, nesterov: b
     and after, with the buffer read from ``after=`` and recomputed."""
     import itertools
     from gimli.optim import sgd
-    torch.manual_seed(11)
-    n = 5
-    p, g, buf, P, Sb = (torch.randn(n, dtype=torch.float64) for _ in range(5))
+    p, g, buf, P, Sb, hp = _sgd_point(11, 5, nesterov)
     flags = sgd.Flags(momentum, nesterov, maximize)
-    hp = {"lr": torch.full((n,), 0.05, dtype=torch.float64), "momentum": torch.tensor(0.9, dtype=torch.float64),
-          "dampening": torch.tensor(0.0 if nesterov else 0.1, dtype=torch.float64),
-          "weight_decay": torch.tensor(0.01, dtype=torch.float64)}
     skipped = 0
     for size in range(len(sgd.HYPERS) + 1):
         for need in map(frozenset, itertools.combinations(sgd.HYPERS, size)):
@@ -337,28 +339,13 @@ def test_a_flat_sgd_call_joins_no_g_its_vjp_does_not_read(monkeypatch: pytest.Mo
     sweep joins no G_j for the optimizer's VJP, one concatenation a step fewer than a
     rule that reads G, and the hypergradient is the same bits, and the autograd unroll's."""
     from gimli.optim import sgd
-    torch.manual_seed(12)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     J = 4
-    data = regression_batches(8, 3, 1, J + 1)
-
-    def run() -> tuple[OpCount, dict[str, torch.Tensor], gimli.GimliSolver]:
-        m = copy.deepcopy(model)
-        opt = torch.optim.SGD(m.parameters(), lr=0.05)
-        solver = gimli.GimliSolver(m, lambda mm, b, meta: F.mse_loss(mm(b[0]), b[1]), opt,
-                                   gimli.MetaParams(opt, init=m))
-        solver.hypergradient(data[:J], data[J])
-        with OpCount() as count:
-            got = solver.hypergradient(data[:J], data[J])
-        return count, got, solver
-
-    count, got, solver = run()
+    count, got, want = _counted("SGD", J=J, init=True)
     monkeypatch.setitem(SUPPORTED, torch.optim.SGD, dataclasses.replace(sgd.RULE, reads_grad=None))
-    joined, as_before, _ = run()
+    joined, as_before, _ = _counted("SGD", J=J, init=True)
     assert joined.ops["aten.cat.default"] - count.ops["aten.cat.default"] == J
-    assert got.keys() == as_before.keys()
+    assert got.keys() == as_before.keys() and all(k.startswith("init.") for k in got)
     assert all(torch.equal(got[k], as_before[k]) for k in got)
-    want = gimli.full_unroll_hypergradient(solver, data[:J], data[J])
     for k in got:
         assert (got[k] - want[k]).abs().max() <= 1e-9 * want[k].abs().max(), k
 
@@ -366,16 +353,17 @@ def test_a_flat_sgd_call_joins_no_g_its_vjp_does_not_read(monkeypatch: pytest.Mo
 _DECAYING = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adagrad", "Adadelta", "Adamax", "RMSprop", "ASGD"]
 
 
-def _counted(name: str, *, J: int = 4, lr: Any = "scalar", heads: bool = False,
+def _counted(name: str, *, J: int = 4, lr: Any = "scalar", heads: bool = False, init: bool = False,
              **kwargs: Any) -> tuple[OpCount, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The operations of one hypergradient of a J-step unroll whose lr is learned (at
-    granularity ``lr``), with that hypergradient and the autograd unroll's. ``heads``: a
-    model whose second head is read on every third step only."""
+    granularity ``lr``; with ``init``, θ₀ instead, as MAML), with that hypergradient and the
+    autograd unroll's. ``heads``: a model whose second head is read on every third step only."""
     torch.manual_seed(6)
     model = (_TwoHeads() if heads else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))).double()
     opt = getattr(torch.optim, name)(model.parameters(), lr=0.05, **kwargs)
     loss = _head_loss if heads else (lambda m, b, meta: F.mse_loss(m(b[0]), b[1]))
-    solver = gimli.GimliSolver(model, loss, opt, gimli.MetaParams(opt, {"lr": lr}))
+    meta = gimli.MetaParams(opt, init=model) if init else gimli.MetaParams(opt, {"lr": lr})
+    solver = gimli.GimliSolver(model, loss, opt, meta)
     data = [(x, y, "b" if j % 3 == 2 else "a") if heads else (x, y)
             for j, (x, y) in enumerate(regression_batches(7, 3, 1, J + 1))]
     solver.hypergradient(data[:J], data[J])

@@ -105,8 +105,9 @@ class Rule:
     floats: tuple[str, ...] = ()
     # (State, hypers) -> {name: value}: numbers its step and vjp read that depend on the
     # step count but on no element (Adam's bias corrections 1 − β^t), formed before a
-    # compiled call and passed in among the hypers under these names: with the step count
-    # symbolic, a compiled kernel would form them again for every few elements
+    # compiled call (in double precision: _runner) and passed in among the hypers under these
+    # names: with the step count symbolic, a compiled kernel would form them again for every
+    # few elements
     scalars: Callable[[Any, dict[str, Any]], dict[str, Tensor]] | None = None
 
     def ranges_for(self, flags: Any) -> Mapping[str, Interval]:
@@ -513,7 +514,8 @@ class Call:
 
     def hypers_in(self, plan: _Plan, hp: Mapping[str, list[Tensor]]) -> dict[str, Any]:
         """Each hyperparameter as the rule takes it: a tensor, NO_DECAY (its skips_zero) or
-        the param group's number (its floats)."""
+        the param group's number (its floats). Kept while the plan and ``hp`` are the same
+        objects and none is spread or laid out (then it holds the same tensors)."""
         seg = self.segments
         assert seg is not None
         compiling = self._compiling()
@@ -698,7 +700,8 @@ def _flat_vjp(call: Call, plan: _Plan, params: list[Tensor], state: Any, grads: 
               need: frozenset[str], after: Any = None, defer: frozenset[str] = frozenset(),
               flat: bool = False) -> tuple[Any, list[Any], list[Tensor], dict[str, Any]]:
     """One flat call's VJP, as :func:`_flat_step`; with ``flat``, b_j and the tensor-shaped
-    S_j fields left flat (:class:`Flat`)."""
+    S_j fields left flat (:class:`Flat`). G is joined only where the rule's VJP reads it
+    for ``need`` (``Rule.reads_grad``); else the rule gets ``g=None``."""
     seg = call.segments
     assert seg is not None
     p = seg.join(call.mine(params))
