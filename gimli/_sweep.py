@@ -168,7 +168,7 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
                  if g is not None and o is not None and g.requires_grad]
         if pairs and inputs:                                    # (else ℓ is linear in θ)
             hm = grad_of([g for g, _ in pairs], inputs, [o for _, o in pairs])
-        A_loss = [a + m for a, m in zip(A_loss, _or_zeros(hm[targets:], leaves))]  # line 13
+        _accumulate(A_loss, hm[targets:])                                         # line 13
         reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
         B = _add_hvp(out.params, hm[:targets])                                  # line 14
         S = out.state

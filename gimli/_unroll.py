@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._problem import NonFiniteError, Problem, values_only
 from ._revolve import split
-from .optim._rule import laid_like
+from .optim._rule import Laid, laid_like
 
 Hypers = dict[str, list[Tensor]]
 
@@ -41,6 +41,71 @@ class Point(NamedTuple):
     state: Any
     buffers: dict[str, Tensor]
     stepped: tuple[bool, ...]
+
+
+class Points:
+    """The points recompute mode holds for the sweep (one per step). A laid-out field of a
+    point (θ'_j, or a state field: a :class:`~gimli.optim._rule.Laid` list) smaller than
+    :attr:`CHUNK` is copied into a row of a tensor of about ``CHUNK`` bytes that holds the
+    field for several points (freed when the sweep has passed all of them); a larger one is
+    held as its flat tensor, without its views; and a field that is not laid out (the
+    model's own tensors at the start, a state of per-tensor numbers, an unroll whose calls
+    split) as it is.
+
+    What the rows save is the allocator's: J small points are J blocks and some 14 small
+    per-tensor objects each (views, their autograd metadata), allocated between each step's
+    temporaries, so that the heap below them could not be returned (2 MB on a 0.17 MB-per-
+    point MLP at J = 80: more than a tenth of what the points themselves hold). Blocks of
+    about ``CHUNK`` bytes, one size from one unroll to the next, are reused by the allocator
+    from call to call, where one block for all J points would be mapped, and written for
+    the first time, on every call."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, count: int):
+        self.count = count
+        self._open: dict[Any, tuple[Tensor, int]] = {}  # field → its block being filled, rows used
+        self._held: list[tuple[Any, ...]] = []
+
+    def _put(self, field: Any, values: Any) -> Any:
+        flat = values.flat if isinstance(values, Laid) else None
+        seg = values.seg if flat is not None else None
+        if flat is None or seg is None or len(values) != seg.k or flat.dim() != 1 or \
+                flat.shape[0] != seg.total or not flat.is_contiguous():
+            return values
+        size = flat.numel() * flat.element_size()
+        if size >= self.CHUNK:
+            return _Row(flat, None, seg)
+        block, used = self._open.get(field, (None, 0))
+        if block is None or used == block.shape[0] or block.shape[1] != seg.total or \
+                block.dtype != flat.dtype or block.device != flat.device:
+            rows = min(self.CHUNK // size, self.count - len(self._held))
+            block, used = flat.new_empty((rows, seg.total)), 0
+        block[used].copy_(flat)
+        self._open[field] = (block, used + 1)
+        return _Row(block, used, seg)
+
+    def append(self, point: Point) -> None:
+        self._held.append((self._put("theta", point.theta), type(point.state),
+                           [self._put(f, values) if isinstance(values, list) else values
+                            for f, values in enumerate(point.state)], point.buffers, point.stepped))
+
+    def pop(self) -> Point:
+        self._open.clear()          # (the sweep has begun: a block lives while a point in it is held)
+        theta, state_type, state, buffers, stepped = self._held.pop()
+
+        def get(values: Any) -> Any:
+            if not isinstance(values, _Row):
+                return values
+            return values.seg.split(values.block if values.row is None else values.block[values.row])
+
+        return Point(get(theta), state_type(*(get(values) for values in state)), buffers, stepped)
+
+
+class _Row(NamedTuple):
+    block: Tensor           # the rows of a field of several points (or one point's flat tensor)
+    row: int | None         # this point's (None: the flat tensor itself)
+    seg: Any
 
 
 class Step(NamedTuple):
@@ -292,7 +357,7 @@ class Unroll:
             yield steps.pop()
 
     def _recomputed(self, point: Point) -> Iterator[Point | Step]:
-        points = []
+        points = Points(self.J - self.first)
         for j in range(self.first, self.J):
             points.append(point)
             point = self.run(j, point, graph=False)[1]

@@ -240,3 +240,48 @@ def test_repeated_steps_hold_no_tensors() -> None:
     for _ in range(40):
         solver.step(batches[:5], batches[5])
     assert live_tensors() == before
+
+
+def test_recompute_points_are_copies_in_shared_blocks_freed_as_the_sweep_passes(monkeypatch: Any) -> None:
+    """recompute's held points (Points): a laid-out field is copied into a row of a block
+    shared by several points (so a later change to the step's own tensor does not reach
+    it), a field of another dtype gets its own blocks, a field that is not laid out is held
+    as it is, each popped point has the values it was given, and a block is freed once the
+    sweep has popped every point in it."""
+    import weakref
+    from typing import NamedTuple
+
+    from gimli._unroll import Point, Points
+    from gimli.optim._rule import Laid, Segments
+
+    class State(NamedTuple):
+        buffer: list[torch.Tensor]
+        count: list[int]
+
+    shapes = [(3, 2), (4,)]
+    seg = Segments([torch.zeros(s) for s in shapes])
+    monkeypatch.setattr(Points, "CHUNK", 3 * seg.total * 4)       # three float32 rows a block
+    torch.manual_seed(0)
+    points, given = Points(7), []
+    for j in range(7):
+        theta = seg.split(torch.randn(seg.total)) if j else [torch.randn(s) for s in shapes]
+        buffer = Segments([torch.zeros(s, dtype=torch.float64) for s in shapes]).split(
+            torch.randn(seg.total, dtype=torch.float64))
+        point = Point(theta, State(buffer, [j, j]), {}, (j > 0,) * 2)
+        given.append(Point([t.clone() for t in theta], State([b.clone() for b in buffer], [j, j]), {},
+                           point.stepped))
+        points.append(point)
+        if j:
+            assert isinstance(theta, Laid) and theta.flat is not None
+            theta.flat.add_(1.0)                # the step's own tensor changes: the held copy does not
+    assert type(points._held[0][0]) is list                   # the start (not laid out): as it is
+    blocks = [weakref.ref(points._held[j][0].block) for j in (1, 4)]           # θ: points 1–3, 4–6
+    assert points._held[1][0].block is points._held[3][0].block is not points._held[4][0].block
+    assert points._held[1][2][0].block is not points._held[2][2][0].block     # float64: one row a block
+    for j in reversed(range(7)):
+        got = points.pop()
+        assert got.stepped == given[j].stepped and got.state.count == [j, j]
+        for a, b in zip(list(got.theta) + list(got.state.buffer), given[j].theta + given[j].state.buffer):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        if j == 3:                      # (got: point 3, whose block holds points 1–3)
+            assert blocks[1]() is None and blocks[0]() is not None

@@ -119,41 +119,63 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         S: State, need: frozenset[str], after: State | None = None) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/adam.md, eq. A8–A15). ``after``: the
     State that :func:`step` returned for these arguments, whose moments are then read
-    instead of recomputed."""
+    instead of recomputed.
+
+    Each intermediate is let go as soon as nothing below reads it (the terms of a_j are
+    formed where what they read is still held, and added up at the end, in the same
+    order): the recompute sweep's peak memory is this function's, and so it holds about
+    seven θ-sized tensors at once instead of sixteen."""
     f = _forward(flags, p, s, g, hp, after)
     lr, b1, b2, eps, wd = (hp[k] for k in HYPERS)
-    step_size = lr / f.c1
-    update = f.m1 / f.delta                                         # θ' = θ₁ − (γ/c₁)·update
-    kappa_P = step_size * (P / f.delta)                             # κP/δ, κ = γ/c₁
+    g2, v1, r, delta, c1, c2, t = f.g2, f.v1, f.r, f.delta, f.c1, f.c2, f.t
+    update = f.m1 / delta                                           # θ' = θ₁ − (γ/c₁)·update
+    del f
+    step_size = lr / c1
+    kappa_P = step_size * (P / delta)                               # κP/δ, κ = γ/c₁
+    del delta
     m1_bar = -kappa_P if S.exp_avg is None else S.exp_avg - kappa_P  # (A8)
     delta_bar = kappa_P * update                                    # ∂θ'/∂δ = (γ/c₁) m'/δ²  (A9)
-    u_bar = pc.sqrt_vjp(delta_bar, f.r, f.c2)                       # (A10) r = √u/√c₂, guarded
+    del kappa_P
+    early: dict[str, Tensor] = {}                                   # (A15)'s terms that read them
+    if "lr" in need:
+        early["lr"] = P * update * (-1 / c1)
+    if "beta1" in need:     # ∂θ'/∂c₁ = (γ/c₁²) m'/δ and ∂c₁/∂β₁ = −t β₁^(t−1)
+        early["beta1"] = step_size * P * update / c1 * pc.bias_correction_grad(b1, t)
+    del update, step_size
+    u_bar = pc.sqrt_vjp(delta_bar, r, c2)                           # (A10) r = √u/√c₂, guarded
+    if "beta2" in need:     # ∂r/∂c₂ = −r/(2c₂) and ∂c₂/∂β₂ = −t β₂^(t−1)
+        early["beta2"] = delta_bar * r / (2 * c2) * pc.bias_correction_grad(b2, t)
+    if "eps" in need:
+        early["eps"] = delta_bar
+    del delta_bar, r
     V = S.exp_avg_sq
     vmax_bar = None
     if s.max_exp_avg_sq is not None:                                # (A11) u = max(v̂, v')
         X_total = u_bar if S.max_exp_avg_sq is None else S.max_exp_avg_sq + u_bar
-        to_v = pc.max_share(f.v1, s.max_exp_avg_sq)
+        to_v = pc.max_share(v1, s.max_exp_avg_sq)
         v1_bar = to_v * X_total if V is None else V + to_v * X_total
         vmax_bar = (1 - to_v) * X_total
+        del X_total, to_v
     else:
         v1_bar = u_bar if V is None else V + u_bar
-    g2_bar = torch.addcmul((1 - b1) * m1_bar, 2 * (1 - b2) * f.g2, v1_bar)   # (A13)
+    del u_bar
+    g2_bar = torch.addcmul((1 - b1) * m1_bar, 2 * (1 - b2) * g2, v1_bar)   # (A13)
+    a: dict[str, Tensor | None] = {}                                # (A15)
+    if "beta1" in need:
+        a["beta1"] = m1_bar * (s.exp_avg - g2) + early["beta1"]
+    if "beta2" in need:
+        a["beta2"] = v1_bar * (s.exp_avg_sq - g2 * g2) - early["beta2"]
+    del g2
+    S_out = State(0, b1 * m1_bar, b2 * v1_bar, vmax_bar)            # (A12)
+    del m1_bar, v1_bar
     b_out, o_out, lr_decay_bar, wd_bar = pc.weight_decay_vjp(P, g2_bar, p, lr, wd, flags.maximize,
                                                              flags.decoupled, need)   # (A14)
-    t = f.t
-    contrib = {                                                     # (A15)
-        "lr": lambda: pc.plus(P * update * (-1 / f.c1), lr_decay_bar),
-        # ∂θ'/∂c₁ = (γ/c₁²) m'/δ and ∂c₁/∂β₁ = −t β₁^(t−1)
-        "beta1": lambda: m1_bar * (s.exp_avg - f.g2)
-        + step_size * P * update / f.c1 * pc.bias_correction_grad(b1, t),
-        # ∂r/∂c₂ = −r/(2c₂) and ∂c₂/∂β₂ = −t β₂^(t−1)
-        "beta2": lambda: v1_bar * (s.exp_avg_sq - f.g2 * f.g2)
-        - delta_bar * f.r / (2 * f.c2) * pc.bias_correction_grad(b2, t),
-        "eps": lambda: delta_bar,
-        "weight_decay": lambda: wd_bar,
-    }
-    return VJP(b_out, State(0, b1 * m1_bar, b2 * v1_bar, vmax_bar),   # (A12)
-               o_out, {name: contrib[name]() for name in need})
+    if "lr" in need:
+        a["lr"] = pc.plus(early["lr"], lr_decay_bar)
+    if "eps" in need:
+        a["eps"] = early["eps"]
+    a["weight_decay"] = wd_bar
+    return VJP(b_out, S_out, o_out, {name: a[name] for name in need})
 
 
 def scalars(s: State, hp: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -70,9 +70,15 @@ def read_state(torch_state: dict[str, Any], param: Tensor, group: dict[str, Any]
     return State(None if buf is None else buf.detach().clone())
 
 
+def _damped(tau: Tensor | float, x: Tensor) -> Tensor:
+    """(1 − τ)·x; x itself where τ is the param group's number 0 (``Rule.floats``): the same
+    value, 1·x = x, without a multiplication or a θ-sized tensor."""
+    return x if isinstance(tau, float) and tau == 0.0 else (1 - tau) * x
+
+
 def _momentum(s: State, d0: Tensor, mu: Tensor, tau: Tensor) -> Tensor:
     """(S2): b' = d₀ on the first step (no buffer yet), μ·b + (1 − τ)·d₀ after."""
-    return d0 if s.momentum_buffer is None else mu * s.momentum_buffer + (1 - tau) * d0
+    return d0 if s.momentum_buffer is None else mu * s.momentum_buffer + _damped(tau, d0)
 
 
 def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) -> tuple[Tensor, State]:
@@ -107,7 +113,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
             d0_bar = buf_bar if d0_bar is None else d0_bar + buf_bar
         else:
             s_in = mu * buf_bar                                     # S_j = μ·b̄'            (S7)
-            d0_bar = (1 - tau) * buf_bar if d0_bar is None else d0_bar + (1 - tau) * buf_bar
+            d0_bar = _damped(tau, buf_bar) if d0_bar is None else d0_bar + _damped(tau, buf_bar)
     else:
         d0_bar = d_bar
     b_out, o_out, wd_bar = pc.coupled_decay_vjp(P, d0_bar, p, wd, flags.maximize, need)   # (S8)
