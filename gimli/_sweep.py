@@ -168,8 +168,9 @@ def sweep(problem: Problem, unroll: Unroll, need: frozenset[str], leaves: list[T
                  if g is not None and o is not None and g.requires_grad]
         if pairs and inputs:                                    # (else ℓ is linear in θ)
             hm = grad_of([g for g, _ in pairs], inputs, [o for _, o in pairs])
-        _accumulate(A_loss, hm[targets:])                                         # line 13
-        reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
+        if leaves:                                              # line 13: A^loss += m_j
+            _accumulate(A_loss, hm[targets:])
+            reached = [r or m is not None for r, m in zip(reached, hm[targets:])]
         B = _add_hvp(out.params, hm[:targets])                                  # line 14
         S = out.state
         after = step.state
