@@ -61,6 +61,10 @@ class Points:
     the first time, on every call."""
 
     CHUNK = 1 << 20
+    # each row starts as a new tensor would (CPU: 64 bytes; CUDA: 512): a matrix product
+    # may sum in another order at another alignment, and a recomputed step must give the
+    # bits the first run gave
+    ALIGN = 512
 
     def __init__(self, count: int):
         self.count = count
@@ -76,12 +80,13 @@ class Points:
         size = flat.numel() * flat.element_size()
         if size >= self.CHUNK:
             return _Row(flat, None, seg)
+        width = -(-size // self.ALIGN) * self.ALIGN // flat.element_size()    # a row's elements
         block, used = self._open.get(field, (None, 0))
-        if block is None or used == block.shape[0] or block.shape[1] != seg.total or \
+        if block is None or used == block.shape[0] or block.shape[1] != width or \
                 block.dtype != flat.dtype or block.device != flat.device:
-            rows = min(self.CHUNK // size, self.count - len(self._held))
-            block, used = flat.new_empty((rows, seg.total)), 0
-        block[used].copy_(flat)
+            rows = min(self.CHUNK // (width * flat.element_size()), self.count - len(self._held))
+            block, used = flat.new_empty((rows, width)), 0
+        block[used, :seg.total].copy_(flat)
         self._open[field] = (block, used + 1)
         return _Row(block, used, seg)
 
@@ -97,7 +102,9 @@ class Points:
         def get(values: Any) -> Any:
             if not isinstance(values, _Row):
                 return values
-            return values.seg.split(values.block if values.row is None else values.block[values.row])
+            if values.row is None:
+                return values.seg.split(values.block)
+            return values.seg.split(values.block[values.row, :values.seg.total])
 
         return Point(get(theta), state_type(*(get(values) for values in state)), buffers, stepped)
 

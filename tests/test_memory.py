@@ -246,8 +246,8 @@ def test_recompute_points_are_copies_in_shared_blocks_freed_as_the_sweep_passes(
     """recompute's held points (Points): a laid-out field is copied into a row of a block
     shared by several points (so a later change to the step's own tensor does not reach
     it), a field of another dtype gets its own blocks, a field that is not laid out is held
-    as it is, each popped point has the values it was given, and a block is freed once the
-    sweep has popped every point in it."""
+    as it is, each popped point has the values it was given, aligned as a new tensor is,
+    and a block is freed once the sweep has popped every point in it."""
     import weakref
     from typing import NamedTuple
 
@@ -258,9 +258,9 @@ def test_recompute_points_are_copies_in_shared_blocks_freed_as_the_sweep_passes(
         buffer: list[torch.Tensor]
         count: list[int]
 
-    shapes = [(3, 2), (4,)]
+    shapes = [(12, 8), (4,)]                    # 400 bytes in float32, 800 in float64
     seg = Segments([torch.zeros(s) for s in shapes])
-    monkeypatch.setattr(Points, "CHUNK", 3 * seg.total * 4)       # three float32 rows a block
+    monkeypatch.setattr(Points, "CHUNK", 3 * Points.ALIGN)        # three float32 rows a block
     torch.manual_seed(0)
     points, given = Points(7), []
     for j in range(7):
@@ -283,5 +283,26 @@ def test_recompute_points_are_copies_in_shared_blocks_freed_as_the_sweep_passes(
         assert got.stepped == given[j].stepped and got.state.count == [j, j]
         for a, b in zip(list(got.theta) + list(got.state.buffer), given[j].theta + given[j].state.buffer):
             assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        # a row starts where a new tensor would (a product may sum in another order elsewhere)
+        assert got.theta[0].data_ptr() % 64 == 0 and got.state.buffer[0].data_ptr() % 64 == 0
         if j == 3:                      # (got: point 3, whose block holds points 1–3)
             assert blocks[1]() is None and blocks[0]() is not None
+
+
+def test_recompute_equals_retain_bit_for_bit_in_float32() -> None:
+    """A float32 MLP whose layers' sizes put its tensors at offsets that are not multiples
+    of 64 bytes in a flat point (1-40-40-1, 1,761 weights): a recomputed step must read
+    each held point at the alignment a new tensor has, or a matrix product sums in another
+    order (3·10⁻⁷ apart at J = 80 when the held rows were packed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    x = torch.rand(10, 1) * 10 - 5
+    batches = [(x, torch.sin(x))] * 20
+    results = []
+    for memory in ("retain", "recompute"):
+        solver = gimli.GimliSolver(model, lambda m, b, meta: mse(m, b),
+                                   torch.optim.SGD(model.parameters(), lr=0.01),
+                                   gimli.MetaParams(init=model), val_loss_fn=mse, memory=memory)
+        results.append(solver.hypergradient(batches, batches[0]))
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
