@@ -91,7 +91,7 @@ def step(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor]) ->
     return p - lr * d, State(buf)                                   # (S4)
 
 
-def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: Tensor,
+def vjp(flags: Flags, p: Tensor, s: State, g: Tensor | None, hp: dict[str, Tensor], P: Tensor,
         S: State, need: frozenset[str], after: State | None = None) -> VJP:
     """Closed-form cotangents of :func:`step` (proofs/sgd.md, eq. S5–S9). The buffer b'
     enters only the cotangents of γ and μ; where they are needed it is read from
@@ -118,12 +118,16 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         d0_bar = d_bar
     b_out, o_out, wd_bar = pc.coupled_decay_vjp(P, d0_bar, p, wd, flags.maximize, need)   # (S8)
 
+    def given_d0() -> Tensor:           # (only the cotangents that reads_grad names read it)
+        assert d0 is not None, "SGD's VJP needs g for the cotangents of lr, dampening and momentum"
+        return d0
+
     def new_buf() -> Tensor:                                        # b' (S2)
         return after.momentum_buffer if after is not None and after.momentum_buffer is not None \
-            else _momentum(s, d0, mu, tau)
+            else _momentum(s, given_d0(), mu, tau)
 
     def lr_bar() -> Tensor:                                         # a_γ = −P·d  (S9)
-        d = d0 if not flags.momentum else d0 + mu * new_buf() if flags.nesterov else new_buf()
+        d = given_d0() if not flags.momentum else given_d0() + mu * new_buf() if flags.nesterov else new_buf()
         return -P * d
 
     def mu_bar() -> Tensor | None:                                  # a_μ  (S9)
@@ -133,7 +137,7 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor, hp: dict[str, Tensor], P: 
         return pc.plus(d_bar * new_buf(), old) if flags.nesterov else old
 
     def tau_bar() -> Tensor | None:                                 # a_τ  (S9)
-        return None if buf_bar is None or s.momentum_buffer is None else -buf_bar * d0
+        return None if buf_bar is None or s.momentum_buffer is None else -buf_bar * given_d0()
 
     contrib = {"lr": lr_bar, "momentum": mu_bar, "dampening": tau_bar,
                "weight_decay": lambda: wd_bar}                      # (S9)
