@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._problem import NonFiniteError, Problem, values_only
 from ._revolve import split
-from .optim._rule import Laid, laid_like
+from .optim._rule import Laid, Segments, laid_like
 
 Hypers = dict[str, list[Tensor]]
 
@@ -112,7 +112,7 @@ class Points:
 class _Row(NamedTuple):
     block: Tensor           # the rows of a field of several points (or one point's flat tensor)
     row: int | None         # this point's (None: the flat tensor itself)
-    seg: Any
+    seg: Segments           # how the point's tensors lie in its row
 
 
 class Step(NamedTuple):

@@ -76,7 +76,7 @@ def _damped(tau: Tensor | float, x: Tensor) -> Tensor:
     return x if isinstance(tau, float) and tau == 0.0 else (1 - tau) * x
 
 
-def _momentum(s: State, d0: Tensor, mu: Tensor, tau: Tensor) -> Tensor:
+def _momentum(s: State, d0: Tensor, mu: Tensor | float, tau: Tensor | float) -> Tensor:
     """(S2): b' = d₀ on the first step (no buffer yet), μ·b + (1 − τ)·d₀ after."""
     return d0 if s.momentum_buffer is None else mu * s.momentum_buffer + _damped(tau, d0)
 
@@ -127,8 +127,10 @@ def vjp(flags: Flags, p: Tensor, s: State, g: Tensor | None, hp: dict[str, Tenso
             else _momentum(s, given_d0(), mu, tau)
 
     def lr_bar() -> Tensor:                                         # a_γ = −P·d  (S9)
-        d = given_d0() if not flags.momentum else given_d0() + mu * new_buf() if flags.nesterov else new_buf()
-        return -P * d
+        if flags.momentum and not flags.nesterov:
+            return -P * new_buf()
+        d = given_d0()
+        return -P * (d + mu * new_buf() if flags.momentum else d)
 
     def mu_bar() -> Tensor | None:                                  # a_μ  (S9)
         if buf_bar is None:                                         # (no momentum)
